@@ -1,0 +1,138 @@
+"""Capture: a PyTorch model and example inputs -> an exported ATen graph with shapes on every node.
+
+Uses ``torch.export.export(strict=False)``; a model whose parameters live on the meta device is
+captured without allocating anything (its inputs are moved to meta too). This module imports only
+autopar's core (errors) and must not plan or run anything distributed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from autopar.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+ExampleInputs = tuple | dict | torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapturedModel:
+    """The exported program plus the facts later phases need, keyed by graph placeholder names."""
+
+    program: ExportedProgram
+    args: tuple
+    kwargs: dict
+    param_fqns: dict[str, tuple[str, ...]]   # placeholder -> FQNs (several when weights are tied)
+    buffer_fqns: dict[str, str]              # placeholder -> buffer FQN
+    user_inputs: tuple[InputSpec, ...]
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first FQN -> shape
+    on_meta: bool = False
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph_module.graph
+
+    def fingerprint(self) -> str:
+        """A hash of parameter names/shapes and input shapes: which model a plan belongs to."""
+        h = hashlib.sha256()
+        for fqns in sorted(self.param_fqns.values()):
+            h.update(f"{fqns}:{self.param_shapes[fqns[0]]};".encode())
+        for i in self.user_inputs:
+            h.update(f"{i.name}:{i.shape}:{i.dtype};".encode())
+        return h.hexdigest()[:16]
+
+
+def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise CaptureError(f"example_inputs must be a tuple (positional), a dict (keyword) or a tensor, "
+                       f"got {type(example_inputs).__name__}")
+
+
+def _to_meta(x):
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and autopar: the model's line that failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/autopar/" not in f.filename and "<eval_with_key>" not in f.filename]
+    if frames:
+        f = frames[-1]
+        return f"{f.filename}:{f.lineno}: {f.line}"
+    m = re.search(r'File "([^"]+)", line (\d+)', str(exc))
+    return f"{m.group(1)}:{m.group(2)}" if m else "unknown source line"
+
+
+def _failing_op(exc: BaseException) -> str:
+    text = str(exc)
+    for pat in (r"(aten\.[\w.]+)", r"torch\.ops\.([\w.]+)", r"operator ([\w.:]+)", r"function (\w+)"):
+        m = re.search(pat, text)
+        if m:
+            return m.group(1)
+    return type(exc).__name__
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
+    """Export ``model`` on ``example_inputs`` (tuple = positional, dict = keyword) without running it."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    params = list(model.parameters())
+    on_meta = bool(params) and all(p.is_meta for p in params)
+    if on_meta:
+        args = tuple(_to_meta(a) for a in args)
+        kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+    try:
+        program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # re-raised with the op and the model's line
+        raise CaptureError(
+            f"torch.export could not capture the model at op {_failing_op(exc)} ({_user_frame(exc)}): "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+            f"Rewrite that line without data-dependent control flow or unsupported Python, "
+            f"or mark it with torch.compiler.disable-free code") from exc
+
+    by_id: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(fqn)
+    fqn_to_group = {f: tuple(g) for g in by_id.values() for f in g}
+    sig = program.graph_signature
+    param_fqns: dict[str, tuple[str, ...]] = {}
+    buffer_fqns: dict[str, str] = {}
+    user_inputs: list[InputSpec] = []
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            param_fqns[name] = fqn_to_group.get(spec.target, (spec.target,))
+        elif spec.kind == InputKind.BUFFER:
+            buffer_fqns[name] = spec.target
+        elif spec.kind == InputKind.USER_INPUT:
+            val = placeholders[name].meta.get("val")
+            if isinstance(val, torch.Tensor):
+                user_inputs.append(InputSpec(name=name, shape=tuple(int(s) for s in val.shape),
+                                             dtype=str(val.dtype).removeprefix("torch.")))
+    shapes = {fqns[0]: tuple(int(s) for s in placeholders[n].meta["val"].shape) for n, fqns in param_fqns.items()}
+    log.info("captured %d graph nodes, %d parameters", len(program.graph.nodes), len(param_fqns))
+    return CapturedModel(program=program, args=args, kwargs=kwargs, param_fqns=param_fqns, buffer_fqns=buffer_fqns,
+                         user_inputs=tuple(user_inputs), param_shapes=shapes, on_meta=on_meta)
