@@ -6,6 +6,7 @@ autopar's core (errors) and must not plan or run anything distributed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -43,6 +44,7 @@ class CapturedModel:
     user_inputs: tuple[InputSpec, ...]
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first FQN -> shape
     on_meta: bool = False
+    folded_layers: dict[str, int] = field(default_factory=dict)  # ModuleList FQN -> true length when folded
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -93,8 +95,52 @@ def _failing_op(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
-    """Export ``model`` on ``example_inputs`` (tuple = positional, dict = keyword) without running it."""
+def _block_signature(m: nn.Module) -> tuple:
+    return (type(m),) + tuple((n, tuple(t.shape), t.dtype) for n, t in
+                              list(m.named_parameters()) + list(m.named_buffers()))
+
+
+def _foldable_lists(model: nn.Module, min_len: int) -> dict[str, nn.ModuleList]:
+    """ModuleLists of at least ``min_len`` blocks of one class with identical parameter shapes."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= min_len and name:
+            sig = _block_signature(mod[0])
+            if all(_block_signature(b) == sig for b in mod):
+                out[name] = mod
+    # keep the outermost lists only
+    return {n: m for n, m in out.items() if not any(n.startswith(o + ".") for o in out if o != n)}
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: bool = True,
+            fold_min_layers: int = 4) -> CapturedModel:
+    """Export ``model`` on ``example_inputs`` (tuple = positional, dict = keyword) without running it.
+
+    With ``fold_layers`` a ModuleList of >= ``fold_min_layers`` identical blocks is captured with
+    two of them (export time grows with depth); the planner scales their costs back to the true
+    count, recorded in ``folded_layers``. If the folded model does not export, the full one is.
+    """
+    if fold_layers and isinstance(model, nn.Module):
+        lists = _foldable_lists(model, fold_min_layers)
+        if lists:
+            saved = {}
+            try:
+                for name, mod in lists.items():
+                    parent_name, _, attr = name.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    saved[name] = (parent, attr, mod)
+                    setattr(parent, attr, nn.ModuleList(list(mod)[:2]))
+                cap = _capture(model, example_inputs)
+                return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()})
+            except CaptureError:
+                log.info("folded capture failed; capturing all layers")
+            finally:
+                for parent, attr, mod in saved.values():
+                    setattr(parent, attr, mod)
+    return _capture(model, example_inputs)
+
+
+def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)

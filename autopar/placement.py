@@ -63,3 +63,45 @@ def _bad(field: str, i: int, x: object) -> Placement:
 def sharding_str(sh: Iterable[Placement]) -> str:
     """Short one-line form for logs and tables: ``S(0)·R``."""
     return "·".join(format_placement(p) for p in sh)
+
+
+def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Placement, Placement]]:
+    """The per-mesh-dim steps that turn placements ``src`` into ``dst``; planner and runtime share them.
+
+    Phase 1, innermost mesh dim first: shards and partials are undone (``all_gather``,
+    ``all_reduce``), or moved directly (``all_to_all`` S(i)->S(j), ``reduce_scatter`` P->S(i)) when
+    no other mesh dim shards the tensor dims involved. Phase 2, outermost first: replicated dims
+    become their target locally (``chunk`` for Shard, ``zero`` for Partial: only coordinate 0
+    keeps the value). Each step is (mesh dim, kind, placement before, placement after).
+    """
+    cur = list(src)
+    steps: list[tuple[int, str, Placement, Placement]] = []
+    ndim = len(src)
+
+    def others_shard(d: int, dims: set[int]) -> bool:
+        return any(isinstance(p, Shard) and p.dim in dims for i, p in enumerate(list(cur) + list(dst))
+                   if i % ndim != d)
+
+    for d in reversed(range(ndim)):
+        s, t = cur[d], dst[d]
+        if s == t or isinstance(s, Replicate):
+            continue
+        if isinstance(s, Shard):
+            if isinstance(t, Shard) and not others_shard(d, {s.dim, t.dim}):
+                steps.append((d, "all_to_all", s, t))
+                cur[d] = t
+            else:
+                steps.append((d, "all_gather", s, Replicate()))
+                cur[d] = Replicate()
+        elif isinstance(s, Partial):
+            if isinstance(t, Shard) and not others_shard(d, {t.dim}):
+                steps.append((d, "reduce_scatter", s, t))
+                cur[d] = t
+            else:
+                steps.append((d, "all_reduce", s, Replicate()))
+                cur[d] = Replicate()
+    for d in range(ndim):
+        if cur[d] != dst[d]:
+            steps.append((d, "chunk" if isinstance(dst[d], Shard) else "zero", cur[d], dst[d]))
+            cur[d] = dst[d]
+    return steps

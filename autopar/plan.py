@@ -1,0 +1,220 @@
+"""Plan: everything the planner decided, as a frozen dataclass with a versioned JSON form.
+
+A plan loaded from JSON can be applied without solving. Loading parses JSON only (never executes
+code) and checks every field, naming the one that is wrong. The JSON Schema ships beside this file
+(``plan_schema.json``). This module imports only autopar's core.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopar.errors import PlanFormatError
+from autopar.mesh import MeshSpec
+from autopar.placement import Sharding, parse_sharding
+from autopar.profile import ClusterProfile
+
+PLAN_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("plan_schema.json")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSharding:
+    """Placements of one graph node: per tensor input (in argument order) and per output."""
+
+    inputs: tuple[tuple[str, ...] | None, ...]
+    outputs: tuple[tuple[str, ...] | None, ...]
+
+    def input_sharding(self, i: int) -> Sharding | None:
+        s = self.inputs[i]
+        return parse_sharding(list(s)) if s is not None else None
+
+    def output_sharding(self, i: int) -> Sharding | None:
+        s = self.outputs[i]
+        return parse_sharding(list(s)) if s is not None else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted:
+    """Predicted per-step time (s) and per-rank peak memory (bytes), each with its breakdown."""
+
+    step_time_s: float
+    time_breakdown: dict[str, float]
+    peak_memory_bytes: int
+    memory_breakdown: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverStats:
+    backend: str
+    status: str
+    optimal: bool
+    objective: float
+    num_variables: int
+    num_constraints: int
+    phase_times_s: dict[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    fingerprint: str
+    inputs: tuple[dict, ...]                  # {"name", "shape", "dtype"}
+    folded_layers: dict[str, int] = field(default_factory=dict)
+    num_parameters: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCost:
+    """One row of the per-layer table: a module (or repeated block) with its time and memory."""
+
+    name: str
+    count: int
+    time_s: float
+    comm_s: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    mesh: MeshSpec
+    cluster: ClusterProfile
+    model: ModelInfo
+    param_placements: dict[str, tuple[str, ...]]       # FQN -> ("S(0)", "R")
+    node_shardings: dict[str, NodeSharding]            # graph key -> placements
+    predicted: Predicted
+    solver: SolverStats
+    layers: tuple[LayerCost, ...] = ()
+    checkpoint: tuple[str, ...] = ()
+    offload: tuple[str, ...] = ()
+    optimizer_sharding: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pipeline: dict | None = None
+    precision: dict[str, str] = field(default_factory=lambda: {"param_dtype": "float32", "compute_dtype": "float32"})
+    nodes_fallback: tuple[str, ...] = ()              # ops planned by the replicate fallback
+    version: int = PLAN_VERSION
+
+    # --- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "mesh": {"shape": list(self.mesh.shape), "dim_names": list(self.mesh.dim_names)},
+            "cluster": self.cluster.to_dict(),
+            "model": {"fingerprint": self.model.fingerprint, "inputs": [dict(i) for i in self.model.inputs],
+                      "folded_layers": dict(self.model.folded_layers), "num_parameters": self.model.num_parameters},
+            "param_placements": {k: list(v) for k, v in self.param_placements.items()},
+            "node_shardings": {k: {"inputs": [list(s) if s is not None else None for s in v.inputs],
+                                   "outputs": [list(s) if s is not None else None for s in v.outputs]}
+                               for k, v in self.node_shardings.items()},
+            "checkpoint": list(self.checkpoint),
+            "offload": list(self.offload),
+            "optimizer_sharding": {k: list(v) for k, v in self.optimizer_sharding.items()},
+            "pipeline": self.pipeline,
+            "precision": dict(self.precision),
+            "predicted": {"step_time_s": self.predicted.step_time_s,
+                          "time_breakdown": dict(self.predicted.time_breakdown),
+                          "peak_memory_bytes": self.predicted.peak_memory_bytes,
+                          "memory_breakdown": dict(self.predicted.memory_breakdown)},
+            "solver": {"backend": self.solver.backend, "status": self.solver.status, "optimal": self.solver.optimal,
+                       "objective": self.solver.objective, "num_variables": self.solver.num_variables,
+                       "num_constraints": self.solver.num_constraints,
+                       "phase_times_s": dict(self.solver.phase_times_s)},
+            "layers": [{"name": r.name, "count": r.count, "time_s": r.time_s, "comm_s": r.comm_s,
+                        "memory_bytes": r.memory_bytes} for r in self.layers],
+            "nodes_fallback": list(self.nodes_fallback),
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @staticmethod
+    def from_json(path_or_text: str | Path) -> "Plan":
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
+        if p is not None and not p.exists():
+            raise PlanFormatError(f"plan file {str(p)!r} does not exist; write one with `autopar plan --out {p}`")
+        text = p.read_text() if p is not None else str(path_or_text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"plan {'file ' + repr(str(p)) if p else 'text'} is not valid JSON "
+                                  f"(line {e.lineno}, column {e.colno}): {e.msg}") from None
+        return Plan.from_dict(data)
+
+    @staticmethod
+    def from_dict(d: Any) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanFormatError("plan: expected a JSON object at the top level")
+        version = _field(d, "version", int, "plan")
+        if version != PLAN_VERSION:
+            raise PlanFormatError(f"plan.version: unknown plan version {version!r}; this autopar reads version "
+                                  f"{PLAN_VERSION} (re-plan with `autopar plan`)")
+        mesh_d = _field(d, "mesh", dict, "plan")
+        mesh = MeshSpec.make(tuple(_field(mesh_d, "shape", list, "plan.mesh")),
+                             tuple(_field(mesh_d, "dim_names", list, "plan.mesh")))
+        cluster = ClusterProfile.from_dict(_field(d, "cluster", dict, "plan"), where="plan.cluster")
+        md = _field(d, "model", dict, "plan")
+        model = ModelInfo(fingerprint=_field(md, "fingerprint", str, "plan.model"),
+                          inputs=tuple(_field(md, "inputs", list, "plan.model")),
+                          folded_layers=dict(md.get("folded_layers", {})),
+                          num_parameters=int(md.get("num_parameters", 0)))
+        params = {}
+        for fqn, pl in _field(d, "param_placements", dict, "plan").items():
+            parse_sharding(pl, field=f"plan.param_placements[{fqn!r}]")
+            if len(pl) != mesh.ndim:
+                raise PlanFormatError(f"plan.param_placements[{fqn!r}]: {len(pl)} placements for a "
+                                      f"{mesh.ndim}-D mesh; give one per mesh dim")
+            params[fqn] = tuple(pl)
+        nodes = {}
+        for key, ns in _field(d, "node_shardings", dict, "plan").items():
+            where = f"plan.node_shardings[{key!r}]"
+            if not isinstance(ns, dict):
+                raise PlanFormatError(f"{where}: expected an object with 'inputs' and 'outputs'")
+            nodes[key] = NodeSharding(inputs=_shardings(_field(ns, "inputs", list, where), f"{where}.inputs", mesh),
+                                      outputs=_shardings(_field(ns, "outputs", list, where), f"{where}.outputs", mesh))
+        pr = _field(d, "predicted", dict, "plan")
+        predicted = Predicted(step_time_s=float(_field(pr, "step_time_s", (int, float), "plan.predicted")),
+                              time_breakdown=dict(_field(pr, "time_breakdown", dict, "plan.predicted")),
+                              peak_memory_bytes=int(_field(pr, "peak_memory_bytes", (int, float), "plan.predicted")),
+                              memory_breakdown=dict(_field(pr, "memory_breakdown", dict, "plan.predicted")))
+        sv = _field(d, "solver", dict, "plan")
+        solver = SolverStats(backend=str(sv.get("backend", "")), status=str(sv.get("status", "")),
+                             optimal=bool(sv.get("optimal", False)), objective=float(sv.get("objective", 0.0)),
+                             num_variables=int(sv.get("num_variables", 0)),
+                             num_constraints=int(sv.get("num_constraints", 0)),
+                             phase_times_s=dict(sv.get("phase_times_s", {})))
+        layers = tuple(LayerCost(name=str(r["name"]), count=int(r["count"]), time_s=float(r["time_s"]),
+                                 comm_s=float(r["comm_s"]), memory_bytes=int(r["memory_bytes"]))
+                       for r in d.get("layers", []))
+        return Plan(mesh=mesh, cluster=cluster, model=model, param_placements=params, node_shardings=nodes,
+                    predicted=predicted, solver=solver, layers=layers,
+                    checkpoint=tuple(d.get("checkpoint", [])), offload=tuple(d.get("offload", [])),
+                    optimizer_sharding={k: tuple(v) for k, v in d.get("optimizer_sharding", {}).items()},
+                    pipeline=d.get("pipeline"), precision=dict(d.get("precision", {})) or
+                    {"param_dtype": "float32", "compute_dtype": "float32"},
+                    nodes_fallback=tuple(d.get("nodes_fallback", [])), version=version)
+
+
+def _field(d: dict, key: str, typ, where: str):
+    if key not in d:
+        raise PlanFormatError(f"{where}.{key}: missing field")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise PlanFormatError(f"{where}.{key}: expected {names}, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _shardings(items: list, where: str, mesh: MeshSpec) -> tuple[tuple[str, ...] | None, ...]:
+    out = []
+    for i, s in enumerate(items):
+        if s is None:
+            out.append(None)
+            continue
+        parse_sharding(s, field=f"{where}[{i}]")
+        if len(s) != mesh.ndim:
+            raise PlanFormatError(f"{where}[{i}]: {len(s)} placements for a {mesh.ndim}-D mesh")
+        out.append(tuple(s))
+    return tuple(out)

@@ -1,0 +1,169 @@
+"""Cost model v0: pure functions of (op, shapes, placements, profile) -> seconds or bytes.
+
+Compute: roofline ``max(flops / achieved_flops, bytes / achieved_bandwidth) + op_overhead`` where
+achieved FLOP/s rise with op size (DeviceSpec's efficiency curve); backward costs twice the
+forward FLOPs for contractions and twice the bytes for memory-bound ops; views are free.
+
+Communication: alpha-beta per mesh dim with ring volumes, S = bytes of the full (gathered) tensor
+along that mesh dim:
+  all-reduce 2(n-1)/n*S, all-gather (n-1)/n*S, reduce-scatter (n-1)/n*S, all-to-all (n-1)/n*S.
+A placement change (src -> dst) costs its forward collective plus the collective that carries
+its gradient back (dst-side gradient placement -> src-side), where a replicated input of an op
+that splits its work on a mesh dim receives a Partial gradient (the data-parallel all-reduce).
+
+Memory per rank: parameters, gradients (same placement), AdamW states (two fp32 tensors per
+parameter element), activations kept for backward (non-view op outputs, and gathered copies of
+parameters an op keeps). Must not import codegen.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from autopar.graph import GNode, TensorMeta
+from autopar.placement import Partial, Placement, Replicate, Shard, redistribute_steps
+from autopar.profile import ClusterProfile, LinkSpec
+from autopar.solver.strategies.base import Strategy
+
+aten = torch.ops.aten
+
+FREE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+            aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+            aten.transpose.int, aten.permute.default, aten.t.default, aten.expand.default, aten.slice.Tensor,
+            aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+            aten.alias.default, aten.detach.default, operator.getitem}
+# views never own memory; these ops do not keep their output for backward either
+NO_SAVED_OUTPUT = FREE_OPS | {aten.arange.default, aten.arange.start, aten.zeros.default, aten.ones.default,
+                              aten.full.default, aten.scalar_tensor.default}
+ADAM_STATE_BYTES_PER_ELEMENT = 8  # exp_avg + exp_avg_sq in fp32
+
+
+@dataclass(frozen=True)
+class OpCost:
+    fwd_s: float
+    bwd_s: float
+
+    @property
+    def total(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+
+def _shard_factor(placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> int:
+    return math.prod(n for p, n in zip(placements, mesh_shape) if isinstance(p, Shard))
+
+
+def local_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> float:
+    return meta.nbytes / _shard_factor(placements, mesh_shape)
+
+
+def contraction_flops(node: GNode, in_metas: list[TensorMeta]) -> float:
+    """Forward FLOPs of matmul-like ops and attention (0 for everything else)."""
+    t, out = node.target, node.outputs[0]
+    if out is None:
+        return 0.0
+    if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default):
+        a = in_metas[1] if t == aten.addmm.default else in_metas[0]
+        return 2.0 * out.numel * a.shape[-1]
+    if t == aten.scaled_dot_product_attention.default:
+        q, k = in_metas[0], in_metas[1]
+        b_h = math.prod(q.shape[:-2])
+        return 4.0 * b_h * q.shape[-2] * k.shape[-2] * q.shape[-1]
+    return 0.0
+
+
+def compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], profile: ClusterProfile,
+                 mesh_shape: tuple[int, ...]) -> OpCost:
+    if node.kind != "op" or node.target in FREE_OPS:
+        return OpCost(0.0, 0.0)
+    dev = profile.device
+    split = math.prod(n for n, s in zip(mesh_shape, strategy.split_dims()) if s)
+    flops = contraction_flops(node, in_metas) / split
+    nbytes = sum(local_bytes(m, p, mesh_shape) for m, p in zip(in_metas, strategy.inputs))
+    nbytes += sum(local_bytes(m, p, mesh_shape) for m, p in zip(node.outputs, strategy.outputs)
+                  if m is not None and p is not None)
+    dtype = str(node.outputs[0].dtype).removeprefix("torch.") if node.outputs[0] is not None else "float32"
+    mem_t = nbytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
+    if flops:
+        eff = dev.max_matmul_efficiency * flops / (flops + dev.matmul_half_efficiency_flops)
+        flop_t = flops / (dev.flops_for(dtype) * eff)
+        fwd = max(flop_t, mem_t)
+        return OpCost(dev.op_overhead_s + fwd, 2 * dev.op_overhead_s + 2 * fwd)
+    return OpCost(dev.op_overhead_s + mem_t, dev.op_overhead_s + 2 * mem_t)
+
+
+# --- communication ------------------------------------------------------------------------
+def collective_time(kind: str, full_bytes: float, n: int, link: LinkSpec) -> float:
+    """alpha-beta time of one collective over n ranks; full_bytes is the unsharded size on that dim."""
+    if n <= 1 or full_bytes <= 0:
+        return 0.0
+    ab = link.collectives[kind]
+    volume = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+              "all_to_all": (n - 1) / n, "send_recv": 1.0}[kind] * full_bytes
+    return ab.alpha + ab.beta * volume
+
+
+def grad_placement(p: Placement) -> Placement:
+    """The placement of the gradient of a tensor with placement p."""
+    return Replicate() if isinstance(p, Partial) else p
+
+
+@functools.lru_cache(maxsize=65536)
+def _step_plan(src: tuple[Placement, ...], dst: tuple[Placement, ...], mesh_shape: tuple[int, ...]
+               ) -> tuple[tuple[int, str, int], ...]:
+    """(mesh dim, collective, shard factor of the tensor with that mesh dim unsharded) per step."""
+    out = []
+    cur = list(src)
+    for d, kind, _before, after in redistribute_steps(tuple(src), tuple(dst)):
+        if kind not in ("chunk", "zero"):
+            gathered = list(cur)
+            gathered[d] = Replicate()  # ring volumes count the tensor as if unsharded on this mesh dim
+            out.append((d, kind, _shard_factor(tuple(gathered), mesh_shape)))
+        cur[d] = after
+    return tuple(out)
+
+
+def transition_time(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement, ...],
+                    mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...]) -> float:
+    if src == dst or meta is None:
+        return 0.0
+    nbytes = meta.nbytes
+    return sum(collective_time(kind, nbytes / factor, mesh_shape[d], links[d])
+               for d, kind, factor in _step_plan(tuple(src), tuple(dst), tuple(mesh_shape)))
+
+
+def edge_cost(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement, ...],
+              consumer_split: tuple[bool, ...], mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...]) -> OpCost:
+    """Forward resharding src->dst plus the backward resharding of the gradient."""
+    fwd = transition_time(meta, src, dst, mesh_shape, links)
+    gdst, gsrc = grad_transition(src, dst, consumer_split)
+    bwd = transition_time(meta, gdst, gsrc, mesh_shape, links)
+    return OpCost(fwd, bwd)
+
+
+@functools.lru_cache(maxsize=65536)
+def grad_transition(src: tuple[Placement, ...], dst: tuple[Placement, ...], consumer_split: tuple[bool, ...]
+                    ) -> tuple[tuple[Placement, ...], tuple[Placement, ...]]:
+    """Gradient placements (arriving at dst, wanted at src): a replicated input of an op that splits
+    its work on a mesh dim gets a Partial gradient there."""
+    gdst = tuple(Partial("sum") if isinstance(p, Replicate) and sp else grad_placement(p)
+                 for p, sp in zip(dst, consumer_split))
+    return gdst, tuple(grad_placement(p) for p in src)
+
+
+# --- memory -------------------------------------------------------------------------------
+def param_state_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]
+                      ) -> dict[str, float]:
+    local = local_bytes(meta, placements, mesh_shape)
+    elems = meta.numel / _shard_factor(placements, mesh_shape)
+    return {"params": local, "grads": local, "optimizer": elems * ADAM_STATE_BYTES_PER_ELEMENT}
+
+
+def activation_bytes(node: GNode, strategy: Strategy, mesh_shape: tuple[int, ...]) -> float:
+    if node.kind != "op" or node.target in NO_SAVED_OUTPUT:
+        return 0.0
+    return sum(local_bytes(m, p, mesh_shape) for m, p in zip(node.outputs, strategy.outputs)
+               if m is not None and p is not None)

@@ -1,0 +1,364 @@
+r"""The sharding ILP: one binary choice per graph key, resharding on edges, memory per rank.
+
+Notation: K graph keys (a key stands for m_k identical nodes of the full model: repeated layers
+share variables), S_k the strategies of key k, E the edge classes (producer key u, output o,
+consumer key v, argument a) with multiplicity m_e.
+
+Variables
+  x_{k,s} in {0,1}                       key k uses strategy s                      (add_node_vars)
+  y_{e,p,q} >= 0 (continuous)            edge e carries producer placement p to consumer group q,
+                                         q = (required input placement, consumer's split mesh dims)
+                                                                                    (add_edge_vars)
+Objective (predicted step time, seconds)
+  min  sum_k m_k sum_s x_{k,s} (C^fwd_{k,s} + C^bwd_{k,s})                         compute  (add_objective)
+     + sum_e m_e sum_{p,q} y_{e,p,q} (T^fwd(p->q) + T^bwd(g(q)->g(p)))             resharding, including
+                                                                                    the data-parallel
+                                                                                    gradient all-reduce
+Constraints
+  sum_s x_{k,s} = 1                                  for every k                    (add_node_vars)
+  sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
+  sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
+  sum_k m_k sum_s x_{k,s} M_{k,s} + sum_e m_e sum y_{e,p,q} G_{e,p,q} <= budget     (add_memory_row)
+     M: parameter + gradient + AdamW bytes of placeholders, activation bytes kept for backward
+     of ops; G: gathered parameter copies an op keeps for backward.
+An edge whose producer (or consumer) has a single placement group needs no y: its cost is
+written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
+other strategies of the matching keys before the model is built.
+
+When the memory row makes the problem infeasible, a second solve minimizes the left-hand side to
+report the smallest feasible budget (InfeasiblePlanError).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pulp
+
+from autopar.errors import InfeasiblePlanError, ShardingError
+from autopar.graph import GNode, GraphIndex, TensorMeta
+from autopar.mesh import MeshSpec
+from autopar.placement import Placement, Replicate, Shard, format_sharding, parse_sharding, sharding_str
+from autopar.profile import ClusterProfile, LinkSpec
+from autopar.solver import cost as C
+from autopar.solver.strategies import Strategy, strategies_for
+from autopar.solver.strategies.base import in_meta
+
+log = logging.getLogger(__name__)
+OUTPUT = "__output__"
+
+
+@dataclass
+class KeyInfo:
+    key: str
+    node: GNode
+    mult: float
+    strategies: list[Strategy]
+    fallback: bool
+    in_metas: list[TensorMeta]
+    compute: list[C.OpCost] = field(default_factory=list)
+    memory: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Solution:
+    chosen: dict[str, Strategy]
+    keys: dict[str, KeyInfo]
+    status: str
+    optimal: bool
+    objective: float
+    backend: str
+    num_variables: int
+    num_constraints: int
+    build_s: float
+    solve_s: float
+    time_breakdown: dict[str, float]
+    memory_breakdown: dict[str, float]
+    edge_time: dict[str, float]         # consumer key -> resharding seconds (for tables)
+
+
+def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
+    import itertools
+    opts: list[Placement] = [Replicate()] + [Shard(d) for d in range(len(meta.shape))]
+    out = []
+    for combo in itertools.product(opts, repeat=len(mesh_shape)):
+        split = [1] * len(meta.shape)
+        for p, n in zip(combo, mesh_shape):
+            if isinstance(p, Shard):
+                split[p.dim] *= n
+        if all(s % k == 0 for s, k in zip(meta.shape, split)):
+            out.append(Strategy(inputs=(), outputs=(tuple(combo),)))
+    return out
+
+
+def _match_fix(key: str, node: GNode, fix: dict[str, list[str]]) -> tuple[str, ...] | None:
+    names = [key] + [f"{node.kind}:{f}" for f in node.fqns] + list(node.fqns)
+    for pat, sh in fix.items():
+        if any(fnmatch.fnmatchcase(n, pat) for n in names):
+            return tuple(sh)
+    return None
+
+
+def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
+                 fix: dict[str, list[str]] | None = None) -> dict[str, KeyInfo]:
+    keys: dict[str, KeyInfo] = {}
+    for key, members in gi.by_key().items():
+        node = members[0]
+        in_metas = [in_meta(node, gi.nodes, i) for i in range(len(node.inputs))]
+        if node.kind == "op":
+            strategies, fallback = strategies_for(node, gi.nodes, mesh.shape)
+        else:
+            strategies, fallback = _placeholder_strategies(node.outputs[0], mesh.shape), False
+        want = _match_fix(key, node, fix or {})
+        if want is not None:
+            target = parse_sharding(list(want), field=f"fix[{key!r}]")
+            if len(target) != mesh.ndim:
+                raise ShardingError(f"fix for {key}: {list(want)} has {len(target)} placements for a {mesh.ndim}-D mesh")
+            kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
+            if not kept:
+                raise ShardingError(
+                    f"{key} cannot be placed {list(want)}: shape {node.outputs[0].shape if node.outputs[0] else '?'} "
+                    f"does not split evenly over mesh {mesh.shape} that way (or the op has no such strategy); "
+                    f"choose a placement whose sharded dims divide by the mesh sizes")
+            strategies = kept
+        info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
+                       fallback=fallback, in_metas=in_metas)
+        for s in strategies:
+            info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
+            if node.kind == "param":
+                info.memory.append(C.param_state_bytes(node.outputs[0], s.outputs[0], mesh.shape))
+            elif node.kind == "op":
+                info.memory.append({"activations": C.activation_bytes(node, s, mesh.shape)})
+            else:
+                info.memory.append({})
+        keys[key] = info
+    return keys
+
+
+def _keeps_param_copy(node: GNode) -> bool:
+    return node.kind == "op" and node.target not in C.FREE_OPS
+
+
+class ShardingILP:
+    """Builds and solves the ILP of the module docstring."""
+
+    def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
+                 budget: float | None) -> None:
+        self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
+        self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
+        self.x: dict[str, list[pulp.LpVariable]] = {}
+        self.time_terms: dict[str, list] = defaultdict(list)     # compute / comm -> [(coef, var)]
+        self.mem_terms: dict[str, list] = defaultdict(list)      # params/grads/optimizer/activations
+        self.edge_terms: dict[str, list] = defaultdict(list)     # consumer key -> [(coef, var)]
+        self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
+        self.merge_trivial = True
+        self._cost_cache: dict[tuple, float] = {}
+        self.n_y = 0
+
+    # -- variables ---------------------------------------------------------------------------
+    def add_node_vars(self) -> None:
+        producers: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        for (ku, o, kv, a), _ in self.gi.edge_classes().items():
+            if a == 0:
+                producers[kv].add((ku, o))
+        for i, (key, info) in enumerate(self.keys.items()):
+            xs = self._follow_exprs(info, producers.get(key, set()))
+            if xs is None:
+                xs = [pulp.LpVariable(f"x{i}_{j}", cat="Binary") for j in range(len(info.strategies))]
+                self.prob += pulp.lpSum(xs) == 1, f"one_{i}"
+            else:
+                self.merged[key] = next(iter(producers[key]))
+            self.x[key] = xs
+            for j, (c, mem) in enumerate(zip(info.compute, info.memory)):
+                if c.total:
+                    self.time_terms["compute"].append((info.mult * c.total, xs[j]))
+                for cat, b in mem.items():
+                    if b:
+                        self.mem_terms[cat].append((info.mult * b, xs[j]))
+
+    def _follow_exprs(self, info: KeyInfo, producer: set[tuple[str, int]]):
+        """Trivial ops merged into the op they follow: a one-input op whose strategies are one per
+        placement its producer can emit takes that producer's choice (an expression, no variable)."""
+        node = info.node
+        if node.kind != "op" or len(node.inputs) != 1 or len(producer) != 1 or not self.merge_trivial:
+            return None
+        ku, o = next(iter(producer))
+        if ku not in self.x:
+            return None
+        by_input: dict[tuple, int] = {}
+        for j, s in enumerate(info.strategies):
+            if s.inputs[0] in by_input:
+                return None  # two strategies for one input placement: a real choice
+            by_input[s.inputs[0]] = j
+        u = self.keys[ku]
+        exprs: list[list] = [[] for _ in info.strategies]
+        for i, s in enumerate(u.strategies):
+            j = by_input.get(s.outputs[o])
+            if j is None:
+                return None
+            exprs[j].append(self.x[ku][i])
+        return [pulp.lpSum(e) if e else pulp.LpAffineExpression() for e in exprs]
+
+    def _edge_list(self) -> list[tuple[str, int, str, int, float]]:
+        edges = [(u, o, v, a, m) for (u, o, v, a), m in self.gi.edge_classes().items()]
+        for ref in self.gi.output_refs:
+            edges.append((self.gi.nodes[ref.src].key, ref.out, OUTPUT, 0, 1.0))
+        return edges
+
+    def add_edge_vars(self) -> None:
+        for ei, (ku, o, kv, a, mult) in enumerate(self._edge_list()):
+            u = self.keys[ku]
+            meta = u.node.outputs[o]
+            if meta is None:
+                continue
+            pgroups: dict[tuple, list[int]] = defaultdict(list)
+            for j, s in enumerate(u.strategies):
+                pgroups[s.outputs[o]].append(j)
+            qgroups: dict[tuple, list[int]] = defaultdict(list)
+            if kv == OUTPUT:
+                qgroups[(tuple(Replicate() for _ in self.mesh.shape), tuple(False for _ in self.mesh.shape))] = [-1]
+            else:
+                for j, s in enumerate(self.keys[kv].strategies):
+                    inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
+                    qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
+            keeps = u.node.kind == "param" and kv != OUTPUT and _keeps_param_copy(self.keys[kv].node)
+
+            def coef(p, q):
+                ck = (meta, p, q)
+                c = self._cost_cache.get(ck)
+                if c is None:
+                    c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links).total
+                mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
+                return mult * c, mult * mem
+
+            xu = self.x[ku]
+            xv = self.x.get(kv)
+            if a == 0 and self.merged.get(kv) == (ku, o):  # follower: its input placement is the producer's
+                for q, qidx in qgroups.items():
+                    t, mem = coef(q[0], q)
+                    for j in qidx:
+                        self._add_edge_term(kv, t, mem, xv[j])
+                continue
+            if len(pgroups) == 1 or len(qgroups) == 1:  # no y needed: the cost rides on one side's x
+                for p, pidx in pgroups.items():
+                    for q, qidx in qgroups.items():
+                        t, mem = coef(p, q)
+                        if not (t or mem):
+                            continue
+                        if len(pgroups) == 1:
+                            vars_ = [xv[j] for j in qidx] if xv is not None else [None]
+                        else:
+                            vars_ = [xu[j] for j in pidx]
+                        for var in vars_:
+                            self._add_edge_term(kv, t, mem, var)
+                continue
+            ys = {}
+            for pi, p in enumerate(pgroups):
+                for qi, q in enumerate(qgroups):
+                    y = pulp.LpVariable(f"y{ei}_{pi}_{qi}", lowBound=0)
+                    ys[(p, q)] = y
+                    self._add_edge_term(kv, *coef(p, q), y)
+            self.n_y += len(ys)
+            for pi, (p, pidx) in enumerate(pgroups.items()):
+                self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
+            for qi, (q, qidx) in enumerate(qgroups.items()):
+                self.prob += pulp.lpSum(ys[(p, q)] for p in pgroups) == pulp.lpSum(xv[j] for j in qidx), f"eq{ei}_{qi}"
+
+    def _add_edge_term(self, consumer: str, t: float, mem: float, var) -> None:
+        if t:
+            self.time_terms["comm"].append((t, var))
+            self.edge_terms[consumer].append((t, var))
+        if mem:
+            self.mem_terms["activations"].append((mem, var))
+
+    def memory_expr(self):
+        return pulp.lpSum(c * v if v is not None else c for terms in self.mem_terms.values() for c, v in terms)
+
+    def add_memory_row(self) -> None:
+        if self.budget is not None:
+            self.prob += self.memory_expr() <= self.budget, "memory"
+
+    def add_objective(self) -> None:
+        self.prob.setObjective(pulp.lpSum(c * v for terms in self.time_terms.values() for c, v in terms
+                                          if v is not None))
+
+    def build(self) -> None:
+        self.add_node_vars()
+        self.add_edge_vars()
+        self.add_memory_row()
+        self.add_objective()
+
+
+def _solver(backend: str, time_limit: float):
+    if backend in ("auto", "highs"):
+        s = pulp.HiGHS(msg=False, timeLimit=time_limit)
+        if s.available():
+            return s, "highs"
+        if backend == "highs":
+            raise ShardingError("backend 'highs' needs highspy: pip install highspy (or use backend='cbc')")
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit))), "cbc"
+
+
+def _value(v) -> float:
+    if v is None:
+        return 1.0
+    val = v.value()
+    return float(val) if val is not None else 0.0
+
+
+def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
+          budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
+          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None) -> Solution:
+    t0 = time.perf_counter()
+    keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
+    ilp = ShardingILP(gi, keys, mesh, links, budget)
+    ilp.build()
+    t1 = time.perf_counter()
+    solver, name = _solver(backend, time_limit)
+    ilp.prob.solve(solver)
+    t2 = time.perf_counter()
+    status = pulp.LpStatus[ilp.prob.status]
+    if ilp.prob.status != pulp.LpStatusOptimal:
+        if budget is not None:
+            need = _min_memory(gi, keys, mesh, links, backend, time_limit)
+            raise InfeasiblePlanError(
+                f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
+                f"about {_fmt_bytes(need)} (raise memory_budget / --memory, use a larger mesh, or wait for "
+                f"recompute/offload)", min_feasible_bytes=int(math.ceil(need)))
+        raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
+    optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
+    chosen = {}
+    for key, xs in ilp.x.items():
+        j = max(range(len(xs)), key=lambda i: _value(xs[i]))
+        chosen[key] = keys[key].strategies[j]
+    tb = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.time_terms.items()}
+    mb = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.mem_terms.items()}
+    et = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.edge_terms.items()}
+    return Solution(chosen=chosen, keys=keys, status=status, optimal=optimal,
+                    objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=name,
+                    num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
+                    build_s=t1 - t0, solve_s=t2 - t1,
+                    time_breakdown={"compute_s": tb.get("compute", 0.0), "comm_s": tb.get("comm", 0.0)},
+                    memory_breakdown={k: mb.get(k, 0.0) for k in ("params", "grads", "optimizer", "activations")},
+                    edge_time=et)
+
+
+def _min_memory(gi, keys, mesh, links, backend, time_limit) -> float:
+    ilp = ShardingILP(gi, keys, mesh, links, None)
+    ilp.add_node_vars()
+    ilp.add_edge_vars()
+    ilp.prob.setObjective(ilp.memory_expr())
+    solver, _ = _solver(backend, time_limit)
+    ilp.prob.solve(solver)
+    return float(pulp.value(ilp.prob.objective) or 0.0)
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= k:
+            return f"{b / k:.2f} {unit}"
+    return f"{b:.0f} B"

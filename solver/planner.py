@@ -1,0 +1,115 @@
+"""From a captured graph to a Plan: collect strategies, solve the ILP, write the decisions down."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+
+from autopar.capture import CapturedModel
+from autopar.graph import GraphIndex, index_graph
+from autopar.mesh import MeshSpec
+from autopar.placement import format_sharding
+from autopar.plan import LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
+from autopar.profile import ClusterProfile
+from autopar.solver import ilp
+
+log = logging.getLogger(__name__)
+
+
+def _expand_fqn(fqn: str, gi: GraphIndex) -> list[str]:
+    """``blocks.*.attn.w`` -> ``blocks.0.attn.w`` ... for every block of a shared (possibly folded) list."""
+    for lst in gi.shared_lists:
+        prefix = f"{lst}.*."
+        if fqn.startswith(prefix):
+            return [f"{lst}.{i}.{fqn[len(prefix):]}" for i in range(gi.layer_counts[lst])]
+    return [fqn]
+
+
+def _row_name(key: str) -> str:
+    if key.startswith(("param:", "buffer:", "input:")):
+        key = key.split(":", 1)[1]
+    m = re.match(r"^(.+?\.\*)", key)
+    if m:
+        return m.group(1)
+    head = key.split("/")[0].split(".")[0]
+    return head or "root"
+
+
+def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, nodes: int | None = None,
+               budget: float | None = None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
+               time_limit: float = 60.0, phase_times: dict[str, float] | None = None) -> Plan:
+    t0 = time.perf_counter()
+    gi = index_graph(cap)
+    links = profile.dim_links(mesh, nodes)
+    t1 = time.perf_counter()
+    keys = ilp.collect_keys(gi, mesh, profile, fix)
+    t2 = time.perf_counter()
+    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
+                    time_limit=time_limit, keys=keys)
+
+    param_placements: dict[str, tuple[str, ...]] = {}
+    node_shardings: dict[str, NodeSharding] = {}
+    for key, strat in sol.chosen.items():
+        info = sol.keys[key]
+        node_shardings[key] = NodeSharding(
+            inputs=tuple(tuple(format_sharding(s)) for s in strat.inputs),
+            outputs=tuple(tuple(format_sharding(s)) if s is not None else None for s in strat.outputs))
+        if info.node.kind == "param":
+            for fqn in info.node.fqns:
+                canon = key.split(":", 1)[1] if fqn == info.node.fqns[0] else fqn
+                for full in _expand_fqn(canon if "*" in key else fqn, gi):
+                    param_placements[full] = tuple(format_sharding(strat.outputs[0]))
+
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for key, strat in sol.chosen.items():
+        info = sol.keys[key]
+        j = info.strategies.index(strat)
+        r = rows[_row_name(key)]
+        r["time_s"] += info.mult * info.compute[j].total
+        r["memory_bytes"] += info.mult * sum(info.memory[j].values())
+        r["comm_s"] += sol.edge_time.get(key, 0.0)
+    layers = []
+    for name, r in rows.items():
+        count = gi.layer_counts.get(name[:-2], 1) if name.endswith(".*") else 1
+        layers.append(LayerCost(name=name, count=count, time_s=r["time_s"] + r["comm_s"], comm_s=r["comm_s"],
+                                memory_bytes=int(r["memory_bytes"])))
+
+    tb = dict(sol.time_breakdown)
+    tb.update({"recompute_s": 0.0, "offload_s": 0.0, "bubble_s": 0.0})
+    mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
+    t3 = time.perf_counter()
+    phases = dict(phase_times or {})
+    phases.update({"index": t1 - t0, "strategies": t2 - t1, "build_ilp": sol.build_s, "solve": sol.solve_s,
+                   "write_plan": t3 - t2 - sol.build_s - sol.solve_s})
+    return Plan(
+        mesh=mesh, cluster=profile,
+        model=ModelInfo(fingerprint=cap.fingerprint(), inputs=tuple(
+            {"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in cap.user_inputs),
+            folded_layers=dict(cap.folded_layers), num_parameters=_num_params(cap, gi)),
+        param_placements=param_placements, node_shardings=node_shardings,
+        predicted=Predicted(step_time_s=sum(v for k, v in tb.items()), time_breakdown=tb,
+                            peak_memory_bytes=sum(mb.values()), memory_breakdown=mb),
+        solver=SolverStats(backend=sol.backend, status=sol.status, optimal=sol.optimal, objective=sol.objective,
+                           num_variables=sol.num_variables, num_constraints=sol.num_constraints,
+                           phase_times_s=phases),
+        layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
+        nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _num_params(cap: CapturedModel, gi: GraphIndex) -> int:
+    total = 0
+    for fqn, shape in cap.param_shapes.items():
+        m = 1
+        for lst in gi.shared_lists:
+            if fqn.startswith(lst + "."):
+                m = gi.layer_counts[lst] / gi.observed_counts[lst]
+        total += _numel(shape) * m
+    return int(total)

@@ -1,0 +1,22 @@
+"""embedding(weight [V, D], indices): split the indices (batch), the embedding dim, or the vocabulary
+(vocab-parallel: each rank looks up its rows, others give zero; output Partial)."""
+from __future__ import annotations
+
+import torch
+
+from autopar.graph import GNode, TensorMeta
+from autopar.placement import Shard
+from autopar.solver.strategies.base import P_SUM, R, Strategy1D, register
+
+aten = torch.ops.aten
+
+
+@register(aten.embedding.default)
+def embedding_rule(node: GNode, n: int, in_metas: list[TensorMeta]) -> list[Strategy1D]:
+    w, idx = in_metas
+    out_ndim = len(idx.shape) + 1
+    res = [Strategy1D((R, R), (R,)),
+           Strategy1D((Shard(1), R), (Shard(out_ndim - 1),)),
+           Strategy1D((Shard(0), R), (P_SUM,))]
+    res += [Strategy1D((R, Shard(d)), (Shard(d),)) for d in range(len(idx.shape))]
+    return res
