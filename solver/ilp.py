@@ -168,7 +168,7 @@ class ShardingILP:
         for i, (key, info) in enumerate(self.keys.items()):
             xs = self._follow_exprs(info, producers.get(key, set()))
             if xs is None:
-                xs = [pulp.LpVariable(f"x{i}_{j}", cat="Binary") for j in range(len(info.strategies))]
+                xs = [self._var(f"x{i}_{j}", cat="Binary") for j in range(len(info.strategies))]
                 self.prob += pulp.lpSum(xs) == 1, f"one_{i}"
             else:
                 self.merged[key] = next(iter(producers[key]))
@@ -259,7 +259,7 @@ class ShardingILP:
             ys = {}
             for pi, p in enumerate(pgroups):
                 for qi, q in enumerate(qgroups):
-                    y = pulp.LpVariable(f"y{ei}_{pi}_{qi}", lowBound=0)
+                    y = self._var(f"y{ei}_{pi}_{qi}", lowBound=0)
                     ys[(p, q)] = y
                     self._add_edge_term(kv, *coef(p, q), y)
             self.n_y += len(ys)
@@ -267,6 +267,11 @@ class ShardingILP:
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for p in pgroups) == pulp.lpSum(xv[j] for j in qidx), f"eq{ei}_{qi}"
+
+    def _var(self, name: str, **kw) -> pulp.LpVariable:
+        if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there
+            return self.prob.add_variable(name, **kw)
+        return pulp.LpVariable(name, **kw)
 
     def _add_edge_term(self, consumer: str, t: float, mem: float, var) -> None:
         if t:

@@ -1,0 +1,73 @@
+"""Readable tables of a Plan (``autopar show``). Formatting only: no planning, no I/O."""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from autopar.plan import Plan
+
+
+def fmt_bytes(b: float) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(b) >= k:
+            return f"{b / k:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def param_rows(plan: Plan) -> list[list[str]]:
+    """Parameters with layer indices collapsed: ``blocks.{0..31}.attn.q_proj.weight``."""
+    groups: OrderedDict[tuple[str, tuple[str, ...]], list[int]] = OrderedDict()
+    for fqn, pl in plan.param_placements.items():
+        m = re.match(r"^(.*?\.)(\d+)(\..*)$", fqn)
+        if m:
+            groups.setdefault((f"{m.group(1)}{{}}{m.group(3)}", pl), []).append(int(m.group(2)))
+        else:
+            groups.setdefault((fqn, pl), []).append(-1)
+    rows = []
+    for (name, pl), idx in groups.items():
+        if idx != [-1]:
+            idx = sorted(idx)
+            span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
+            name = name.format(span)
+        rows.append([name, " ".join(pl)])
+    return rows
+
+
+def summary(plan: Plan) -> str:
+    p, s = plan.predicted, plan.solver
+    mesh = " x ".join(f"{n}={k}" for n, k in zip(plan.mesh.dim_names, plan.mesh.shape))
+    tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in p.time_breakdown.items() if v)
+    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.memory_breakdown.items())
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phase_times_s.items())
+    folded = "".join(f" ({k}: {v} blocks, planned once)" for k, v in plan.model.folded_layers.items())
+    lines = [f"plan v{plan.version}  mesh {mesh}  cluster {plan.cluster.name}  model {plan.model.fingerprint}"
+             f"  {plan.model.num_parameters / 1e6:.1f}M params{folded}",
+             f"predicted step time {fmt_time(p.step_time_s)}  ({tb or 'no cost'})",
+             f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})",
+             f"solver {s.backend} {s.status}{'' if s.optimal else ' (not proven optimal)'}: "
+             f"{s.num_variables} variables, {s.num_constraints} constraints; {phases}"]
+    if plan.nodes_fallback:
+        lines.append(f"replicate fallback (no sharding rule): {', '.join(plan.nodes_fallback)}")
+    return "\n".join(lines)
+
+
+def render(plan: Plan) -> str:
+    parts = [summary(plan), "", "parameters", _table(["parameter", "placement"], param_rows(plan)), "",
+             "layers", _table(["module", "count", "time", "comm", "memory"],
+                              [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
+                               for r in plan.layers])]
+    return "\n".join(parts)
