@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -75,10 +76,16 @@ def _to_meta(x):
     return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
 
+# Frames inside these packages are not the model's: compare directories, not path substrings, so a model in a
+# folder that happens to be called "autopar" or "torch" is still named.
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch,)) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch and autopar: the model's line that failed."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/autopar/" not in f.filename and "<eval_with_key>" not in f.filename]
+              if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
     if frames:
         f = frames[-1]
         return f"{f.filename}:{f.lineno}: {f.line}"
@@ -132,12 +139,43 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
                     setattr(parent, attr, nn.ModuleList(list(mod)[:2]))
                 cap = _capture(model, example_inputs)
                 return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()})
-            except CaptureError:
+            except CaptureError as e:
+                if "could not capture" in str(e) and not _folding_related(e):
+                    raise
                 log.info("folded capture failed; capturing all layers")
             finally:
                 for parent, attr, mod in saved.values():
                     setattr(parent, attr, mod)
     return _capture(model, example_inputs)
+
+
+def _merge_tied_placeholders(program: ExportedProgram, fqn_to_group: dict[str, tuple[str, ...]]) -> None:
+    """torch.export lifts a tied parameter once per FQN (and reads it through only one of them): keep one
+    placeholder per tensor, the first one's, and point every use at it."""
+    gm, sig = program.graph_module, program.graph_signature
+    nodes = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    keep: dict[tuple[str, ...], str] = {}
+    dropped: set[str] = set()
+    for spec in sig.input_specs:
+        if spec.kind != InputKind.PARAMETER:
+            continue
+        group = fqn_to_group.get(spec.target, (spec.target,))
+        if group not in keep:
+            keep[group] = spec.arg.name
+            continue
+        node = nodes[spec.arg.name]
+        node.replace_all_uses_with(nodes[keep[group]])
+        gm.graph.erase_node(node)
+        dropped.add(spec.arg.name)
+    if dropped:
+        sig.input_specs[:] = [s for s in sig.input_specs if s.arg.name not in dropped]
+        gm.recompile()
+
+
+def _folding_related(e: CaptureError) -> bool:
+    """A folded capture that failed on an index or length error may work unfolded; other errors will not."""
+    cause = e.__cause__
+    return isinstance(cause, (IndexError, KeyError, AssertionError)) or "index" in str(e).lower()
 
 
 def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
@@ -155,13 +193,14 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
         raise CaptureError(
             f"torch.export could not capture the model at op {_failing_op(exc)} ({_user_frame(exc)}): "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-            f"Rewrite that line without data-dependent control flow or unsupported Python, "
-            f"or mark it with torch.compiler.disable-free code") from exc
+            f"Rewrite that line without data-dependent control flow (branching on tensor values) "
+            f"or Python that torch.export cannot trace, then plan again") from exc
 
     by_id: dict[int, list[str]] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(fqn)
     fqn_to_group = {f: tuple(g) for g in by_id.values() for f in g}
+    _merge_tied_placeholders(program, fqn_to_group)
     sig = program.graph_signature
     param_fqns: dict[str, tuple[str, ...]] = {}
     buffer_fqns: dict[str, str] = {}

@@ -54,8 +54,10 @@ def default_dim_names(ndim: int) -> tuple[str, ...]:
 
 
 def parse_mesh_shape(text: str) -> tuple[int, ...]:
+    body = text.lower().replace("(", "").replace(")", "").replace(" ", "").replace(",", "x").rstrip("x") \
+        if text.strip().endswith(",)") else text.lower().replace("(", "").replace(")", "").replace(" ", "").replace(",", "x")
     try:
-        shape = tuple(int(p) for p in text.lower().replace("(", "").replace(")", "").replace(",", "x").split("x") if p)
+        shape = tuple(int(p) for p in body.split("x"))
     except ValueError:
         raise MeshError(f"mesh {text!r} is not of the form 8x8 or 2x2x2") from None
     if not shape or any(s < 1 for s in shape):

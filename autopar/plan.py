@@ -152,14 +152,27 @@ class Plan:
             raise PlanFormatError(f"plan.version: unknown plan version {version!r}; this autopar reads version "
                                   f"{PLAN_VERSION} (re-plan with `autopar plan`)")
         mesh_d = _field(d, "mesh", dict, "plan")
-        mesh = MeshSpec.make(tuple(_field(mesh_d, "shape", list, "plan.mesh")),
-                             tuple(_field(mesh_d, "dim_names", list, "plan.mesh")))
+        shape = _field(mesh_d, "shape", list, "plan.mesh")
+        names = _field(mesh_d, "dim_names", list, "plan.mesh")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
+            raise PlanFormatError(f"plan.mesh.shape: expected positive integers, got {shape!r}")
+        if not all(isinstance(x, str) for x in names):
+            raise PlanFormatError(f"plan.mesh.dim_names: expected strings, got {names!r}")
+        mesh = MeshSpec.make(tuple(shape), tuple(names))
         cluster = ClusterProfile.from_dict(_field(d, "cluster", dict, "plan"), where="plan.cluster")
         md = _field(d, "model", dict, "plan")
-        model = ModelInfo(fingerprint=_field(md, "fingerprint", str, "plan.model"),
-                          inputs=tuple(_field(md, "inputs", list, "plan.model")),
-                          folded_layers=dict(md.get("folded_layers", {})),
-                          num_parameters=int(md.get("num_parameters", 0)))
+        inputs = _field(md, "inputs", list, "plan.model")
+        for i, spec in enumerate(inputs):
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+                    not isinstance(spec.get("shape"), list) or not isinstance(spec.get("dtype"), str):
+                raise PlanFormatError(f"plan.model.inputs[{i}]: expected {{name: str, shape: [int], dtype: str}}")
+        folded = md.get("folded_layers", {})
+        if not isinstance(folded, dict) or not all(isinstance(v, int) for v in folded.values()):
+            raise PlanFormatError("plan.model.folded_layers: expected an object of list name -> int")
+        model = ModelInfo(fingerprint=_field(md, "fingerprint", str, "plan.model"), inputs=tuple(inputs),
+                          folded_layers=dict(folded),
+                          num_parameters=_field(md, "num_parameters", int, "plan.model") if "num_parameters" in md
+                          else 0)
         params = {}
         for fqn, pl in _field(d, "param_placements", dict, "plan").items():
             parse_sharding(pl, field=f"plan.param_placements[{fqn!r}]")
@@ -185,16 +198,31 @@ class Plan:
                              num_variables=int(sv.get("num_variables", 0)),
                              num_constraints=int(sv.get("num_constraints", 0)),
                              phase_times_s=dict(sv.get("phase_times_s", {})))
-        layers = tuple(LayerCost(name=str(r["name"]), count=int(r["count"]), time_s=float(r["time_s"]),
-                                 comm_s=float(r["comm_s"]), memory_bytes=int(r["memory_bytes"]))
-                       for r in d.get("layers", []))
+        layers = []
+        for i, r in enumerate(_list(d, "layers", "plan")):
+            w = f"plan.layers[{i}]"
+            if not isinstance(r, dict):
+                raise PlanFormatError(f"{w}: expected an object")
+            layers.append(LayerCost(name=_field(r, "name", str, w), count=_field(r, "count", int, w),
+                                    time_s=float(_field(r, "time_s", (int, float), w)),
+                                    comm_s=float(_field(r, "comm_s", (int, float), w)),
+                                    memory_bytes=int(_field(r, "memory_bytes", (int, float), w))))
+        for name in ("time_breakdown", "memory_breakdown"):
+            for k, v in getattr(predicted, name).items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise PlanFormatError(f"plan.predicted.{name}.{k}: expected a number, got {v!r}")
+        opt = d.get("optimizer_sharding", {})
+        if not isinstance(opt, dict):
+            raise PlanFormatError("plan.optimizer_sharding: expected an object of FQN -> placements")
+        for k, v in opt.items():
+            parse_sharding(v, field=f"plan.optimizer_sharding[{k!r}]")
         return Plan(mesh=mesh, cluster=cluster, model=model, param_placements=params, node_shardings=nodes,
-                    predicted=predicted, solver=solver, layers=layers,
-                    checkpoint=tuple(d.get("checkpoint", [])), offload=tuple(d.get("offload", [])),
-                    optimizer_sharding={k: tuple(v) for k, v in d.get("optimizer_sharding", {}).items()},
+                    predicted=predicted, solver=solver, layers=tuple(layers),
+                    checkpoint=tuple(_list(d, "checkpoint", "plan", str)), offload=tuple(_list(d, "offload", "plan", str)),
+                    optimizer_sharding={k: tuple(v) for k, v in opt.items()},
                     pipeline=d.get("pipeline"), precision=dict(d.get("precision", {})) or
                     {"param_dtype": "float32", "compute_dtype": "float32"},
-                    nodes_fallback=tuple(d.get("nodes_fallback", [])), version=version)
+                    nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)), version=version)
 
 
 def _field(d: dict, key: str, typ, where: str):
@@ -204,6 +232,14 @@ def _field(d: dict, key: str, typ, where: str):
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
         names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
         raise PlanFormatError(f"{where}.{key}: expected {names}, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _list(d: dict, key: str, where: str, item_type: type | None = None) -> list:
+    v = d.get(key, [])
+    if not isinstance(v, list) or (item_type is not None and not all(isinstance(x, item_type) for x in v)):
+        what = f"a list of {item_type.__name__}" if item_type else "a list"
+        raise PlanFormatError(f"{where}.{key}: expected {what}, got {v!r:.60}")
     return v
 
 

@@ -100,6 +100,15 @@ class ClusterProfile:
     mesh_dim_links: tuple[LinkSpec, ...] | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1):
+            raise ClusterProfileError(f"gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
+        if (self.mesh_dim_links is None) != (self.mesh_shape is None):
+            raise ClusterProfileError("mesh_shape and mesh_dim_links go together: give both or neither")
+        if self.mesh_dim_links is not None and len(self.mesh_dim_links) != len(self.mesh_shape):
+            raise ClusterProfileError(f"mesh_dim_links has {len(self.mesh_dim_links)} entries for a mesh of "
+                                      f"{len(self.mesh_shape)} dims {self.mesh_shape}; give one per mesh dim")
+
     def dim_links(self, mesh: MeshSpec, nodes: int | None = None) -> tuple[LinkSpec, ...]:
         """The link each mesh dim communicates over (measured per dim when the profile has them).
 
@@ -152,7 +161,7 @@ class ClusterProfile:
                 mesh_dim_links=tuple(_link(x, f"{where}.mesh_dim_links[{i}]") for i, x in enumerate(dims))
                 if dims is not None else None,
                 sources=dict(d.get("sources", {})), **links)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ClusterProfileError(f"{where}: malformed field ({e}); compare with `autopar profile` output") from None
 
     def to_json(self, path: str | Path) -> None:
@@ -179,7 +188,10 @@ def _link(d: dict, where: str) -> LinkSpec:
     for k, v in coll.items():
         if not isinstance(v, dict) or "alpha" not in v or "beta" not in v:
             raise ClusterProfileError(f"{where}.collectives.{k} needs 'alpha' and 'beta'")
-        out[k] = AlphaBeta(alpha=float(v["alpha"]), beta=float(v["beta"]))
+        try:
+            out[k] = AlphaBeta(alpha=float(v["alpha"]), beta=float(v["beta"]))
+        except (TypeError, ValueError):
+            raise ClusterProfileError(f"{where}.collectives.{k}: alpha and beta must be numbers, got {v!r}") from None
     return LinkSpec(name=str(d.get("name", where)), collectives=out)
 
 

@@ -63,8 +63,6 @@ def test_meta_llama3_1b_folded():
     assert capture(model, x, fold_layers=False).folded_layers == {}
 
 
-@pytest.mark.xfail(strict=True, reason="capture keeps torch.export's second placeholder for a tied weight "
-                                       "(p_wte_weight unused, p_lm_head_weight used, both listing both FQNs)")
 def test_gpt_tied_weights_one_placeholder():
     model, x = build_model("gpt-tiny", batch=2, seq=8, device="meta")
     cap = capture(model, x)
@@ -153,8 +151,6 @@ def test_data_dependent_control_flow_names_source_line(tmp_path):
     assert "if y.sum() > 0" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="capture._user_frame drops every frame whose path contains '/autopar/', so "
-                                       "model code in a checkout or project folder named autopar is not named")
 def test_data_dependent_line_named_under_a_folder_called_autopar(tmp_path):
     msg, line = _data_dependent_error(tmp_path / "autopar" / "ddmodel.py")
     assert f"{tmp_path / 'autopar' / 'ddmodel.py'}:{line}" in msg
