@@ -7,13 +7,11 @@ on ``torch.distributed``.
 from autopar.errors import (AutoparError, CaptureError, ClusterProfileError, ConfigError, InfeasiblePlanError,
                             MeshError, PlanFormatError, PlanMismatchError, ShardingError)
 
+from autopar.plan import Plan  # noqa: I001  (the module autopar.plan; the name is rebound to the function below)
+from autopar.api import apply, parallelize, plan
+from autopar.capture import capture
+
 __all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "InfeasiblePlanError", "MeshError",
-           "PlanFormatError", "PlanMismatchError", "ShardingError", "capture"]
+           "Plan", "PlanFormatError", "PlanMismatchError", "ShardingError", "apply", "capture", "parallelize", "plan"]
 
-
-def __getattr__(name: str):
-    # Lazy: keep `import autopar` light; the front end pulls in the solver only when used.
-    if name == "capture":
-        from autopar.capture import capture
-        return capture
-    raise AttributeError(f"module 'autopar' has no attribute {name!r}")
+# The solver and codegen are imported by autopar.plan / autopar.apply when first used.

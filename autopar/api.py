@@ -67,3 +67,78 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     return plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
                       backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
                       phase_times={"capture": t1 - t0})
+
+
+def _example_inputs_for(model: nn.Module, plan: Plan) -> dict:
+    """Tensors of the planned input shapes and dtypes (zeros), on the model's device."""
+    import torch
+
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    out = {}
+    for spec in plan.model.inputs:
+        dtype = getattr(torch, spec["dtype"])
+        out[spec["name"]] = torch.zeros(spec["shape"], dtype=dtype, device=device)
+    return out
+
+
+def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> nn.Module:
+    """Rewrite ``model`` for ``plan`` on ``mesh`` (a torch DeviceMesh); needs an initialized process group.
+
+    Returns a ParallelModule with the original parameter FQNs, every parameter a DTensor with the
+    plan's placements, and ``.plan``. The model's parameters are replaced in place (each rank keeps
+    only its shards).
+    """
+    import torch.distributed as dist
+
+    from autopar.codegen import build_parallel_graph
+    from autopar.codegen.shard_params import check_param_placements, shard_parameters
+    from autopar.errors import MeshError, PlanMismatchError
+    from autopar.runtime import ParallelModule
+
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be an autopar.Plan (Plan.from_json(path) loads one), got {type(plan).__name__}")
+    if not hasattr(mesh, "mesh_dim_names") or not hasattr(mesh, "get_group"):
+        raise MeshError("mesh must be a torch DeviceMesh, e.g. init_device_mesh('cpu', (2, 2))")
+    if tuple(mesh.shape) != tuple(plan.mesh.shape):
+        raise MeshError(f"the plan is for mesh {tuple(plan.mesh.shape)} but the DeviceMesh is {tuple(mesh.shape)}; "
+                        f"plan again for this mesh or build the mesh the plan expects")
+    if dist.is_initialized():
+        plan.mesh.check_world_size(dist.get_world_size())
+    check_param_placements(model, plan)
+    cap = capture(model, _example_inputs_for(model, plan), fold_layers=False)
+    if cap.fingerprint() != plan.model.fingerprint:
+        raise PlanMismatchError("this model (parameter names/shapes or input shapes) is not the one the plan was "
+                                "made for; re-plan it with autopar.plan")
+    gm, ctx = build_parallel_graph(cap, plan)
+    inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
+    buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}
+    shard_parameters(model, plan, mesh)
+    return ParallelModule(model, gm, cap, plan, mesh, inputs, buffers, input_mode=input_mode)
+
+
+def parallelize(model: nn.Module, mesh, example_inputs: ExampleInputs, *, plan: Plan | None = None,
+                cluster: str | Path | ClusterProfile | None = None, memory_budget: int | str | None = None,
+                input_mode: str = "global", **options) -> nn.Module:
+    """Plan (on rank 0, shared with every rank as JSON) and apply; with ``plan=`` only apply.
+
+    ``cluster`` defaults to ``cpu-gloo`` on a CPU mesh and ``h100-sxm`` otherwise.
+    """
+    import torch.distributed as dist
+
+    if plan is None:
+        if cluster is None:
+            cluster = "cpu-gloo" if mesh.device_type == "cpu" else "h100-sxm"
+        text = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            p = autopar_plan(model, example_inputs, mesh_shape=tuple(mesh.shape),
+                             mesh_dim_names=mesh.mesh_dim_names, cluster=cluster, memory_budget=memory_budget,
+                             **options)
+            text = [p.to_json()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(text, src=0)
+        plan = Plan.from_json(text[0])
+    return apply(model, plan, mesh, input_mode=input_mode)
+
+
+autopar_plan = plan

@@ -33,8 +33,16 @@ placed otherwise.
 The local gradient of a ``P(avg)`` tensor is therefore ``1/n`` times the representation of
 ``G`` under its gradient placement. Backward multiplies by ``n`` for every ``P(avg)`` dim of
 ``dst`` (recovering the representation of ``G`` under ``grad_dst``), redistributes, and divides
-by ``n`` for every ``P(avg)`` dim of ``src``. (When ``src`` and ``dst`` are both ``P(avg)`` on a
-dim the two factors cancel.)
+by ``n`` for every ``P(avg)`` dim of ``src``. The steps are linear, so this is applied as one factor
+``RedistributePlan.grad_scale`` after them; when ``src`` and ``dst`` are both ``P(avg)`` on a dim the
+two factors cancel. Gradient placements must shard exactly where the tensor does (a local
+gradient has the local tensor's shape); only Replicate and Partial may be swapped.
+
+Collectives: ``all_gather_single`` (``all_gather_into_tensor`` on older torch), ``all_reduce``,
+``reduce_scatter_single`` and ``all_to_all_single``, on contiguous tensors. gloo in torch 2.13
+has all four; if a backend lacks reduce_scatter or all_to_all (it raises before communicating),
+the step falls back to all_reduce + chunk or all_gather + chunk, remembered per backend.
+The input is never modified in place and results never alias a larger buffer.
 
 Validation happens before any communication and depends only on the local shape, the
 placements and the mesh shape, so every rank raises the same :class:`ShardingError` on bad
@@ -113,7 +121,7 @@ def _steps(src: tuple[Placement, ...], dst: tuple[Placement, ...]) -> tuple[Step
     return tuple(redistribute_steps(src, dst))
 
 
-def _shard_divisors(state: Sequence[Placement], mesh_shape: tuple[int, ...]) -> dict[int, list[int]]:
+def _shard_divisors(state: Sequence[Placement]) -> dict[int, list[int]]:
     by_dim: dict[int, list[int]] = {}
     for d, p in enumerate(state):
         if isinstance(p, Shard):
@@ -123,7 +131,7 @@ def _shard_divisors(state: Sequence[Placement], mesh_shape: tuple[int, ...]) -> 
 
 def _check_even(global_shape: tuple[int, ...], state: Sequence[Placement], mesh_shape: tuple[int, ...],
                 what: str) -> None:
-    for i, dims in _shard_divisors(state, mesh_shape).items():
+    for i, dims in _shard_divisors(state).items():
         k = math.prod(mesh_shape[d] for d in dims)
         if global_shape[i] % k:
             sizes = " x ".join(str(mesh_shape[d]) for d in dims)
@@ -172,25 +180,59 @@ class RedistributePlan:
     src_avg_factor: int  # backward divides the outgoing gradient by this (P(avg) dims of src)
 
     @property
+    def grad_scale(self) -> float:
+        """Backward multiplies the gradient by this; scaling commutes with the (linear) steps."""
+        return self.dst_avg_factor / self.src_avg_factor
+
+    @property
     def is_identity(self) -> bool:
-        return (not self.forward_steps and not self.backward_steps and self.dst_avg_factor == 1
-                and self.src_avg_factor == 1)
+        return not self.forward_steps and not self.backward_steps and self.grad_scale == 1
 
 
 def _mesh_shape(mesh) -> tuple[int, ...]:
     return tuple(int(mesh.size(d)) for d in range(mesh.ndim))
 
 
+def _as_key(sh):
+    if sh is None or isinstance(sh, Placement):
+        return sh
+    try:
+        return tuple(sh)
+    except TypeError:
+        return sh
+
+
 def plan_redistribute(local_shape: Sequence[int], src, dst, mesh_shape: Sequence[int], *, grad_src=None,
                       grad_dst=None) -> RedistributePlan:
     """Check a redistribution and return its steps; needs no process group. Raises ShardingError."""
-    mesh_shape = tuple(int(s) for s in mesh_shape)
-    local_shape = tuple(int(s) for s in local_shape)
+    args = (tuple(int(s) for s in local_shape), _as_key(src), _as_key(dst), tuple(int(s) for s in mesh_shape),
+            _as_key(grad_src), _as_key(grad_dst))
+    try:
+        return _plan_cached(*args)
+    except TypeError as e:  # unhashable placements: plan without the cache (it raises a clear error)
+        if "unhashable" not in str(e):
+            raise
+        return _plan(*args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(local_shape, src, dst, mesh_shape, grad_src, grad_dst) -> RedistributePlan:
+    return _plan(local_shape, src, dst, mesh_shape, grad_src, grad_dst)
+
+
+def _plan(local_shape, src, dst, mesh_shape, grad_src, grad_dst) -> RedistributePlan:
     ndim = len(local_shape)
     src = _normalize(src, ndim, mesh_shape, "src")
     dst = _normalize(dst, ndim, mesh_shape, "dst")
     gsrc = default_grad_placements(src) if grad_src is None else _normalize(grad_src, ndim, mesh_shape, "grad_src")
     gdst = default_grad_placements(dst) if grad_dst is None else _normalize(grad_dst, ndim, mesh_shape, "grad_dst")
+    for what, sh, gsh in (("grad_src", src, gsrc), ("grad_dst", dst, gdst)):
+        for d, (p, gp) in enumerate(zip(sh, gsh)):
+            if (isinstance(p, Shard) or isinstance(gp, Shard)) and p != gp:
+                raise ShardingError(
+                    f"{what} {_fmt(gsh)} does not fit the tensor's placements {_fmt(sh)}: on mesh dim {d} "
+                    f"{format_placement(gp)} vs {format_placement(p)}; a local gradient has the local tensor's "
+                    f"shape, so it is sharded exactly where the tensor is (Replicate and Partial may differ)")
     global_shape = list(local_shape)
     for d, p in enumerate(src):
         if isinstance(p, Shard):
@@ -309,11 +351,9 @@ class _Redistribute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         plan: RedistributePlan = ctx.plan
-        if plan.dst_avg_factor != 1:
-            g = g * plan.dst_avg_factor
         g = _execute(g, plan.backward_steps, ctx.mesh)
-        if plan.src_avg_factor != 1:
-            g = g / plan.src_avg_factor
+        if plan.grad_scale != 1:
+            g = g * plan.grad_scale
         return g, None, None
 
 

@@ -82,12 +82,20 @@ def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Pla
         return any(isinstance(p, Shard) and p.dim in dims for i, p in enumerate(list(cur) + list(dst))
                    if i % ndim != d)
 
+    def outer_shards(state, d: int, dim: int) -> list[int]:
+        return [i for i in range(d) if state[i] == Shard(dim)]
+
     for d in reversed(range(ndim)):
         s, t = cur[d], dst[d]
+        if isinstance(s, Shard) and s == t and outer_shards(cur, d, s.dim) != outer_shards(dst, d, s.dim):
+            # a nested shard keeps its place only if the outer mesh dims split that tensor dim the same way
+            steps.append((d, "all_gather", s, Replicate()))
+            cur[d] = Replicate()
+            continue
         if s == t or isinstance(s, Replicate):
             continue
         if isinstance(s, Shard):
-            if isinstance(t, Shard) and not others_shard(d, {s.dim, t.dim}):
+            if isinstance(t, Shard) and t != s and not others_shard(d, {s.dim, t.dim}):
                 steps.append((d, "all_to_all", s, t))
                 cur[d] = t
             else:

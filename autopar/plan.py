@@ -63,6 +63,7 @@ class ModelInfo:
     inputs: tuple[dict, ...]                  # {"name", "shape", "dtype"}
     folded_layers: dict[str, int] = field(default_factory=dict)
     num_parameters: int = 0
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)   # FQN -> shape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +102,8 @@ class Plan:
             "mesh": {"shape": list(self.mesh.shape), "dim_names": list(self.mesh.dim_names)},
             "cluster": self.cluster.to_dict(),
             "model": {"fingerprint": self.model.fingerprint, "inputs": [dict(i) for i in self.model.inputs],
-                      "folded_layers": dict(self.model.folded_layers), "num_parameters": self.model.num_parameters},
+                      "folded_layers": dict(self.model.folded_layers), "num_parameters": self.model.num_parameters,
+                      "param_shapes": {k: list(v) for k, v in self.model.param_shapes.items()}},
             "param_placements": {k: list(v) for k, v in self.param_placements.items()},
             "node_shardings": {k: {"inputs": [list(s) if s is not None else None for s in v.inputs],
                                    "outputs": [list(s) if s is not None else None for s in v.outputs]}
@@ -169,8 +171,12 @@ class Plan:
         folded = md.get("folded_layers", {})
         if not isinstance(folded, dict) or not all(isinstance(v, int) for v in folded.values()):
             raise PlanFormatError("plan.model.folded_layers: expected an object of list name -> int")
+        pshapes = md.get("param_shapes", {})
+        if not isinstance(pshapes, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, int) for x in v) for v in pshapes.values()):
+            raise PlanFormatError("plan.model.param_shapes: expected an object of FQN -> list of ints")
         model = ModelInfo(fingerprint=_field(md, "fingerprint", str, "plan.model"), inputs=tuple(inputs),
-                          folded_layers=dict(folded),
+                          folded_layers=dict(folded), param_shapes={k: tuple(v) for k, v in pshapes.items()},
                           num_parameters=_field(md, "num_parameters", int, "plan.model") if "num_parameters" in md
                           else 0)
         params = {}

@@ -86,7 +86,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         mesh=mesh, cluster=profile,
         model=ModelInfo(fingerprint=cap.fingerprint(), inputs=tuple(
             {"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in cap.user_inputs),
-            folded_layers=dict(cap.folded_layers), num_parameters=_num_params(cap, gi)),
+            folded_layers=dict(cap.folded_layers), num_parameters=_num_params(cap, gi),
+            param_shapes=_param_shapes(cap, gi)),
         param_placements=param_placements, node_shardings=node_shardings,
         predicted=Predicted(step_time_s=sum(v for k, v in tb.items()), time_breakdown=tb,
                             peak_memory_bytes=sum(mb.values()), memory_breakdown=mb),
@@ -113,3 +114,19 @@ def _num_params(cap: CapturedModel, gi: GraphIndex) -> int:
                 m = gi.layer_counts[lst] / gi.observed_counts[lst]
         total += _numel(shape) * m
     return int(total)
+
+
+def _param_shapes(cap: CapturedModel, gi: GraphIndex) -> dict[str, tuple[int, ...]]:
+    """Every FQN of the full model (folded blocks expanded, tied names included) -> shape."""
+    out = {}
+    for name, fqns in cap.param_fqns.items():
+        shape = cap.param_shapes[fqns[0]]
+        for fqn in fqns:
+            canon = fqn
+            for lst in gi.shared_lists:
+                m = re.match(rf"^{re.escape(lst)}\.\d+\.(.*)$", fqn)
+                if m:
+                    canon = f"{lst}.*.{m.group(1)}"
+            for full in _expand_fqn(canon, gi):
+                out[full] = shape
+    return out

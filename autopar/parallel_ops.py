@@ -1,0 +1,122 @@
+"""Runtime ops the rewritten graph calls: resharding by placement strings, and the ops whose
+sharded form is not the plain op on local shards (vocab-parallel embedding, sharded cross-entropy).
+
+All work on LOCAL tensors and are autograd-aware. Placement strings are those of the plan
+(``"S(0) R"``: one placement per mesh dim), so the emitted code reads like the plan.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+from autopar.collectives import redistribute
+from autopar.placement import Partial, Placement, Replicate, Shard, Sharding, parse_sharding
+
+
+@functools.lru_cache(maxsize=4096)
+def placements(text: str) -> Sharding:
+    """``"S(0) R"`` -> (Shard(0), Replicate())."""
+    return parse_sharding(text.split(), field="placement string")
+
+
+def reshard(x: torch.Tensor, mesh: DeviceMesh, src: str, dst: str, grad_dst: str | None = None) -> torch.Tensor:
+    """Change the placements of local tensor ``x`` from ``src`` to ``dst`` (autograd-aware).
+
+    ``grad_dst`` overrides the placement the gradient arrives in (a replicated input of an op that
+    splits its work on a mesh dim receives a Partial gradient there, reduced on the way back).
+    """
+    return redistribute(x, placements(src), placements(dst), mesh=mesh,
+                        grad_dst=placements(grad_dst) if grad_dst else None)
+
+
+def local_shape(shape: tuple[int, ...] | list[int], sharding: str | Sharding, mesh_shape: tuple[int, ...]) -> list[int]:
+    sh = placements(sharding) if isinstance(sharding, str) else sharding
+    out = list(shape)
+    for p, n in zip(sh, mesh_shape):
+        if isinstance(p, Shard):
+            out[p.dim] //= n
+    return out
+
+
+def local_range(size: int, dim: int, sharding: Sharding, mesh: DeviceMesh) -> tuple[int, int]:
+    """[start, stop) of tensor dim ``dim`` held by this rank: nested blocks, outer mesh dim first."""
+    start = 0
+    for d, p in enumerate(sharding):
+        if isinstance(p, Shard) and p.dim == dim:
+            size //= mesh.size(d)
+            start += mesh.get_local_rank(d) * size
+    return start, start + size
+
+
+def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, mesh: DeviceMesh, weight_sharding: str
+                             ) -> torch.Tensor:
+    """Embedding whose weight rows (the vocabulary) are split: each rank looks up the ids in its rows
+    and writes zeros for the others; the output is a partial sum over the vocab-splitting mesh dims."""
+    sh = placements(weight_sharding)
+    vocab = weight.shape[0] * _product(mesh.size(d) for d, p in enumerate(sh) if p == Shard(0))
+    start, stop = local_range(vocab, 0, sh, mesh)
+    outside = (indices < start) | (indices >= stop)
+    local_ids = (indices - start).masked_fill(outside, 0)
+    out = F.embedding(local_ids, weight)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: DeviceMesh, logits_sharding: str,
+                          ignore_index: int = -100, reduction: int = 1) -> torch.Tensor:
+    """Cross-entropy of logits [N, C] split over rows (batch) and/or classes (vocabulary).
+
+    Batch-split mesh dims give a partial sum: local sum of losses divided by the global number of
+    counted targets (exact with ignored targets). Vocab-split mesh dims reduce the max (no
+    gradient needed: log-sum-exp is shift invariant), the sum of exponentials and the target
+    logit across ranks. ``reduction``: 1 mean, 2 sum (ATen's enum).
+    """
+    sh = placements(logits_sharding)
+    batch_dims = [d for d, p in enumerate(sh) if p == Shard(0)]
+    vocab_dims = [d for d, p in enumerate(sh) if p == Shard(1)]
+    valid = target != ignore_index
+    if vocab_dims:
+        row = tuple(Shard(0) if d in batch_dims else Replicate() for d in range(len(sh)))
+        part = tuple(Partial("sum") if d in vocab_dims else p for d, p in enumerate(row))
+        m = logits.detach().amax(dim=-1)
+        for d in vocab_dims:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        sumexp = redistribute(torch.exp(logits - m.unsqueeze(-1)).sum(-1), part, row, mesh=mesh)
+        vocab = logits.shape[1] * _product(mesh.size(d) for d in vocab_dims)
+        start, stop = local_range(vocab, 1, sh, mesh)
+        mine = (target >= start) & (target < stop)
+        idx = (target - start).clamp(0, stop - start - 1).unsqueeze(-1)
+        tl = redistribute(logits.gather(-1, idx).squeeze(-1) * mine, part, row, mesh=mesh)
+        loss = torch.log(sumexp) + m - tl
+    else:
+        loss = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")
+    loss = loss * valid
+    if reduction == 2:
+        return loss.sum()
+    count = valid.sum().to(loss.dtype)
+    for d in batch_dims:
+        count = count.clone()
+        dist.all_reduce(count, group=mesh.get_group(d))
+    return loss.sum() / count
+
+
+def _product(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def local_chunk(t: torch.Tensor, sharding: str | Sharding, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's block of a full tensor (a view): nested blocks, outer mesh dim first; Partial keeps
+    the value on coordinate 0 and zeros elsewhere."""
+    sh = placements(sharding) if isinstance(sharding, str) else sharding
+    for d, p in enumerate(sh):
+        if isinstance(p, Shard):
+            t = t.chunk(mesh.size(d), dim=p.dim)[mesh.get_local_rank(d)]
+        elif isinstance(p, Partial) and mesh.get_local_rank(d) != 0:
+            t = torch.zeros_like(t)
+    return t

@@ -1,0 +1,93 @@
+"""Pass: make every op read its inputs in the plan's placements, and return replicated outputs.
+
+For each tensor argument of each op, when the producer's planned output placement differs from
+the placement the op's strategy needs (or the gradient must be reduced on the way back), insert
+``autopar.parallel_ops.reshard(x, mesh, src, dst[, grad_dst])``. The gradient of a replicated
+input arrives as a Partial sum on every mesh dim where the op splits its work; ``grad_dst`` says
+so, and the reshard's backward reduces it (this is where data-parallel gradients are all-reduced
+unless the bucketed reducer takes them over).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from autopar import parallel_ops
+from autopar.codegen.context import ShardingContext
+
+
+def mesh_node(gm: fx.GraphModule) -> fx.Node:
+    """The graph's ``mesh = self.mesh`` node (created after the placeholders on first use)."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == "mesh":
+            return n
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    if not hasattr(gm, "mesh"):
+        gm.mesh = None  # the runtime sets the DeviceMesh
+    with gm.graph.inserting_after(last):
+        return gm.graph.get_attr("mesh")
+
+
+def grad_arrival(dst: str, split: tuple[bool, ...]) -> str | None:
+    """The gradient placement at a consumer input, when it differs from the default."""
+    parts = dst.split()
+    if not any(p == "R" and s for p, s in zip(parts, split)):
+        return None
+    return " ".join("P(sum)" if p == "R" and s else ("R" if p.startswith("P") else p) for p, s in zip(parts, split))
+
+
+def _is_tensor_input(a: object, ctx: ShardingContext) -> bool:
+    return isinstance(a, fx.Node) and a.name in ctx.gi.nodes and isinstance(a.meta.get("val"), torch.Tensor)
+
+
+def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext) -> fx.GraphModule:
+    """Requires: ctx has placements for every tensor node. Ensures: each op's inputs are resharded to its
+    strategy's placements (with reduced gradients where the strategy splits work); graph outputs are replicated."""
+    g = gm.graph
+    mesh = mesh_node(gm)
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.name not in ctx.shardings:
+            continue
+        gnode = ctx.gnode(node.name)
+        split = ctx.split_dims(node.name)
+        if node.target is operator.getitem:  # a slot of a multi-output op: reshard after selecting it
+            ref = gnode.inputs[0]
+            src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(node.name, 0)
+            if src != dst:
+                with g.inserting_after(node):
+                    r = g.call_function(parallel_ops.reshard, (node, mesh, src, dst))
+                node.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
+            continue
+        counter = iter(range(len(gnode.inputs)))
+
+        def remap(a):
+            if not _is_tensor_input(a, ctx):
+                return a
+            i = next(counter)
+            ref = gnode.inputs[i]
+            src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(node.name, i)
+            grad = grad_arrival(dst, split)
+            if src == dst and grad is None:
+                return a
+            with g.inserting_before(node):
+                return g.call_function(parallel_ops.reshard, (a, mesh, src, dst) + ((grad,) if grad else ()))
+
+        node.args = fx.node.map_aggregate(node.args, remap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, remap)
+    out = g.output_node() if hasattr(g, "output_node") else next(n for n in g.nodes if n.op == "output")
+    replicated = " ".join("R" for _ in ctx.mesh_shape)
+
+    def to_replicated(a):
+        if not _is_tensor_input(a, ctx):
+            return a
+        src = ctx.output_sharding(a.name)
+        if src == replicated:
+            return a
+        with g.inserting_before(out):
+            return g.call_function(parallel_ops.reshard, (a, mesh, src, replicated))
+
+    out.args = fx.node.map_aggregate(out.args, to_replicated)
+    gm.recompile()
+    return gm

@@ -1,0 +1,140 @@
+"""The ``autopar`` command line: plan writes a loadable plan, show prints its tables, every user error
+exits 1 with one ``autopar: error:`` line, bad usage exits 2, and the console script is installed.
+
+Commands run in-process through ``autopar.cli.main`` (fast); one subprocess checks the entry point.
+"""
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autopar.cli import main
+from autopar.plan import Plan
+
+TINY = ["--model", "gpt-tiny", "--batch", "4", "--seq", "16", "--mesh", "2x2", "--cluster", "cpu-gloo"]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory) -> tuple[Path, str]:
+    """``autopar plan`` on gpt-tiny once for the module: (plan path, stdout)."""
+    out = tmp_path_factory.mktemp("cli") / "plan.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["plan", *TINY, "--out", str(out)])
+    assert rc == 0, stderr.getvalue()
+    assert f"wrote {out}" in stderr.getvalue()
+    return out, stdout.getvalue()
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    """Run a failing command; it must exit 1 with exactly one error line, which is returned."""
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("autopar: error:")]
+    assert len(errors) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return errors[0]
+
+
+def _assert_tables(text: str) -> None:
+    lines = text.splitlines()
+    assert lines[0].startswith("plan v1  mesh dp=2 x tp=2  cluster cpu-gloo")
+    assert "parameters" in lines and "layers" in lines
+    params = lines[lines.index("parameters") + 1:lines.index("layers")]
+    assert params[0].split() == ["parameter", "placement"]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in params[2:] if ln.strip()}
+    assert set(rows) >= {"wte.weight", "wpe.weight", "blocks.0..1.attn.qkv.weight", "blocks.0..1.mlp.proj.weight",
+                         "ln_f.weight"}
+    assert all(len(pl) == 2 for pl in rows.values()), "one placement per mesh dim"
+    layers = lines[lines.index("layers") + 1:]
+    assert layers[0].split() == ["module", "count", "time", "comm", "memory"]
+    blocks = next(ln.split() for ln in layers if ln.startswith("blocks.*"))
+    assert blocks[1] == "2"
+
+
+def test_plan_writes_a_loadable_plan(tiny_plan):
+    path, stdout = tiny_plan
+    plan = Plan.from_json(path)
+    assert plan.mesh.shape == (2, 2) and plan.mesh.dim_names == ("dp", "tp")
+    assert plan.cluster.name == "cpu-gloo"
+    assert plan.model.inputs[0]["shape"] == [4, 16]
+    assert plan.solver.status == "Optimal"
+    assert "blocks.1.mlp.fc.weight" in plan.param_placements
+    assert Plan.from_json(plan.to_json()) == plan
+    _assert_tables(stdout)
+
+
+def test_show_prints_parameter_and_layer_tables(tiny_plan, capsys):
+    path, plan_stdout = tiny_plan
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    _assert_tables(out)
+    assert out.strip() == plan_stdout.strip(), "show prints what plan printed"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["plan", "--model", "no-such-model", "--mesh", "2"], "unknown model 'no-such-model'"),
+    (["plan", "--model", "gpt-tiny", "--cluster", "no-such-cluster"], "unknown cluster preset 'no-such-cluster'"),
+    (["plan", "--model", "gpt-tiny", "--memory", "0"], "memory budget must be positive"),
+    (["plan", "--model", "gpt-tiny", "--memory", "lots"], "is not a size"),
+    (["plan", "--model", "gpt-tiny", "--mesh", "8x8", "--nodes", "1", "--cluster", "h100-sxm"],
+     "cannot hold a mesh of 64; use --nodes 8"),
+    (["plan", "--model", "gpt-tiny", "--mesh", "8xfour"], "is not of the form 8x8"),
+    (["show", "/nonexistent/plan.json"], "does not exist"),
+], ids=["unknown-model", "unknown-cluster", "memory-0", "memory-not-a-size", "mesh-exceeds-nodes", "bad-mesh",
+        "missing-plan"])
+def test_user_errors_exit_1_with_one_line(capsys, argv, expected):
+    assert expected in _error_line(capsys, argv)
+
+
+def test_infeasible_memory_names_smallest_feasible(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    line = _error_line(capsys, ["plan", *TINY, "--memory", "1KiB", "--out", str(out)])
+    assert "smallest feasible" in line and "1.00 KiB" in line
+    assert not out.exists()
+
+
+def test_show_rejects_malformed_json(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "mesh": ')
+    assert "is not valid JSON" in _error_line(capsys, ["show", str(bad)])
+
+
+def test_show_rejects_unknown_plan_version(capsys, tmp_path, tiny_plan):
+    data = json.loads(tiny_plan[0].read_text())
+    data["version"] = 99
+    path = tmp_path / "v99.json"
+    path.write_text(json.dumps(data))
+    line = _error_line(capsys, ["show", str(path)])
+    assert "unknown plan version 99" in line and "plan.version" in line
+
+
+def test_show_names_the_bad_field(capsys, tmp_path, tiny_plan):
+    data = json.loads(tiny_plan[0].read_text())
+    data["param_placements"]["wte.weight"] = ["S(0)", "Q"]
+    path = tmp_path / "badfield.json"
+    path.write_text(json.dumps(data))
+    assert "plan.param_placements['wte.weight']" in _error_line(capsys, ["show", str(path)])
+
+
+@pytest.mark.parametrize("argv", [[], ["plan"], ["plan", "--model", "gpt-tiny", "--backend", "gurobi"], ["frobnicate"]])
+def test_bad_usage_exits_2(capsys, argv):
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2
+    assert "usage: autopar" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("autopar")
+    script = str(exe) if exe.exists() else shutil.which("autopar")
+    assert script, "the `autopar` console script is not installed: pip install -e ."
+    res = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "usage: autopar" in res.stdout and "{plan,show" in res.stdout
+    assert "Exit codes: 0 ok, 1 autopar error" in res.stdout
