@@ -69,6 +69,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_emit(args: argparse.Namespace) -> int:
+    from autopar.capture import capture
+    from autopar.codegen import build_parallel_graph
+    from autopar.codegen.emit import check_rank, emit_source, place_factories
+    from autopar.errors import PlanMismatchError
+    from autopar.models import build_model
+    from autopar.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    check_rank(args.rank, plan)
+    shapes = {i["name"]: i["shape"] for i in plan.model.inputs}
+    first = next(iter(shapes.values()), [1, 1])
+    batch, seq = (first + [1, 1])[:2]
+    model, inputs = build_model(args.model, batch=batch, seq=seq, device="meta")
+    cap = capture(model, inputs, fold_layers=False)
+    if cap.fingerprint() != plan.model.fingerprint:
+        raise PlanMismatchError(f"{args.model} with inputs {shapes} is not the model the plan was made for; "
+                                f"give the --model the plan was made with")
+    gm, _ = build_parallel_graph(cap, plan)
+    print(emit_source(place_factories(gm, args.device), plan, rank=args.rank), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autopar", description="Compiler-style auto-parallelizer for PyTorch.",
                                 epilog=EPILOG)
@@ -98,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print a plan's tables", epilog=EPILOG)
     sh.add_argument("plan", help="plan JSON written by `autopar plan`")
     sh.set_defaults(func=cmd_show)
+
+    em = sub.add_parser("emit", help="print the rewritten module's Python source for a plan", epilog=EPILOG)
+    em.add_argument("plan", help="plan JSON written by `autopar plan`")
+    em.add_argument("--model", required=True, help="the model spec the plan was made for (see `autopar plan`)")
+    em.add_argument("--rank", type=int, default=None,
+                    help="note this rank's mesh coordinate in the header (the code is the same on every rank)")
+    em.add_argument("--device", default="cpu", help="device for tensors the graph creates (default cpu)")
+    em.set_defaults(func=cmd_emit)
     return p
 
 

@@ -10,6 +10,7 @@ unless the bucketed reducer takes them over).
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 from torch import fx
@@ -26,7 +27,8 @@ def mesh_node(gm: fx.GraphModule) -> fx.Node:
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     if not hasattr(gm, "mesh"):
         gm.mesh = None  # the runtime sets the DeviceMesh
-    with gm.graph.inserting_after(last):
+    with gm.graph.inserting_after(last), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx warns for get_attr of a non-tensor attribute
         return gm.graph.get_attr("mesh")
 
 

@@ -85,7 +85,7 @@ def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> li
     import itertools
     opts: list[Placement] = [Replicate()] + [Shard(d) for d in range(len(meta.shape))]
     out = []
-    for combo in itertools.product(opts, repeat=len(mesh_shape)):
+    for combo in itertools.product(*[opts if n > 1 else [Replicate()] for n in mesh_shape]):
         split = [1] * len(meta.shape)
         for p, n in zip(combo, mesh_shape):
             if isinstance(p, Shard):

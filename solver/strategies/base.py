@@ -160,6 +160,9 @@ def strategies_for(node: GNode, graph_nodes: dict[str, GNode], mesh_shape: tuple
     per_dim: list[list[Strategy1D]] = []
     for n in mesh_shape:
         choices = [replicate_all(node)]
+        if n == 1:  # a mesh dim of size one splits nothing: only the replicated choice
+            per_dim.append(choices)
+            continue
         if rule is not None:
             try:
                 choices = rule(node, n, in_metas) or choices
