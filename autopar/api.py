@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "backend", "time_limit", "nodes", "fold_layers"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers"}
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -49,6 +49,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``cluster``: a preset name (``h100-sxm``, ``h200-sxm``, ``a100-80g-sxm``, ``cpu-gloo``) or a profile
     JSON path. ``memory_budget``: bytes per device (int or ``"40GiB"``); default the device capacity.
     Options: ``fix`` {key or FQN glob: placements} pins placements (e.g. ``{"input:*": ["S(0)", "R"]}``),
+    ``prefer`` {key glob: placements} pins op outputs where the op has such a strategy (others stay free),
     ``backend`` ("auto" = HiGHS when installed, else CBC; "highs"; "cbc"), ``time_limit`` seconds,
     ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks).
     """
@@ -65,6 +66,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     t1 = time.perf_counter()
     from autopar.solver import plan_graph
     return plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
+                      prefer=options.get("prefer"),
                       backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
                       phase_times={"capture": t1 - t0})
 

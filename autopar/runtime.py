@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.capture import CapturedModel
 from autopar.errors import ConfigError, PlanMismatchError
+from autopar.grad_sync import GradReducer
 from autopar.parallel_ops import local_chunk
 from autopar.plan import Plan
 
@@ -54,6 +55,12 @@ class ParallelModule(nn.Module):
         self._inputs = {i.name: i for i in cap.user_inputs}
         self._input_shardings = input_shardings
         self._buffer_shardings = buffer_shardings
+        deferred = gm.meta.get("autopar_deferred_grads", {})
+        first_use = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        ready_order = sorted(deferred, key=lambda name: -max((first_use[u.name] for u in
+                                                             _users(gm, name)), default=0))
+        params = [(self.get_parameter(cap.param_fqns[name][0]), deferred[name]) for name in ready_order]
+        self.__dict__["grad_reducer"] = GradReducer(params, mesh) if params else None
 
     def extra_repr(self) -> str:
         return f"mesh={tuple(self.mesh.shape)}, input_mode={self.input_mode!r}"
@@ -84,6 +91,8 @@ class ParallelModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         given = self._bind(args, kwargs)
+        if self.grad_reducer is not None and torch.is_grad_enabled():
+            self.grad_reducer.prepare()
         flat = []
         for kind, name in self._order:
             if kind == "param":
@@ -100,6 +109,11 @@ class ParallelModule(nn.Module):
     def code(self) -> str:
         """The rewritten module's Python source."""
         return self.graph_module.code
+
+
+def _users(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    return list(node.users)
 
 
 def _local(shape: list[int], sharding: str, mesh_shape: tuple[int, ...]) -> list[int]:

@@ -44,11 +44,41 @@ def _is_tensor_input(a: object, ctx: ShardingContext) -> bool:
     return isinstance(a, fx.Node) and a.name in ctx.gi.nodes and isinstance(a.meta.get("val"), torch.Tensor)
 
 
-def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext) -> fx.GraphModule:
+def deferred_grad_dims(ctx: ShardingContext) -> dict[str, tuple[int, ...]]:
+    """Parameters whose every use only needs its gradient summed over some mesh dims (data parallel):
+    placeholder name -> those dims. Their reduction is left to the bucketed reducer (DDP semantics)."""
+    uses: dict[str, set] = {}
+    for name, g in ctx.gi.nodes.items():
+        if g.kind != "op" or g.target is operator.getitem:
+            continue
+        split = ctx.split_dims(name)
+        for i, ref in enumerate(g.inputs):
+            if ctx.gi.nodes[ref.src].kind != "param":
+                continue
+            src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(name, i)
+            grad = grad_arrival(dst, split)
+            uses.setdefault(ref.src, set()).add((src == dst, grad))
+    out = {}
+    for pname, u in uses.items():
+        if len(u) == 1:
+            same, grad = next(iter(u))
+            if same and grad is not None:
+                out[pname] = tuple(d for d, p in enumerate(grad.split()) if p == "P(sum)")
+    return out
+
+
+def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_grads: bool = True
+                       ) -> fx.GraphModule:
     """Requires: ctx has placements for every tensor node. Ensures: each op's inputs are resharded to its
-    strategy's placements (with reduced gradients where the strategy splits work); graph outputs are replicated."""
+    strategy's placements (with reduced gradients where the strategy splits work; identical reshards of one
+    value are shared, so their gradients are summed before one reduction); graph outputs are replicated.
+    With ``defer_param_grads`` the data-parallel gradient sums of parameters are not inlined but listed in
+    ``gm.meta["autopar_deferred_grads"]`` (placeholder -> mesh dims) for the bucketed reducer."""
     g = gm.graph
     mesh = mesh_node(gm)
+    deferred = deferred_grad_dims(ctx) if defer_param_grads else {}
+    gm.meta["autopar_deferred_grads"] = deferred
+    shared: dict[tuple, fx.Node] = {}
     for node in list(g.nodes):
         if node.op != "call_function" or node.name not in ctx.shardings:
             continue
@@ -71,10 +101,13 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext) -> fx.GraphModu
             ref = gnode.inputs[i]
             src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(node.name, i)
             grad = grad_arrival(dst, split)
-            if src == dst and grad is None:
+            if (src == dst and grad is None) or ref.src in deferred:
                 return a
-            with g.inserting_before(node):
-                return g.call_function(parallel_ops.reshard, (a, mesh, src, dst) + ((grad,) if grad else ()))
+            key = (a.name, src, dst, grad)
+            if key not in shared:
+                with g.inserting_before(node):
+                    shared[key] = g.call_function(parallel_ops.reshard, (a, mesh, src, dst) + ((grad,) if grad else ()))
+            return shared[key]
 
         node.args = fx.node.map_aggregate(node.args, remap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, remap)

@@ -23,7 +23,8 @@ Constraints
      of ops; G: gathered parameter copies an op keeps for backward.
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
-other strategies of the matching keys before the model is built.
+other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
+the same for ops that have such a strategy and leave the others free.
 
 When the memory row makes the problem infeasible, a second solve minimizes the left-hand side to
 report the smallest feasible budget (InfeasiblePlanError).
@@ -104,7 +105,8 @@ def _match_fix(key: str, node: GNode, fix: dict[str, list[str]]) -> tuple[str, .
 
 
 def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
-                 fix: dict[str, list[str]] | None = None) -> dict[str, KeyInfo]:
+                 fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None
+                 ) -> dict[str, KeyInfo]:
     keys: dict[str, KeyInfo] = {}
     for key, members in gi.by_key().items():
         node = members[0]
@@ -125,6 +127,12 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                     f"does not split evenly over mesh {mesh.shape} that way (or the op has no such strategy); "
                     f"choose a placement whose sharded dims divide by the mesh sizes")
             strategies = kept
+        elif node.kind == "op" and prefer:
+            soft = _match_fix(key, node, prefer)
+            if soft is not None:
+                target = parse_sharding(list(soft), field=f"prefer[{key!r}]")
+                kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
+                strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
                        fallback=fallback, in_metas=in_metas)
         for s in strategies:

@@ -37,13 +37,14 @@ def _row_name(key: str) -> str:
 
 
 def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, nodes: int | None = None,
-               budget: float | None = None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
+               budget: float | None = None, fix: dict[str, list[str]] | None = None,
+               prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None) -> Plan:
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
-    keys = ilp.collect_keys(gi, mesh, profile, fix)
+    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer)
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
                     time_limit=time_limit, keys=keys)
