@@ -31,7 +31,10 @@ report the smallest feasible budget (InfeasiblePlanError).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import os
+import sys
 import logging
 import math
 import time
@@ -316,6 +319,24 @@ def _solver(backend: str, time_limit: float):
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit))), "cbc"
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr():
+    """HiGHS prints a banner from C++ on file descriptor 1 however msg is set; keep stdout for results."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable fd 1 (embedded interpreters): leave it
+        yield
+        return
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _value(v) -> float:
     if v is None:
         return 1.0
@@ -332,7 +353,8 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     ilp.build()
     t1 = time.perf_counter()
     solver, name = _solver(backend, time_limit)
-    ilp.prob.solve(solver)
+    with _native_stdout_to_stderr():
+        ilp.prob.solve(solver)
     t2 = time.perf_counter()
     status = pulp.LpStatus[ilp.prob.status]
     if ilp.prob.status != pulp.LpStatusOptimal:
@@ -366,7 +388,8 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit) -> float:
     ilp.add_edge_vars()
     ilp.prob.setObjective(ilp.memory_expr())
     solver, _ = _solver(backend, time_limit)
-    ilp.prob.solve(solver)
+    with _native_stdout_to_stderr():
+        ilp.prob.solve(solver)
     return float(pulp.value(ilp.prob.objective) or 0.0)
 
 
