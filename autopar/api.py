@@ -94,7 +94,8 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> 
     import torch.distributed as dist
 
     from autopar.codegen import build_parallel_graph
-    from autopar.codegen.shard_params import check_param_placements, shard_parameters
+    from autopar.codegen.emit import place_factories
+    from autopar.codegen.shard_params import check_param_placements, mesh_device, shard_parameters
     from autopar.errors import MeshError, PlanMismatchError
     from autopar.runtime import ParallelModule
 
@@ -113,6 +114,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> 
         raise PlanMismatchError("this model (parameter names/shapes or input shapes) is not the one the plan was "
                                 "made for; re-plan it with autopar.plan")
     gm, ctx = build_parallel_graph(cap, plan)
+    place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
     buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}
     shard_parameters(model, plan, mesh)

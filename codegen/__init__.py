@@ -19,12 +19,14 @@ from autopar.plan import Plan
 PASSES = (drop_asserts, substitute_parallel_ops, insert_collectives, localize_shapes)
 
 
-def build_parallel_graph(cap: CapturedModel, plan: Plan) -> tuple[fx.GraphModule, ShardingContext]:
-    """The rewritten graph (inputs: local params, buffers, user inputs; outputs replicated)."""
+def build_parallel_graph(cap: CapturedModel, plan: Plan, *, defer_param_grads: bool = True
+                         ) -> tuple[fx.GraphModule, ShardingContext]:
+    """The rewritten graph (inputs: local params, buffers, user inputs; outputs replicated). With
+    ``defer_param_grads=False`` data-parallel gradient sums happen inline (no bucketed reducer needed)."""
     ctx = ShardingContext.build(cap, plan)
     gm = copy_graph_module(cap.program.graph_module)
     for p in PASSES:
-        gm = p(gm, ctx)
+        gm = p(gm, ctx, defer_param_grads=defer_param_grads) if p is insert_collectives else p(gm, ctx)
     gm.mesh = None  # set by the runtime to the DeviceMesh
     return gm, ctx
 

@@ -79,6 +79,11 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
     deferred = deferred_grad_dims(ctx) if defer_param_grads else {}
     gm.meta["autopar_deferred_grads"] = deferred
     shared: dict[tuple, fx.Node] = {}
+    after_getitem: dict[str, str] = {}  # reshard inserted after a getitem -> that getitem (its consumers' input)
+
+    def is_tensor_input(a) -> bool:
+        return isinstance(a, fx.Node) and (a.name in after_getitem or _is_tensor_input(a, ctx))
+
     for node in list(g.nodes):
         if node.op != "call_function" or node.name not in ctx.shardings:
             continue
@@ -91,11 +96,12 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
                 with g.inserting_after(node):
                     r = g.call_function(parallel_ops.reshard, (node, mesh, src, dst))
                 node.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
+                after_getitem[r.name] = node.name
             continue
         counter = iter(range(len(gnode.inputs)))
 
         def remap(a):
-            if not _is_tensor_input(a, ctx):
+            if not is_tensor_input(a):
                 return a
             i = next(counter)
             ref = gnode.inputs[i]
@@ -103,7 +109,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
             grad = grad_arrival(dst, split)
             if (src == dst and grad is None) or ref.src in deferred:
                 return a
-            key = (a.name, src, dst, grad)
+            key = (after_getitem.get(a.name, a.name), src, dst, grad)
             if key not in shared:
                 with g.inserting_before(node):
                     shared[key] = g.call_function(parallel_ops.reshard, (a, mesh, src, dst) + ((grad,) if grad else ()))
@@ -115,9 +121,9 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
     replicated = " ".join("R" for _ in ctx.mesh_shape)
 
     def to_replicated(a):
-        if not _is_tensor_input(a, ctx):
+        if not is_tensor_input(a):
             return a
-        src = ctx.output_sharding(a.name)
+        src = ctx.output_sharding(after_getitem.get(a.name, a.name))
         if src == replicated:
             return a
         with g.inserting_before(out):

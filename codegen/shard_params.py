@@ -90,16 +90,41 @@ def shard_parameters(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
                 new_b = torch.empty_like(b, device=device) if b.is_meta else b.to(device)
                 mod.register_buffer(name, new_b, persistent=persistent)
     if on_meta:
-        _initialize(model)
+        _initialize(model, mesh)
 
 
-def _initialize(model: nn.Module) -> None:
-    """Run the module's own initialization on the sharded parameters, children before parents."""
-    for mod in reversed(list(model.modules())):
-        fn = getattr(mod, "reset_parameters", None)
-        if callable(fn):
-            with torch.no_grad():
+def _initialize(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Run the module's own initialization on the sharded parameters, children before parents.
+
+    Each rank draws from its own stream (seeded from rank 0's torch seed and the rank's mesh
+    coordinate), so different blocks of a sharded parameter are independent draws; then every
+    replicated mesh dim broadcasts from its coordinate 0, so replicas are identical. Values follow the
+    module's init distributions but differ from a single-device init with the same seed (DTensor's
+    offset-based RNG, which reproduces it, exists only for CUDA-like devices).
+    """
+    import torch.distributed as dist
+
+    seed = torch.tensor([torch.initial_seed() % (2**62)], dtype=torch.int64, device=mesh_device(mesh))
+    if dist.is_initialized():
+        dist.broadcast(seed, src=0)
+    coord = mesh.get_coordinate() or [0] * mesh.ndim
+    rank_index = 0
+    for c, n in zip(coord, mesh.shape):
+        rank_index = rank_index * n + c
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(int(seed.item()) + 1 + rank_index)
+        for mod in reversed(list(model.modules())):
+            fn = getattr(mod, "reset_parameters", None)
+            if callable(fn):
                 fn()
+        seen = set()
+        for p in model.parameters():
+            if id(p) in seen or not isinstance(p.data, DTensor):
+                continue
+            seen.add(id(p))
+            for d, pl in enumerate(p.placements):
+                if not isinstance(pl, Shard) and mesh.size(d) > 1:
+                    dist.broadcast(p.data._local_tensor, group=mesh.get_group(d), group_src=0)
 
 
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from autopar.placement import format_sharding
 from autopar.plan import LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.profile import ClusterProfile
 from autopar.solver import ilp
+from autopar.solver.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,19 @@ def _row_name(key: str) -> str:
 def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, nodes: int | None = None,
                budget: float | None = None, fix: dict[str, list[str]] | None = None,
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
-               time_limit: float = 60.0, phase_times: dict[str, float] | None = None) -> Plan:
+               time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
+               force: dict[str, Strategy] | None = None) -> Plan:
+    """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
+    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan)."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
     keys = ilp.collect_keys(gi, mesh, profile, fix, prefer)
+    for key, strat in (force or {}).items():
+        info = keys[key]
+        j = info.strategies.index(strat)
+        info.strategies, info.compute, info.memory = [strat], [info.compute[j]], [info.memory[j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
                     time_limit=time_limit, keys=keys)

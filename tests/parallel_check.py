@@ -7,6 +7,7 @@ parameter gradient (``full_tensor()``) and the parameters after one AdamW step.
 from __future__ import annotations
 
 import copy
+import fnmatch
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -27,15 +28,16 @@ def check_training_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
                         batch: int = 4, seq: int = 16, options: dict | None = None, check_logits: bool = True,
                         prefer: dict | None = None) -> dict:
     torch.manual_seed(0)
+    opts = {**(options or {}), **({"prefer": prefer} if prefer else {})}
     model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape)
     out = {"errors": {}}
     if check_logits:  # the model without labels is another graph: plan and apply it on a copy
         logits_kw = {k: v for k, v in inputs.items() if k != "labels"}
-        pm_fwd = autopar.parallelize(copy.deepcopy(model), mesh, logits_kw, fix=fix, prefer=prefer, **(options or {}))
+        pm_fwd = autopar.parallelize(copy.deepcopy(model), mesh, logits_kw, fix=fix, **opts)
         out["errors"]["forward"] = _err(pm_fwd(**logits_kw), ref(**logits_kw))
-    pm = autopar.parallelize(model, mesh, inputs, fix=fix, prefer=prefer, **(options or {}))
+    pm = autopar.parallelize(model, mesh, inputs, fix=fix, **opts)
     out["plan"] = pm.plan.to_dict()["param_placements"]
     out["deferred_grads"] = len(pm.graph_module.meta.get("autopar_deferred_grads", {}))
     out["reshards"] = pm.code().count("autopar_parallel_ops_reshard(")
@@ -79,3 +81,97 @@ def _structure(pm: torch.nn.Module, ref: torch.nn.Module) -> dict:
         "tied": groups(pm),
         "ref_tied": groups(ref),
     }
+
+
+# ----------------------------------------------------------------------------------- HuggingFace models
+
+HF_ARCHS = ("gpt2", "llama")
+
+
+def build_hf_model(arch: str, *, batch: int = 4, seq: int = 16, seed: int = 0):
+    """A small HF ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` (seeded) and ``{"input_ids", "labels"}``.
+
+    No dropout (GPT-2's defaults are 0.1: two runs would draw different masks) and ``use_cache=False``
+    (a DynamicCache in the output is not a pytree type torch.export knows)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                                      bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=64, use_cache=False)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown HF arch {arch!r}; one of {HF_ARCHS}")
+    model.train()
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 128, (batch, seq), generator=gen)
+    labels = torch.randint(0, 128, (batch, seq), generator=gen)
+    return model, {"input_ids": ids, "labels": labels}
+
+
+def check_hf_training_step(rank: int, world: int, arch: str, mesh_shape: tuple[int, ...], fix: dict | None = None,
+                           options: dict | None = None, batch: int = 4, seq: int = 16, adam_eps: float = 1e-6) -> dict:
+    """Like ``check_training_step`` for an HF causal LM: one forward with labels gives loss and logits
+    (compared both), then every gradient and the parameters after one AdamW step (lr 1e-3).
+
+    ``adam_eps`` 1e-6, not AdamW's 1e-8: Adam's first step moves each weight by lr * g / (|g| + eps), whose
+    slope in g is up to lr / eps. HF GPT-2's gradients here are ~1e-3 with a few elements below 1e-7, where
+    a 1e-9 rounding difference in g (any change of summation order: fp32 single-device vs float64 differs as
+    much as the parallel result does) moves the weight by ~1e-4, far beyond atol 1e-5. With eps 1e-6 the
+    slope is 100x smaller and the step still checks every sharded parameter's update."""
+    model, inputs = build_hf_model(arch, batch=batch, seq=seq)
+    ref = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", mesh_shape)
+    pm = autopar.parallelize(model, mesh, inputs, fix=fix, **(options or {}))
+    out = {"errors": {}, "plan": {k: list(v) for k, v in pm.plan.param_placements.items()}}
+    res, ref_res = pm(**inputs), ref(**inputs)
+    out["output_type"] = type(res).__name__
+    out["errors"]["loss"] = _err(res["loss"], ref_res["loss"])
+    out["errors"]["logits"] = _err(res["logits"], ref_res["logits"])
+    out["loss"] = float(res["loss"].detach())
+    res["loss"].backward()
+    ref_res["loss"].backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in pm.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out["errors"][f"grad:{name}"] = _err(g, ref_params[name].grad)
+    for m in (pm, ref):
+        torch.optim.AdamW(m.parameters(), lr=1e-3, eps=adam_eps).step()
+    for name, p in pm.named_parameters():
+        full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        out["errors"][f"param:{name}"] = _err(full, ref_params[name].detach())
+    out.update(_structure(pm, ref))
+    return out
+
+
+# ------------------------------------------------------------------------- checks in the parent
+
+
+def _forced(fix: dict, fqn: str) -> list[str] | None:
+    """The placement ``fix`` pins for parameter ``fqn`` (first matching pattern, as the solver reads it)."""
+    for pat, sh in fix.items():
+        if pat.startswith("param:") and fnmatch.fnmatchcase(f"param:{fqn}", pat):
+            return list(sh)
+    return None
+
+
+def assert_step_result(results: list[dict], fix: dict | None, *, case: str) -> None:
+    """Numerics, FQNs, tied weights and DTensor placements of every rank's result."""
+    for rank, r in enumerate(results):
+        bad = {k: v for k, v in r["errors"].items() if not v <= 0}
+        assert not bad, f"{case} rank {rank}: beyond rtol=1e-4/atol=1e-5 by {bad}; plan {r['plan_placements']}"
+        assert r["fqns"] == r["ref_fqns"], f"{case}: parameter FQNs changed"
+        assert r["tied"] == r["ref_tied"], f"{case}: tied parameters {r['ref_tied']} became {r['tied']}"
+        assert set(r["plan_placements"]) == set(r["fqns"]), f"{case}: plan and module name different parameters"
+        wrong = {n: (pl, r["plan_placements"][n]) for n, pl in r["placements"].items()
+                 if pl != r["plan_placements"][n]}
+        assert not wrong, f"{case}: DTensor placements differ from the plan's (have, plan): {wrong}"
+        if fix is not None:
+            ignored = {n: (pl, _forced(fix, n)) for n, pl in r["plan_placements"].items() if pl != _forced(fix, n)}
+            assert not ignored, f"{case}: the plan ignores the fix (plan, fix): {ignored}"

@@ -33,7 +33,9 @@ def pointwise_rule(node: GNode, n: int, in_metas: list[TensorMeta]) -> list[Stra
             continue
         res.append(Strategy1D(ins, (Shard(d),)))
     t = node.target
-    if t in _ALL_PARTIAL or (t in _UNARY_LINEAR and len(in_metas) == 1):
+    # a Python scalar operand would be added once per rank: only tensor-with-tensor sums keep Partial
+    all_tensor_operands = all(isinstance(a, torch.fx.Node) for a in node.fx_node.args[:2])
+    if (t in _ALL_PARTIAL and all_tensor_operands) or (t in _UNARY_LINEAR and len(in_metas) == 1):
         res.append(Strategy1D(tuple(P_SUM for _ in in_metas), (P_SUM,)))
     elif t in _ONE_PARTIAL:
         which = range(len(in_metas)) if _ONE_PARTIAL[t] is None else [0]
