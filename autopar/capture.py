@@ -46,16 +46,18 @@ class CapturedModel:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first FQN -> shape
     on_meta: bool = False
     folded_layers: dict[str, int] = field(default_factory=dict)  # ModuleList FQN -> true length when folded
+    model_params: tuple[tuple[str, tuple[int, ...]], ...] = ()   # every (FQN, shape) of the full model
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.program.graph_module.graph
 
     def fingerprint(self) -> str:
-        """A hash of parameter names/shapes and input shapes: which model a plan belongs to."""
+        """A hash of the full model's parameter names/shapes and the input shapes: which model a plan
+        belongs to (the same whether or not repeated blocks were folded for capture)."""
         h = hashlib.sha256()
-        for fqns in sorted(self.param_fqns.values()):
-            h.update(f"{fqns}:{self.param_shapes[fqns[0]]};".encode())
+        for fqn, shape in self.model_params:
+            h.update(f"{fqn}:{shape};".encode())
         for i in self.user_inputs:
             h.update(f"{i.name}:{i.shape}:{i.dtype};".encode())
         return h.hexdigest()[:16]
@@ -127,6 +129,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
     two of them (export time grows with depth); the planner scales their costs back to the true
     count, recorded in ``folded_layers``. If the folded model does not export, the full one is.
     """
+    full_params = tuple((n, tuple(int(x) for x in p.shape))
+                        for n, p in model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module) else ()
     if fold_layers and isinstance(model, nn.Module):
         lists = _foldable_lists(model, fold_min_layers)
         if lists:
@@ -138,7 +142,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
                     saved[name] = (parent, attr, mod)
                     setattr(parent, attr, nn.ModuleList(list(mod)[:2]))
                 cap = _capture(model, example_inputs)
-                return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()})
+                return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()},
+                                           model_params=full_params)
             except CaptureError as e:
                 if "could not capture" in str(e) and not _folding_related(e):
                     raise
@@ -146,7 +151,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
             finally:
                 for parent, attr, mod in saved.values():
                     setattr(parent, attr, mod)
-    return _capture(model, example_inputs)
+    return dataclasses.replace(_capture(model, example_inputs), model_params=full_params)
 
 
 def _merge_tied_placeholders(program: ExportedProgram, fqn_to_group: dict[str, tuple[str, ...]]) -> None:

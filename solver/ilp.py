@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from autopar.errors import InfeasiblePlanError, ShardingError
+from autopar.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.graph import GNode, GraphIndex, TensorMeta
 from autopar.mesh import MeshSpec
 from autopar.placement import Placement, Replicate, Shard, format_sharding, parse_sharding, sharding_str
@@ -99,10 +99,14 @@ def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> li
     return out
 
 
-def _match_fix(key: str, node: GNode, fix: dict[str, list[str]]) -> tuple[str, ...] | None:
+def _match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] | None = None
+               ) -> tuple[str, ...] | None:
+    """The placements of the first pattern matching the key, an FQN or ``param:<fqn>`` (first wins)."""
     names = [key] + [f"{node.kind}:{f}" for f in node.fqns] + list(node.fqns)
     for pat, sh in fix.items():
         if any(fnmatch.fnmatchcase(n, pat) for n in names):
+            if used is not None:
+                used.add(pat)
             return tuple(sh)
     return None
 
@@ -111,6 +115,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                  fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None
                  ) -> dict[str, KeyInfo]:
     keys: dict[str, KeyInfo] = {}
+    used: set[str] = set()
     for key, members in gi.by_key().items():
         node = members[0]
         in_metas = [in_meta(node, gi.nodes, i) for i in range(len(node.inputs))]
@@ -118,7 +123,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
             strategies, fallback = strategies_for(node, gi.nodes, mesh.shape)
         else:
             strategies, fallback = _placeholder_strategies(node.outputs[0], mesh.shape), False
-        want = _match_fix(key, node, fix or {})
+        want = _match_fix(key, node, fix or {}, used)
         if want is not None:
             target = parse_sharding(list(want), field=f"fix[{key!r}]")
             if len(target) != mesh.ndim:
@@ -131,7 +136,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                     f"choose a placement whose sharded dims divide by the mesh sizes")
             strategies = kept
         elif node.kind == "op" and prefer:
-            soft = _match_fix(key, node, prefer)
+            soft = _match_fix(key, node, prefer, used)
             if soft is not None:
                 target = parse_sharding(list(soft), field=f"prefer[{key!r}]")
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
@@ -147,6 +152,11 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
             else:
                 info.memory.append({})
         keys[key] = info
+    unused = [p for p in list(fix or {}) + list(prefer or {}) if p not in used]
+    if unused:
+        raise ConfigError(f"placement pattern(s) {unused} match no input, parameter or graph key (or an earlier "
+                          f"pattern takes them); keys look like 'input:idx', 'param:blocks.0.attn.qkv.weight', "
+                          f"'blocks.*/attn.qkv/linear#0' (see the plan's node_shardings)")
     return keys
 
 

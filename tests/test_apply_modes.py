@@ -24,3 +24,11 @@ def test_local_input_mode_matches_global(dist4):
     for r in dist4.run(local_input_mode):
         assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 1e-6
         assert r["wrong_shape"] and "local shape" in r["wrong_shape"]
+
+
+def test_plan_from_folded_capture_applies_to_every_block(dist2):
+    from apply_modes_check import folded_plan_applies_to_full_model
+    r = dist2.run(folded_plan_applies_to_full_model)[0]
+    assert r["folded"] == {"blocks": 4}
+    assert r["n_params"] == 2 + 4 * 12 + 2 + 1  # wte/wpe, 4 blocks x 12, ln_f, tied lm_head
+    assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5
