@@ -100,20 +100,6 @@ def train(model: nn.Module, cfg: DemoConfig) -> list[float]:
 # ------------------------------------------------------------------------------------------ workers
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """Send file descriptor 1 to stderr for a while (the HiGHS banner is written by C code to stdout)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _progress(msg: str) -> None:
     print(f"[autopar.demo] {msg}", file=sys.stderr, flush=True)
 
@@ -141,8 +127,7 @@ def _worker(rank: int, world: int, port: int, cfg: DemoConfig, mesh_shape: tuple
         # the solver decides everything else (which weights to shard over tp, where to reshard).
         fix = {"input:*": ["S(0)" if n == "dp" else "R" for n in dim_names]} if "dp" in dim_names else None
         t0 = time.perf_counter()
-        with _stdout_to_stderr() if rank == 0 else contextlib.nullcontext():
-            pm = autopar.parallelize(model, mesh, example, cluster=cluster, fix=fix)
+        pm = autopar.parallelize(model, mesh, example, cluster=cluster, fix=fix)  # the solver keeps stdout clean
         if rank == 0:
             _progress(f"planned and applied in {time.perf_counter() - t0:.1f}s; training {cfg.steps} steps")
             pm.plan.to_json(out)

@@ -1,8 +1,8 @@
 """Bucketed, overlapped gradient reduction for data-parallel parameters (DDP semantics).
 
 Parameters whose gradients are partial sums over some mesh dims (replicated parameters used by
-batch-split ops) are reduced here instead of inline: when every gradient of a bucket (~25 MiB,
-in the order gradients become ready) has been accumulated, one asynchronous all-reduce per mesh
+batch-split ops) are reduced here instead of inline: when every gradient of a bucket (1 MiB for the
+first, then ~25 MiB, as DDP; in the order gradients become ready) has been accumulated, one asynchronous all-reduce per mesh
 dim is launched on the flattened bucket while backward goes on; the end of backward waits for
 them and writes the sums back. Gradient accumulation over several backward calls is exact: the
 gradient a parameter held before this backward is taken out before the reduction and added back
@@ -22,7 +22,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class GradReducer:
     def __init__(self, params: list[tuple[nn.Parameter, tuple[int, ...]]], mesh: DeviceMesh,
-                 bucket_bytes: int = 25 * 2**20) -> None:
+                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int = 2**20) -> None:
         self.mesh = mesh
         self.buckets: list[list[nn.Parameter]] = []
         self.dims: list[tuple[int, ...]] = []
@@ -31,7 +31,8 @@ class GradReducer:
         size, cur_dims = 0, None
         for p, dims in params:  # params in the order their gradients become ready
             nbytes = _local(p).numel() * _local(p).element_size()
-            if cur and (size + nbytes > bucket_bytes or dims != cur_dims):
+            cap = first_bucket_bytes if not self.buckets else bucket_bytes  # a small first bucket starts early
+            if cur and (size + nbytes > cap or dims != cur_dims):
                 self._close(cur, cur_dims)
                 cur, size = [], 0
             cur.append(p)

@@ -31,7 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 GPT = dict(vocab_size=2048, max_seq_len=128, n_layer=4, n_head=8, d_model=256)
 LLAMA = dict(vocab_size=2048, max_seq_len=128, n_layer=4, n_head=8, n_kv_head=4, d_model=256, d_ff=512)
 BATCH, SEQ = 8, 128
-DP = {"fix": {"input:*": ["S(0)"], "param:*": ["R"]}, "prefer": {"*": ["S(0)"]}}
+# pure data parallel: batch split everywhere it can be; the position ids/embedding stay replicated
+DP = {"fix": {"input:*": ["S(0)"], "param:*": ["R"]},
+      "prefer": {"root/arange*": ["R"], "wpe/*": ["R"], "*": ["S(0)"]}}
 TP = {"fix": {"input:*": ["R"], "param:*q_proj.weight": ["S(0)"], "param:*k_proj.weight": ["S(0)"],
               "param:*v_proj.weight": ["S(0)"], "param:*o_proj.weight": ["S(1)"],
               "param:*gate_proj.weight": ["S(0)"], "param:*up_proj.weight": ["S(0)"],
@@ -114,7 +116,8 @@ def _worker(rank: int, world: int, port: int, steps: int, rounds: int, out_q) ->
         res["tp_vs_parallelize_module"] = _compare(
             (ap, inputs, torch.optim.AdamW(ap.parameters(), lr=1e-4)),
             (tp, inputs, torch.optim.AdamW(tp.parameters(), lr=1e-4)), steps, rounds)
-        res["tp_loss_match"] = abs(float(ap(**inputs)) - float(tp(**inputs)))
+        with torch.no_grad():
+            res["tp_loss_match"] = abs(float(ap(**inputs)) - float(tp(**inputs)))
         if rank == 0:
             out_q.put(res)
     except Exception:
