@@ -80,7 +80,7 @@ def _example_inputs_for(model: nn.Module, plan: Plan) -> dict:
     out = {}
     for spec in plan.model.inputs:
         dtype = getattr(torch, spec["dtype"])
-        out[spec["name"]] = torch.zeros(spec["shape"], dtype=dtype, device=device)
+        out[spec.get("arg") or spec["name"]] = torch.zeros(spec["shape"], dtype=dtype, device=device)
     return out
 
 

@@ -28,9 +28,10 @@ ExampleInputs = tuple | dict | torch.Tensor
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec:
-    name: str
+    name: str                 # graph placeholder name
     shape: tuple[int, ...]
     dtype: str
+    arg: str = ""             # the forward() argument it binds to (placeholder names can differ: input -> input_1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +155,24 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
     return dataclasses.replace(_capture(model, example_inputs), model_params=full_params)
 
 
+def _leaf_arg_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """For each pytree leaf of (args, kwargs), in export's order, the forward() argument it belongs to."""
+    import inspect
+    import torch.utils._pytree as pytree
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i, a in enumerate(args):
+        top = params[i] if i < len(params) else f"arg{i}"
+        names += [top] * len(pytree.tree_leaves(a))
+    for k, v in kwargs.items():
+        names += [k] * len(pytree.tree_leaves(v))
+    return names
+
+
 def _merge_tied_placeholders(program: ExportedProgram, fqn_to_group: dict[str, tuple[str, ...]]) -> None:
     """torch.export lifts a tied parameter once per FQN (and reads it through only one of them): keep one
     placeholder per tensor, the first one's, and point every use at it."""
@@ -211,6 +230,7 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     buffer_fqns: dict[str, str] = {}
     user_inputs: list[InputSpec] = []
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    leaf_args = iter(_leaf_arg_names(model, args, kwargs))
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
@@ -219,9 +239,10 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
             buffer_fqns[name] = spec.target
         elif spec.kind == InputKind.USER_INPUT:
             val = placeholders[name].meta.get("val")
+            arg = next(leaf_args, name)
             if isinstance(val, torch.Tensor):
                 user_inputs.append(InputSpec(name=name, shape=tuple(int(s) for s in val.shape),
-                                             dtype=str(val.dtype).removeprefix("torch.")))
+                                             dtype=str(val.dtype).removeprefix("torch."), arg=arg))
     shapes = {fqns[0]: tuple(int(s) for s in placeholders[n].meta["val"].shape) for n, fqns in param_fqns.items()}
     log.info("captured %d graph nodes, %d parameters", len(program.graph.nodes), len(param_fqns))
     return CapturedModel(program=program, args=args, kwargs=kwargs, param_fqns=param_fqns, buffer_fqns=buffer_fqns,

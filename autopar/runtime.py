@@ -18,7 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from autopar.capture import CapturedModel
 from autopar.errors import ConfigError, PlanMismatchError
 from autopar.grad_sync import GradReducer
-from autopar.parallel_ops import local_chunk
+from autopar.collectives import to_local_input
+from autopar.parallel_ops import local_chunk, placements
 from autopar.plan import Plan
 
 
@@ -52,7 +53,8 @@ class ParallelModule(nn.Module):
             else:
                 order.append(("input", n.name))
         self._order = order
-        self._inputs = {i.name: i for i in cap.user_inputs}
+        self._inputs = {i.arg or i.name: i for i in cap.user_inputs}          # forward() argument -> spec
+        self._arg_of = {i.name: i.arg or i.name for i in cap.user_inputs}    # placeholder -> argument
         self._input_shardings = input_shardings
         self._buffer_shardings = buffer_shardings
         deferred = gm.meta.get("autopar_deferred_grads", {})
@@ -82,7 +84,7 @@ class ParallelModule(nn.Module):
             want = list(spec.shape)
             have = list(x.shape)
             if self.input_mode == "local":
-                want = _local(want, self._input_shardings[name], tuple(self.mesh.shape))
+                want = _local(want, self._input_shardings[spec.name], tuple(self.mesh.shape))
             if have != want:
                 raise PlanMismatchError(
                     f"input {name!r} has shape {have} but the plan was made for {want} ({self.input_mode} shape); "
@@ -101,8 +103,10 @@ class ParallelModule(nn.Module):
             elif kind == "buffer":
                 flat.append(local_chunk(self.get_buffer(name), self._buffer_shardings[name], self.mesh))
             else:
-                x = given[name]
-                flat.append(x if self.input_mode == "local" else local_chunk(x, self._input_shardings[name], self.mesh))
+                x = given[self._arg_of[name]]
+                # global inputs: this rank's block; the backward gathers an input's gradient in full, as on one device
+                flat.append(x if self.input_mode == "local" else
+                            to_local_input(x, placements(self._input_shardings[name]), self.mesh))
         out = self.graph_module(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec)
 

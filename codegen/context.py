@@ -57,8 +57,15 @@ class ShardingContext:
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A fresh GraphModule over a copy of gm's graph (same node names), owning no parameters."""
     graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
+    for old, copied in val_map.items():
+        if copied.name != old.name:
+            # fx's namespace renames nodes that shadow builtins (a placeholder ``input`` becomes ``input_1``);
+            # the passes find nodes by the captured names, and a local variable may shadow a builtin
+            copied.name = old.name
+            graph._graph_namespace._used_names.add(old.name)
     new = fx.GraphModule(torch.nn.Module(), graph)
     return new
 

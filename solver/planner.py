@@ -94,7 +94,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     return Plan(
         mesh=mesh, cluster=profile,
         model=ModelInfo(fingerprint=cap.fingerprint(), inputs=tuple(
-            {"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in cap.user_inputs),
+            {"name": i.name, "shape": list(i.shape), "dtype": i.dtype, "arg": i.arg} for i in cap.user_inputs),
             folded_layers=dict(cap.folded_layers), num_parameters=_num_params(cap, gi),
             param_shapes=_param_shapes(cap, gi)),
         param_placements=param_placements, node_shardings=node_shardings,

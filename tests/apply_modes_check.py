@@ -77,3 +77,18 @@ def folded_plan_applies_to_full_model(rank: int, world: int) -> dict:
     return {"folded": dict(plan.model.folded_layers), "n_params": len(plan.param_placements),
             "loss_diff": float((loss - ref_loss).abs()),
             "grad_diff": max(float((p.grad.full_tensor() - refp[n].grad).abs().max()) for n, p in pm.named_parameters())}
+
+
+def float_input_gradient_is_full(rank: int, world: int) -> dict:
+    """A float input that requires grad gets its full gradient on every rank, as on one device."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 8)
+    pm = autopar.parallelize(model, init_device_mesh("cpu", (world,)), (x,),
+                             fix={"input:*": ["S(0)"], "param:*": ["R"]}, prefer={"*": ["S(0)"]})
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (pm(xa) ** 2).sum().backward()
+    (ref(xb) ** 2).sum().backward()
+    return {"input_grad_diff": float((xa.grad - xb.grad).abs().max()), "batch_split": pm.plan.node_shardings[
+        "input:input"].outputs[0]}

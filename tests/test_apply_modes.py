@@ -32,3 +32,10 @@ def test_plan_from_folded_capture_applies_to_every_block(dist2):
     assert r["folded"] == {"blocks": 4}
     assert r["n_params"] == 2 + 4 * 12 + 2 + 1  # wte/wpe, 4 blocks x 12, ln_f, tied lm_head
     assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5
+
+
+def test_float_input_gets_full_gradient(dist2):
+    from apply_modes_check import float_input_gradient_is_full
+    for r in dist2.run(float_input_gradient_is_full):
+        assert r["batch_split"] == ("S(0)",)
+        assert r["input_grad_diff"] < 1e-6
