@@ -66,8 +66,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             outputs=tuple(tuple(format_sharding(s)) if s is not None else None for s in strat.outputs))
         if info.node.kind == "param":
             for fqn in info.node.fqns:
-                canon = key.split(":", 1)[1] if fqn == info.node.fqns[0] else fqn
-                for full in _expand_fqn(canon if "*" in key else fqn, gi):
+                for full in _full_fqns(fqn, gi):
                     param_placements[full] = tuple(format_sharding(strat.outputs[0]))
 
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -131,11 +130,15 @@ def _param_shapes(cap: CapturedModel, gi: GraphIndex) -> dict[str, tuple[int, ..
     for name, fqns in cap.param_fqns.items():
         shape = cap.param_shapes[fqns[0]]
         for fqn in fqns:
-            canon = fqn
-            for lst in gi.shared_lists:
-                m = re.match(rf"^{re.escape(lst)}\.\d+\.(.*)$", fqn)
-                if m:
-                    canon = f"{lst}.*.{m.group(1)}"
-            for full in _expand_fqn(canon, gi):
+            for full in _full_fqns(fqn, gi):
                 out[full] = shape
     return out
+
+
+def _full_fqns(fqn: str, gi: GraphIndex) -> list[str]:
+    """A captured FQN -> the FQNs it stands for in the full model (every block of a shared list)."""
+    for lst in gi.shared_lists:
+        m = re.match(rf"^{re.escape(lst)}\.\d+\.(.*)$", fqn)
+        if m:
+            return _expand_fqn(f"{lst}.*.{m.group(1)}", gi)
+    return [fqn]
