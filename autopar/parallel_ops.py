@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.collectives import redistribute
-from autopar.placement import Partial, Placement, Replicate, Shard, Sharding, parse_sharding
+from autopar.placement import Partial, Replicate, Shard, Sharding, parse_sharding
 
 
 @functools.lru_cache(maxsize=4096)

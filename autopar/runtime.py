@@ -58,9 +58,10 @@ class ParallelModule(nn.Module):
         self._input_shardings = input_shardings
         self._buffer_shardings = buffer_shardings
         deferred = gm.meta.get("autopar_deferred_grads", {})
-        first_use = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        ready_order = sorted(deferred, key=lambda name: -max((first_use[u.name] for u in
-                                                             _users(gm, name)), default=0))
+        position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        node = {n.name: n for n in gm.graph.nodes}
+        # gradients become ready in reverse order of a parameter's last use in forward
+        ready_order = sorted(deferred, key=lambda name: -max((position[u.name] for u in node[name].users), default=0))
         params = [(self.get_parameter(cap.param_fqns[name][0]), deferred[name]) for name in ready_order]
         self.__dict__["grad_reducer"] = GradReducer(params, mesh) if params else None
 
@@ -113,11 +114,6 @@ class ParallelModule(nn.Module):
     def code(self) -> str:
         """The rewritten module's Python source."""
         return self.graph_module.code
-
-
-def _users(gm: fx.GraphModule, name: str) -> list[fx.Node]:
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    return list(node.users)
 
 
 def _local(shape: list[int], sharding: str, mesh_shape: tuple[int, ...]) -> list[int]:

@@ -9,7 +9,6 @@ from torch import fx
 from autopar.capture import CapturedModel
 from autopar.errors import PlanMismatchError
 from autopar.graph import GNode, GraphIndex, index_graph
-from autopar.placement import Replicate
 from autopar.plan import NodeSharding, Plan
 
 
@@ -69,5 +68,3 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(torch.nn.Module(), graph)
     return new
 
-
-REPLICATE = Replicate()

@@ -46,7 +46,7 @@ import pulp
 from autopar.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.graph import GNode, GraphIndex, TensorMeta
 from autopar.mesh import MeshSpec
-from autopar.placement import Placement, Replicate, Shard, format_sharding, parse_sharding, sharding_str
+from autopar.placement import Placement, Replicate, Shard, parse_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
 from autopar.solver.strategies import Strategy, strategies_for
@@ -178,7 +178,6 @@ class ShardingILP:
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
         self.merge_trivial = True
         self._cost_cache: dict[tuple, float] = {}
-        self.n_y = 0
 
     # -- variables ---------------------------------------------------------------------------
     def add_node_vars(self) -> None:
@@ -283,7 +282,6 @@ class ShardingILP:
                     y = self._var(f"y{ei}_{pi}_{qi}", lowBound=0)
                     ys[(p, q)] = y
                     self._add_edge_term(kv, *coef(p, q), y)
-            self.n_y += len(ys)
             for pi, (p, pidx) in enumerate(pgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):

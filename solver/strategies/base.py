@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,15 +189,3 @@ def identity_rule(node: GNode, n: int, in_metas: list[TensorMeta], *, partial: b
         return []
     return [Strategy1D((p,) + (R,) * (len(node.inputs) - 1), (p,) * len(node.outputs))
             for p in all_placements(len(meta.shape), partial=partial)]
-
-
-def nbytes_local(meta: TensorMeta, placements: Iterable[Placement], mesh_shape: tuple[int, ...]) -> float:
-    k = 1
-    for p, n in zip(placements, mesh_shape):
-        if isinstance(p, Shard):
-            k *= n
-    return meta.nbytes / k
-
-
-def shards(placements: Iterable[Placement], mesh_shape: tuple[int, ...]) -> int:
-    return math.prod(n for p, n in zip(placements, mesh_shape) if isinstance(p, Shard))
