@@ -1,0 +1,100 @@
+"""Worker functions (module level, run in the gloo pools) that check given plan JSONs against one device.
+
+``check_plans`` is ``parallel_check.check_training_step`` for plans made elsewhere (the random plans
+of ``autopar.solver.random_plan``): per plan it builds the model with the same seed on every rank,
+keeps a single-device copy, applies the plan with ``autopar.apply`` and compares the loss, every
+parameter gradient and the parameters after one AdamW step (fp32: rtol 1e-4, atol 1e-5). A plan
+that fails to apply or run is reported with its error instead of stopping the batch (every rank
+raises the same error in apply, so the process group stays in step).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import autopar
+from autopar.models import build_model
+from parallel_check import _err
+
+_MESHES: dict = {}
+
+
+def _mesh(shape: tuple[int, ...]):
+    if shape not in _MESHES:  # one DeviceMesh per shape per worker (a pool runs many batches)
+        _MESHES[shape] = init_device_mesh("cpu", shape)
+    return _MESHES[shape]
+
+
+def build_inputs_for(spec: str, batch: int, seq: int):
+    torch.manual_seed(0)
+    return build_model(spec, batch=batch, seq=seq, device="cpu")
+
+
+def check_one(spec: str, plan_json: str, batch: int, seq: int) -> dict[str, float]:
+    """name -> excess error over the tolerance (<= 0 passes) for one plan on this rank."""
+    model, inputs = build_inputs_for(spec, batch, seq)
+    ref = copy.deepcopy(model)
+    plan = autopar.Plan.from_json(plan_json)
+    pm = autopar.apply(model, plan, _mesh(tuple(plan.mesh.shape)))
+    errors = {}
+    loss, ref_loss = pm(**inputs), ref(**inputs)
+    errors["loss"] = _err(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in pm.named_parameters():
+        errors[f"grad:{name}"] = _err(p.grad.full_tensor(), ref_params[name].grad)
+    for m in (pm, ref):  # lr 1e-3: see parallel_check.check_training_step
+        torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+    for name, p in pm.named_parameters():
+        errors[f"param:{name}"] = _err(p.detach().full_tensor(), ref_params[name].detach())
+    return errors
+
+
+def check_plans(rank: int, world: int, cases: list[tuple[str, str, int]], batch: int = 4, seq: int = 16) -> list[dict]:
+    """``cases``: (model spec, plan JSON, seed). Per case: seed, spec, mesh, ok, the worst error and its
+    name, or the exception ``error`` text when the plan did not apply or run; and seconds taken."""
+    out = []
+    for spec, plan_json, seed in cases:
+        t0 = time.perf_counter()
+        row = {"seed": seed, "spec": spec, "mesh": autopar.Plan.from_json(plan_json).mesh.shape}
+        try:
+            errors = check_one(spec, plan_json, batch, seq)
+            worst = max(errors, key=errors.get)
+            row.update(ok=all(v <= 0 for v in errors.values()), worst=worst, worst_excess=errors[worst],
+                       failing=sorted(k for k, v in errors.items() if not v <= 0))
+        except Exception as e:  # noqa: BLE001 - reported per plan, checked in the parent
+            row.update(ok=False, error=f"{type(e).__name__}: {e}")
+        row["seconds"] = time.perf_counter() - t0
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------- plans, made in the parent
+
+SPECS = ("gpt-tiny", "llama-tiny")
+MESHES = ((2,), (2, 2))
+_CAPTURES: dict = {}
+
+
+def case_for(seed: int) -> tuple[str, tuple[int, ...]]:
+    """The model spec and mesh a seed fuzzes: seeds cycle through every (spec, mesh) pair."""
+    return SPECS[seed % len(SPECS)], MESHES[(seed // len(SPECS)) % len(MESHES)]
+
+
+def make_case(seed: int, batch: int = 4, seq: int = 16) -> tuple[str, str, int]:
+    """(spec, random plan JSON, seed) for ``check_plans``; captures are cached per spec."""
+    from autopar.capture import capture
+    from autopar.mesh import MeshSpec
+    from autopar.profile import load_cluster
+    from autopar.solver.random_plan import random_plan
+
+    spec, mesh = case_for(seed)
+    if (spec, batch, seq) not in _CAPTURES:
+        model, inputs = build_model(spec, batch=batch, seq=seq, device="meta")
+        _CAPTURES[(spec, batch, seq)] = capture(model, inputs)
+    plan = random_plan(_CAPTURES[(spec, batch, seq)], MeshSpec.make(mesh, None), load_cluster("cpu-gloo"), seed)
+    return spec, plan.to_json(), seed
