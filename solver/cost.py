@@ -26,7 +26,7 @@ import torch
 
 from autopar.graph import GNode, TensorMeta
 from autopar.placement import Partial, Placement, Replicate, Shard, redistribute_steps
-from autopar.profile import ClusterProfile, LinkSpec
+from autopar.profile import ClusterProfile, DeviceSpec, LinkSpec
 from autopar.solver.strategies.base import Strategy
 
 aten = torch.ops.aten
@@ -86,6 +86,12 @@ def compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], pr
     nbytes += sum(local_bytes(m, p, mesh_shape) for m, p in zip(node.outputs, strategy.outputs)
                   if m is not None and p is not None)
     dtype = str(node.outputs[0].dtype).removeprefix("torch.") if node.outputs[0] is not None else "float32"
+    return roofline_cost(flops, nbytes, dtype, dev)
+
+
+def roofline_cost(flops: float, nbytes: float, dtype: str, dev: DeviceSpec) -> OpCost:
+    """Forward and backward seconds of one op of ``flops`` (contraction FLOPs, 0 for memory-bound ops)
+    moving ``nbytes`` on ``dev``: the roofline of the module docstring (shared with autopar.predict)."""
     mem_t = nbytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
     if flops:
         eff = dev.max_matmul_efficiency * flops / (flops + dev.matmul_half_efficiency_flops)

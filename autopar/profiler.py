@@ -1,0 +1,428 @@
+"""``autopar profile``: measure a live cluster and fit the numbers the cost model reads.
+
+On a process group (spawned here, or joined under torchrun) every rank takes part at once, so
+shared hardware is measured the way training uses it (4 gloo ranks on 2 cores each see half a
+core). Measured:
+
+* per mesh dim and collective kind (all-reduce, all-gather, reduce-scatter, all-to-all,
+  send/recv as a ring shift), times over message sizes fitted to ``t = alpha + beta * x`` where
+  x is the per-rank ring traffic the solver's ``collective_time`` charges (all-reduce
+  2(n-1)/n*S, gathers and scatters (n-1)/n*S, send/recv S);
+* matmul time against FLOPs (fp32 fitted to ``t = (f + h) / P``, the DeviceSpec efficiency
+  curve with max efficiency 1; other dtypes at the largest size), memory bandwidth (a streaming
+  add), the per-op overhead as the cost model charges it (a chain of tiny ops, forward and
+  backward), and host<->device bandwidth on CUDA (pinned copies; on CPU the memory bandwidth).
+
+The result is a :class:`~autopar.profile.ClusterProfile` with one measured link per mesh dim,
+plus the raw samples under ``measurements`` (ignored by the loader). Each point is the fastest of
+a few timed trials (noise from other processes only adds time), maximum over ranks. Library code logs and calls
+``progress``; it never prints.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from autopar.errors import ClusterProfileError, ConfigError
+from autopar.mesh import MeshSpec
+from autopar.profile import COLLECTIVES, AlphaBeta, ClusterProfile, DeviceSpec, LinkSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# per-rank ring traffic per byte of the full tensor, as solver/cost.py collective_time charges it
+_TRAFFIC = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+            "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
+
+
+# --- fitting ----------------------------------------------------------------------------------
+def fit_linear(x: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``t = a + b*x`` weighted by 1/t (relative error, so small sizes pin ``a``);
+    ``a`` is clamped at 0 (then ``b`` is refitted through the origin). Returns (a, b)."""
+    xs, ts = np.asarray(x, dtype=float), np.asarray(t, dtype=float)
+    if xs.shape != ts.shape or xs.ndim != 1:
+        raise ConfigError(f"sizes and times must be two 1-D sequences of one length, got {xs.shape} and {ts.shape}")
+    if len(np.unique(xs)) < 2:
+        raise ConfigError(f"an alpha-beta fit needs at least 2 distinct sizes, got {sorted(set(xs.tolist()))}")
+    if not (np.all(np.isfinite(xs)) and np.all(xs >= 0) and np.all(np.isfinite(ts)) and np.all(ts > 0)):
+        raise ConfigError("sizes must be finite and >= 0 and times finite and > 0 to fit alpha-beta")
+    w = 1.0 / ts
+    (a, b), *_ = np.linalg.lstsq(np.stack([w, w * xs], axis=1), w * ts, rcond=None)
+    if a < 0:
+        a = 0.0
+        b = float(np.sum(w * w * xs * ts) / np.sum(w * w * xs * xs))
+    return float(a), float(b)
+
+
+def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> AlphaBeta:
+    """alpha (s) and beta (s/byte) from times measured at message sizes (bytes of ring traffic)."""
+    a, b = fit_linear(sizes, times)
+    if not b > 0:
+        raise ClusterProfileError(f"the times {list(times)} do not grow with message size {list(sizes)}; "
+                                  f"measure larger messages (--max-bytes) to fit a bandwidth")
+    return AlphaBeta(alpha=a, beta=b)
+
+
+# --- options ----------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ProfileOptions:
+    """What to measure and how often. Sizes are bytes of the full (gathered) tensor."""
+
+    message_sizes: tuple[int, ...] = (1 << 12, 1 << 15, 1 << 18, 1 << 20, 1 << 22)
+    matmul_sizes: tuple[int, ...] = (32, 64, 128, 256, 384)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    stream_bytes: tuple[int, ...] = (1 << 16, 1 << 20, 1 << 23)
+    trials: int = 5
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.warmup < 0:
+            raise ConfigError(f"trials must be >= 1 and warmup >= 0, got {self.trials}, {self.warmup}")
+        if len(set(self.message_sizes)) < 2 or min(self.message_sizes) < 64:
+            raise ConfigError(f"give at least 2 distinct message sizes of >= 64 bytes, got {self.message_sizes}")
+        if len(set(self.matmul_sizes)) < 2 or min(self.matmul_sizes) < 1:
+            raise ConfigError(f"give at least 2 distinct matmul sizes, got {self.matmul_sizes}")
+
+
+def sizes_between(lo: int, hi: int, count: int) -> tuple[int, ...]:
+    """``count`` message sizes spaced geometrically from lo to hi bytes (multiples of 64)."""
+    if not (64 <= lo < hi) or count < 2:
+        raise ConfigError(f"need 64 <= min bytes < max bytes and >= 2 sizes, got {lo}, {hi}, {count}")
+    return tuple(sorted({max(64, int(round(lo * (hi / lo) ** (i / (count - 1)) / 64)) * 64) for i in range(count)}))
+
+
+# --- timing helpers -----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, trials: int, warmup: int, iters: int = 1) -> float:
+    """Fastest of ``trials`` runs of ``iters`` back-to-back calls (per call), maximum over all ranks.
+
+    The minimum keeps other processes' noise out (a shared host); the maximum over ranks is what a
+    synchronous step waits for."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(trials):
+        if dist.is_initialized():
+            dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / iters)
+    med = torch.tensor([min(samples)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return float(med.item())
+
+
+def _collective_call(kind: str, nbytes: int, n: int, group, device: torch.device) -> Callable[[], object]:
+    """A closure running one collective of ``kind`` whose full tensor has ``nbytes`` (fp32)."""
+    numel = max(n, (nbytes // 4) // n * n)
+    full = torch.ones(numel, dtype=torch.float32, device=device)
+    part = torch.ones(numel // n, dtype=torch.float32, device=device)
+    if kind == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if kind == "all_gather":
+        return lambda: _ALL_GATHER(full, part, group=group)
+    if kind == "reduce_scatter":
+        return lambda: _REDUCE_SCATTER(part, full, group=group)
+    if kind == "all_to_all":
+        out = torch.empty_like(full)
+        return lambda: dist.all_to_all_single(out, full, group=group)
+    if kind == "send_recv":  # every rank sends S bytes to the next and receives from the previous one
+        ranks = dist.get_process_group_ranks(group)
+        me = ranks.index(dist.get_rank())
+        recv = torch.empty_like(full)
+
+        def shift():
+            ops = [dist.P2POp(dist.isend, full, ranks[(me + 1) % n], group),
+                   dist.P2POp(dist.irecv, recv, ranks[(me - 1) % n], group)]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        return shift
+    raise ConfigError(f"unknown collective {kind!r}; one of {COLLECTIVES}")
+
+
+def _sweep(kind: str, n: int, group, device: torch.device, opts: ProfileOptions) -> tuple[list[float], list[float]]:
+    """(per-rank traffic bytes, seconds) of one collective over every message size."""
+    xs, ts = [], []
+    for nbytes in opts.message_sizes:
+        call = _collective_call(kind, nbytes, n, group, device)
+        ts.append(_timed(call, device, opts.trials, opts.warmup, iters=max(1, min(16, (1 << 20) // nbytes))))
+        xs.append(_TRAFFIC[kind](n) * max(n, (nbytes // 4) // n * n) * 4)
+    return xs, ts
+
+
+# --- measurements ---------------------------------------------------------------------------------
+def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) -> tuple[list[LinkSpec], dict]:
+    """One LinkSpec per mesh dim (a torch DeviceMesh), fitted from every collective over the sizes."""
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
+        else torch.device(mesh.device_type)
+    names = mesh.mesh_dim_names or tuple(f"d{i}" for i in range(mesh.ndim))
+    links, raw = [], {}
+    total = sum(len(COLLECTIVES) * len(opts.message_sizes) for d in range(mesh.ndim) if mesh.size(d) > 1)
+    done = 0
+    for d in range(mesh.ndim):
+        n = mesh.size(d)
+        if n == 1:  # nothing travels over a dim of one rank; filled in from another dim below
+            links.append(None)
+            continue
+        group, coll, raw[names[d]] = mesh.get_group(d), {}, {}
+        for kind in COLLECTIVES:
+            _timed(_collective_call(kind, max(opts.message_sizes), n, group, device), device, 1, opts.warmup)
+            for attempt in range(2):  # a sweep that noise made non-increasing is measured once more
+                xs, ts = _sweep(kind, n, group, device, opts)
+                try:
+                    coll[kind] = fit_alpha_beta(xs, ts)
+                    break
+                except ClusterProfileError as e:
+                    if attempt:
+                        raise ClusterProfileError(f"mesh dim {names[d]!r}, {kind}: {e} (a busy host adds noise: "
+                                                  f"close other jobs or raise --trials)") from None
+            done += len(opts.message_sizes)
+            if progress:
+                progress(f"{names[d]} {kind}", done, total)
+            raw[names[d]][kind] = {"traffic_bytes": xs, "seconds": ts}
+        links.append(LinkSpec(name=f"measured-{names[d]}", collectives=coll))
+    known = [lk for lk in links if lk is not None]
+    if not known:
+        raise ClusterProfileError(f"mesh {tuple(mesh.shape)} has no dim of more than one rank: there is no link "
+                                  f"to measure; profile with --nproc 2 or more")
+    return [lk if lk is not None else known[-1] for lk in links], raw
+
+
+def measure_device(device: torch.device, opts: ProfileOptions, progress: Progress | None = None
+                   ) -> tuple[DeviceSpec, float, dict]:
+    """DeviceSpec (peaks, efficiency curve, overhead), host bandwidth, raw samples."""
+    raw: dict[str, object] = {}
+    steps = len(opts.matmul_sizes) + len(opts.dtypes) + len(opts.stream_bytes) + 2
+    done = [0]
+
+    def tick(what: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(what, done[0], steps)
+
+    overhead = _op_overhead(device, opts)
+    raw["op_overhead_s"] = overhead
+    tick("op overhead")
+    flops, times = [], []
+    for k in opts.matmul_sizes:
+        a = torch.randn(k, k, device=device)
+        b = torch.randn(k, k, device=device)
+        times.append(_timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2)))
+        flops.append(2.0 * k ** 3)
+        tick(f"matmul {k}")
+    intercept, slope = fit_linear(flops, times)
+    if not slope > 0:
+        raise ClusterProfileError(f"matmul times {times} do not grow with size; use larger --matmul-sizes")
+    peak32 = 1.0 / slope
+    half = max(0.0, (intercept - overhead) * peak32)  # t = overhead + (f + half) / peak (cost.py's roofline)
+    raw["matmul"] = {"float32": {"flops": flops, "seconds": times}}
+    peaks = {"float32": peak32}
+    k = max(opts.matmul_sizes)
+    for dt in opts.dtypes:
+        if dt == "float32":
+            tick("matmul float32")
+            continue
+        dtype = getattr(torch, dt)
+        a = torch.randn(k, k, device=device).to(dtype)
+        b = torch.randn(k, k, device=device).to(dtype)
+        t = _timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2))
+        f = 2.0 * k ** 3
+        peaks[dt] = (f + half) / max(t - overhead, 1e-12)
+        raw["matmul"][dt] = {"flops": [f], "seconds": [t]}
+        tick(f"matmul {dt}")
+    xs, ts = [], []
+    for nbytes in opts.stream_bytes:
+        numel = max(1, nbytes // 4)
+        a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
+        c = torch.empty_like(a)
+        ts.append(_timed(lambda: torch.add(a, b, out=c), device, opts.trials, opts.warmup,
+                         iters=max(1, 2 ** 22 // numel)))
+        xs.append(3.0 * numel * 4)
+        tick(f"memory {nbytes} B")
+    mem_bw = xs[-1] / ts[-1]  # the largest stream (small ones run from cache)
+    raw["memory"] = {"bytes": xs, "seconds": ts}
+    host_bw = _host_bandwidth(device, opts) if device.type == "cuda" else mem_bw
+    tick("host link")
+    capacity = _capacity(device)
+    spec = DeviceSpec(name=_device_name(device), peak_flops=peaks, memory_bandwidth=mem_bw, memory_capacity=capacity,
+                      max_matmul_efficiency=1.0, matmul_half_efficiency_flops=half, max_memory_efficiency=1.0,
+                      op_overhead_s=overhead)
+    return spec, host_bw, raw
+
+
+def _op_overhead(device: torch.device, opts: ProfileOptions) -> float:
+    """Seconds per tiny op as the cost model charges it: forward (1x) plus backward (1x) per op."""
+    chain = 16
+    x = torch.ones(8, device=device, requires_grad=True)
+
+    def run():
+        y = x
+        for _ in range(chain):
+            y = y * 1.0001
+        y.sum().backward()
+    return _timed(run, device, opts.trials, opts.warmup, iters=20) / (2 * (chain + 1))
+
+
+def _host_bandwidth(device: torch.device, opts: ProfileOptions) -> float:
+    nbytes = max(opts.message_sizes) * 4
+    host = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
+    dev = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    t = _timed(lambda: dev.copy_(host, non_blocking=True), device, opts.trials, opts.warmup, iters=4)
+    return nbytes / t
+
+
+def _capacity(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    return int(total // max(1, local))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} thread(s) per rank)"
+
+
+# --- the whole profile -------------------------------------------------------------------------
+def profile_cluster(mesh_shape: tuple[int, ...], *, dim_names: tuple[str, ...] | None = None,
+                    opts: ProfileOptions | None = None, progress: Progress | None = None) -> dict:
+    """Measure on the current (initialized) process group; every rank returns the profile JSON dict."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    opts = opts or ProfileOptions()
+    spec = MeshSpec.make(mesh_shape, dim_names)
+    world = dist.get_world_size()
+    spec.check_world_size(world)
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    mesh = init_device_mesh(device_type, spec.shape, mesh_dim_names=spec.dim_names)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    t0 = time.perf_counter()
+    links, raw_links = measure_links(mesh, opts, progress)
+    dev, host_bw, raw_dev = measure_device(device, opts, progress)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # dims inside a node: their span (size times the sizes inside them) fits on one node
+    inner, span = [], 1
+    for d in reversed(range(spec.ndim)):
+        span *= spec.shape[d]
+        inner.append(span <= per_node)
+    inner.reverse()
+    intra = next((links[d] for d in reversed(range(spec.ndim)) if inner[d]), links[-1])
+    inter = next((links[d] for d in range(spec.ndim) if not inner[d]), links[0])
+    prof = ClusterProfile(
+        name=f"measured-{dist.get_backend()}-{'x'.join(map(str, spec.shape))}", device=dev,
+        gpus_per_node=per_node, intra_node=intra, inter_node=inter, host_bandwidth=host_bw,
+        mesh_shape=tuple(spec.shape), mesh_dim_links=tuple(links),
+        sources={"device": f"measured by autopar profile on {socket.gethostname()}",
+                 "links": f"{dist.get_backend()} collectives over mesh {spec.shape} {spec.dim_names}, sizes "
+                          f"{list(opts.message_sizes)} B, fitted alpha-beta on per-rank ring traffic",
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "torch": torch.__version__, "world_size": str(world)})
+    out = prof.to_dict()
+    out["measurements"] = {"links": raw_links, "device": raw_dev, "seconds": time.perf_counter() - t0,
+                           "dim_names": list(spec.dim_names)}
+    return out
+
+
+def _worker(rank: int, world: int, port: int, backend: str, mesh_shape, dim_names, opts, progress, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    status = 0
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=300))
+        res = profile_cluster(mesh_shape, dim_names=dim_names, opts=opts, progress=progress if rank == 0 else None)
+        if rank == 0:
+            q.put(("ok", res))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+        status = 1
+        if rank == 0:
+            q.put(("error", e if isinstance(e, ClusterProfileError | ConfigError) else repr(e)))
+    q.close()
+    q.join_thread()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(status)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_profile(*, nproc: int, mesh_shape: tuple[int, ...] | None = None, dim_names: tuple[str, ...] | None = None,
+                backend: str = "gloo", opts: ProfileOptions | None = None, progress: Progress | None = None,
+                timeout: float = 1800.0) -> dict:
+    """Profile JSON dict: joins the process group when one exists (torchrun: RANK/WORLD_SIZE set), else
+    spawns ``nproc`` local ranks. ``progress`` must be picklable (a module-level function) when spawning."""
+    import torch.multiprocessing as mp
+
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"backend {backend!r}: use gloo (CPU) or nccl (GPU)")
+    if dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        world = dist.get_world_size()
+        return profile_cluster(mesh_shape or (world,), dim_names=dim_names, opts=opts,
+                               progress=progress if dist.get_rank() == 0 else None)
+    shape = tuple(mesh_shape or (nproc,))
+    if nproc < 2:
+        raise ConfigError(f"--nproc {nproc}: profiling links needs at least 2 ranks")
+    MeshSpec.make(shape, dim_names).check_world_size(nproc)
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise ConfigError(f"nccl with {nproc} ranks needs {nproc} GPUs; this host has {torch.cuda.device_count()}")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, backend, shape, dim_names, opts, progress, q))
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    try:
+        status, res = q.get(timeout=timeout)
+    except Exception:
+        status, res = "error", "the ranks reported nothing before the timeout"
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    if status != "ok":
+        if isinstance(res, Exception):
+            raise res
+        raise ClusterProfileError(f"profiling failed on rank 0: {res}")
+    return res
