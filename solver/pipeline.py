@@ -1,0 +1,351 @@
+r"""Inter-op planner: partition a model's layer sequence into pipeline stages (Alpa-style DP).
+
+Inputs are per-unit costs measured by the intra-op ILP (``unit_costs``): the model is a prefix
+(embeddings), ``n`` identical blocks and a suffix (head, loss); the ILP is solved once per
+micro-batch size on the non-pp sub-mesh with the blocks folded, so every block (and every stage
+made of blocks) shares one solve. For a unit ``u``: ``t_u`` forward+backward seconds (compute and
+resharding, one micro-batch), ``w_u`` parameter + gradient + optimizer bytes per rank, ``a_u``
+activation bytes saved per micro-batch. Stage ``s`` holding blocks ``[j, i)`` (the prefix joins
+the first stage, the suffix the last) has
+
+    T_s = sum_{u in s} t_u + c_s                c_s = 2 (alpha + beta * bytes of the boundary
+                                                      activation) when s is not the last stage
+    M_s = sum_{u in s} w_u + f_s * sum_{u in s} a_u
+
+with ``f_s`` the micro-batches in flight on that stage: GPipe ``m``; 1F1B ``min(m, p - s)``;
+interleaved 1F1B (``v`` chunks per rank, stage ``s`` on rank ``s mod p``) the Megatron warm-up
+count ``min(m v, (v - 1) p + 2 (p - r - 1) + 1)`` divided over the rank's ``v`` chunks.
+
+Step time for ``S = p v`` stages on ``p`` ranks and ``m`` micro-batches (``R_r = sum`` of the
+stage times on rank ``r``):
+
+    T = m * max_r R_r + (p - 1) * max_r R_r / v            (GPipe, 1F1B: v = 1)
+
+so balanced stages of time ``t`` give the bubble fraction ``(p-1) / (v m + p - 1)``; we report
+``bubble = T - m max_r R_r`` and ``bubble / T``.
+
+Partition (implemented in ``partition``): for a bound ``t_max`` on the stage time, minimize the
+sum of stage times by dynamic programming over layer boundaries,
+
+    F(0, 0) = 0
+    F(k, i) = min_{j < i} F(k-1, j) + T(j, i)   over stages with T(j, i) <= t_max and M_k(j, i) <= budget
+    T*(t_max) = F(S, n) + (m - 1) * t_max
+
+and take the best ``t_max`` among the distinct stage times (Alpa, Zheng et al. 2022, eq. 2), scanning
+them in increasing order and stopping once ``(m - 1) t_max`` alone exceeds the best total. For
+interleaved schedules each chunk must fit ``budget / v``. ``search`` tries schedules and micro-batch
+counts and returns the fastest partition that fits. This module imports autopar's core only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from autopar.capture import CapturedModel
+from autopar.errors import ConfigError, InfeasiblePlanError
+from autopar.graph import index_graph
+from autopar.mesh import MeshSpec
+from autopar.profile import ClusterProfile, LinkSpec
+from autopar.solver import ilp
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitCost:
+    """One unit (prefix, one block, suffix) on the sub-mesh for one micro-batch."""
+
+    time_s: float
+    static_bytes: float      # params + grads + optimizer state per rank
+    act_bytes: float         # activations saved for backward, per micro-batch per rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitCosts:
+    prefix: UnitCost
+    block: UnitCost
+    suffix: UnitCost
+    num_blocks: int
+    boundary_bytes: float    # one block's output (what a stage sends), per micro-batch
+
+
+@dataclass(frozen=True, kw_only=True)
+class Partition:
+    """A solved pipeline: blocks per stage, schedule and its predicted cost."""
+
+    stages: tuple[tuple[int, ...], ...]       # block indices per stage (stage s on pp rank s mod p)
+    schedule: str
+    microbatches: int
+    virtual_stages: int
+    pp: int
+    stage_time_s: tuple[float, ...]
+    stage_memory_bytes: tuple[float, ...]
+    step_time_s: float
+    bubble_s: float
+    comm_s: float
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.bubble_s / self.step_time_s if self.step_time_s > 0 else 0.0
+
+    @property
+    def rank_memory_bytes(self) -> tuple[float, ...]:
+        out = [0.0] * self.pp
+        for s, mem in enumerate(self.stage_memory_bytes):
+            out[s % self.pp] += mem
+        return tuple(out)
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """``pipeline=`` of autopar.plan: ``"auto"`` or a dict fixing some of these (None: the planner chooses)."""
+
+    stages: int | None = None
+    schedule: str | None = None
+    microbatches: int | None = None
+    virtual_stages: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def parse(value) -> "PipelineConfig":
+        if value == "auto" or value is True:
+            return PipelineConfig()
+        if not isinstance(value, dict):
+            raise ConfigError(f"pipeline must be 'auto', False or a dict like {{'stages': 4, 'schedule': '1f1b', "
+                              f"'microbatches': 8}}, got {value!r}")
+        known = {"stages", "schedule", "microbatches", "virtual_stages"}
+        unknown = set(value) - known
+        if unknown:
+            raise ConfigError(f"unknown pipeline option(s) {sorted(unknown)}; known: {sorted(known)}")
+        for k in ("stages", "microbatches", "virtual_stages"):
+            v = value.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"pipeline {k} must be a positive integer, got {v!r}")
+        sched = value.get("schedule")
+        if sched is not None and str(sched).lower() not in SCHEDULES:
+            raise ConfigError(f"pipeline schedule {sched!r} is not one of {SCHEDULES}")
+        return PipelineConfig(stages=value.get("stages"), schedule=str(sched).lower() if sched else None,
+                              microbatches=value.get("microbatches"), virtual_stages=value.get("virtual_stages"))
+
+
+# ------------------------------------------------------------------------------------------ unit costs
+
+
+def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: ClusterProfile,
+               links: tuple[LinkSpec, ...], *, backend: str = "auto", time_limit: float = 60.0) -> UnitCosts:
+    """Solve the intra-op ILP for ``cap`` (captured at one micro-batch) on the sub-mesh and split its
+    chosen costs into prefix / one block / suffix. No memory budget here: the DP applies it per stage."""
+    gi = index_graph(cap)
+    if layer_list not in gi.layer_counts:
+        raise ConfigError(f"{layer_list!r} is not a list of repeated blocks in this model; found "
+                          f"{sorted(gi.layer_counts) or 'none'}")
+    n = gi.layer_counts[layer_list]
+    keys = ilp.collect_keys(gi, mesh, profile, None, None)
+    sol = ilp.solve(gi, mesh, profile, links=links, budget=None, backend=backend, time_limit=time_limit, keys=keys)
+    order = {name: i for i, name in enumerate(gi.nodes)}
+    in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
+    first_block = min(in_block)
+    acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0} for u in ("prefix", "block", "suffix")}
+    boundary = 0.0
+    for key, strat in sol.chosen.items():
+        info = sol.keys[key]
+        node = info.node
+        j = info.strategies.index(strat)
+        unit = _unit_of(node, gi, layer_list, order, first_block)
+        mem = info.memory[j]
+        acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0)
+        acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != "activations")
+        acc[unit]["a"] += info.mult * mem.get("activations", 0.0)
+    for g in gi.nodes.values():   # the last op of a block: its output crosses a stage boundary
+        if g.layer is not None and g.layer[0] == layer_list and g.outputs and g.outputs[0] is not None:
+            users = [u for u in g.fx_node.users] if g.fx_node is not None else []
+            if any(layer_of_gnode(gi, u.name, layer_list) != g.layer for u in users):
+                boundary = max(boundary, float(g.outputs[0].nbytes))
+    per = {u: UnitCost(time_s=v["t"] / (n if u == "block" else 1), static_bytes=v["w"] / (n if u == "block" else 1),
+                       act_bytes=v["a"] / (n if u == "block" else 1)) for u, v in acc.items()}
+    return UnitCosts(prefix=per["prefix"], block=per["block"], suffix=per["suffix"], num_blocks=n,
+                     boundary_bytes=boundary)
+
+
+def layer_of_gnode(gi, name: str, layer_list: str):
+    g = gi.nodes.get(name)
+    return g.layer if g is not None and g.layer is not None and g.layer[0] == layer_list else None
+
+
+def _unit_of(node, gi, layer_list: str, order: dict[str, int], first_block: int) -> str:
+    if node.layer is not None and node.layer[0] == layer_list:
+        return "block"
+    pos = order[node.name]
+    if node.kind in ("param", "buffer", "input") and node.fx_node is not None and node.fx_node.users:
+        users = [u for u in node.fx_node.users if u.name in order]
+        if users:   # a parameter belongs where it is first used (an LM head's weight to the suffix)
+            first = min(users, key=lambda u: order[u.name])
+            g = gi.nodes[first.name]
+            if g.layer is not None and g.layer[0] == layer_list:
+                return "block"
+            pos = order[first.name]
+    return "prefix" if pos < first_block else "suffix"
+
+
+# ---------------------------------------------------------------------------------------- the DP
+
+
+def inflight(schedule: str, stage: int, p: int, m: int, v: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak (see the module docstring)."""
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(m, p - stage)
+    r = stage % p
+    return min(m * v, (v - 1) * p + 2 * (p - r - 1) + 1) / v
+
+
+def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool) -> tuple[float, float, float]:
+    """(time, static bytes, activation bytes) of a stage holding blocks [j, i)."""
+    k = i - j
+    t = k * u.block.time_s
+    w = k * u.block.static_bytes
+    a = k * u.block.act_bytes
+    if j == 0:
+        t, w, a = t + u.prefix.time_s, w + u.prefix.static_bytes, a + u.prefix.act_bytes
+    if i == u.num_blocks:
+        t, w, a = t + u.suffix.time_s, w + u.suffix.static_bytes, a + u.suffix.act_bytes
+    comm = 0.0
+    if not last and link is not None:
+        ab = link.collectives["send_recv"]
+        comm = 2 * (ab.alpha + ab.beta * u.boundary_bytes)
+    return t + comm, w, a
+
+
+def step_time(stage_times: list[float], p: int, m: int, v: int) -> tuple[float, float]:
+    """(step time, bubble) of a pipeline with these stage times (stage s on rank s mod p)."""
+    per_rank = [0.0] * p
+    for s, t in enumerate(stage_times):
+        per_rank[s % p] += t
+    r = max(per_rank)
+    total = m * r + (p - 1) * r / v
+    return total, total - m * r
+
+
+def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: float | None,
+              link: LinkSpec | None) -> Partition | None:
+    """The fastest contiguous partition of the blocks into ``p * v`` stages that fits ``budget``
+    (None: no partition fits). See the module docstring for the recurrence."""
+    S, n = p * v, u.num_blocks
+    if S > n:
+        raise ConfigError(f"{S} pipeline stages ({p} ranks x {v} virtual) but the model has only {n} layers; "
+                          f"use at most {n} stages")
+    cap = budget / v if budget is not None else math.inf
+
+    def cost(j, i, s):
+        t, w, a = _stage_costs(u, j, i, link, s == S - 1)
+        return t, w + inflight(schedule, s, p, m, v) * a
+
+    table = {(j, i, s): cost(j, i, s) for s in range(S) for j in range(n) for i in range(j + 1, n + 1)}
+    candidates = sorted({t for (t, mem) in table.values() if mem <= cap})
+    best: tuple[float, list[tuple[int, int]]] | None = None
+    for t_max in candidates:
+        if best is not None and (m - 1) * t_max >= best[0]:
+            break
+        # F[k][i]: min sum of stage times of the first k stages covering blocks [0, i)
+        F = [[math.inf] * (n + 1) for _ in range(S + 1)]
+        arg = [[-1] * (n + 1) for _ in range(S + 1)]
+        F[0][0] = 0.0
+        for k in range(1, S + 1):
+            for i in range(k, n - (S - k) + 1):
+                for j in range(k - 1, i):
+                    if F[k - 1][j] == math.inf:
+                        continue
+                    t, mem = table[(j, i, k - 1)]
+                    if t <= t_max and mem <= cap and F[k - 1][j] + t < F[k][i]:
+                        F[k][i], arg[k][i] = F[k - 1][j] + t, j
+        if F[S][n] == math.inf:
+            continue
+        bounds, i = [], n
+        for k in range(S, 0, -1):
+            j = arg[k][i]
+            bounds.append((j, i))
+            i = j
+        bounds.reverse()
+        times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
+        total, _ = step_time(times, p, m, v)
+        if best is None or total < best[0] - 1e-15:
+            best = (total, bounds)
+    if best is None:
+        return None
+    bounds = best[1]
+    times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
+    mems = [table[(j, i, s)][1] for s, (j, i) in enumerate(bounds)]
+    total, bubble = step_time(times, p, m, v)
+    comm = sum(_stage_costs(u, j, i, link, s == S - 1)[0] - _stage_costs(u, j, i, None, True)[0]
+               for s, (j, i) in enumerate(bounds))
+    return Partition(stages=tuple(tuple(range(j, i)) for j, i in bounds), schedule=schedule, microbatches=m,
+                     virtual_stages=v, pp=p, stage_time_s=tuple(times), stage_memory_bytes=tuple(mems),
+                     step_time_s=total, bubble_s=bubble, comm_s=comm * m)
+
+
+def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[int]:
+    """Micro-batch counts to try: divisors of the batch whose micro-batch still splits over ``dp``."""
+    if fixed is not None:
+        if batch % fixed:
+            raise ConfigError(f"{fixed} micro-batches do not divide the batch of {batch}; choose a divisor of "
+                              f"{batch} ({', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)})")
+        return [fixed]
+    opts = [m for m in range(1, batch + 1) if batch % m == 0 and (batch // m) % dp == 0]
+    if not opts:
+        raise ConfigError(f"the batch of {batch} does not split over dp={dp}; use a batch divisible by {dp}")
+    # more micro-batches shrink the bubble; keep the few largest counts from p upwards
+    good = [m for m in opts if m >= p] or opts
+    return good[-3:]
+
+
+def search(costs_for: Callable[[int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineConfig,
+           budget: float | None, link: LinkSpec | None) -> Partition:
+    """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``;
+    ``costs_for(m)`` gives the unit costs for ``m`` micro-batches (cached by the caller)."""
+    ms = microbatch_options(batch, dp, p, config.microbatches)
+    schedules = [config.schedule] if config.schedule else list(SCHEDULES)
+    best: Partition | None = None
+    tried = []
+    for m in ms:
+        u = costs_for(m)
+        for sched in schedules:
+            vs = [config.virtual_stages or 2] if sched == "interleaved" else [1]
+            for v in vs:
+                if sched == "interleaved" and (p * v > u.num_blocks or v < 2):
+                    if config.schedule == "interleaved":
+                        partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link)  # raises if too many
+                        if v < 2:
+                            raise ConfigError("interleaved 1F1B needs virtual_stages >= 2")
+                    continue
+                part = partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link)
+                tried.append((sched, m, v, part is not None))
+                if part is None:
+                    continue
+                if best is None or _better(part, best):
+                    best = part
+    if best is None:
+        need = _min_stage_memory(costs_for(ms[-1]), p)
+        raise InfeasiblePlanError(
+            f"no pipeline of {p} stages fits {budget:.4g} bytes per device (tried {tried}); the smallest stage "
+            f"needs about {need:.4g} bytes: raise the memory budget, use more pp ranks or more tp/dp",
+            min_feasible_bytes=int(need))
+    return best
+
+
+def _better(a: Partition, b: Partition) -> bool:
+    """Faster wins; at the same time (GPipe and 1F1B) less memory per rank wins."""
+    if not math.isclose(a.step_time_s, b.step_time_s, rel_tol=1e-9):
+        return a.step_time_s < b.step_time_s
+    return max(a.rank_memory_bytes) < max(b.rank_memory_bytes)
+
+
+def _min_stage_memory(u: UnitCosts, p: int) -> float:
+    per_block = u.block.static_bytes + u.block.act_bytes
+    n = u.num_blocks
+    return (math.ceil(n / p) * per_block + max(u.prefix.static_bytes + u.prefix.act_bytes,
+                                               u.suffix.static_bytes + u.suffix.act_bytes))

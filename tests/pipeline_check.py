@@ -1,0 +1,57 @@
+"""Worker functions (module level, run in the gloo pools) that check pipelined plans against one device.
+
+``check_pipeline_step`` builds a model on every rank with the same seed, keeps a single-device copy,
+parallelizes it with ``pipeline=`` on a mesh with a ``pp`` dim, runs ``autopar.forward_backward``
+and compares the loss and every gradient of this rank's stages (``full_tensor()`` of DTensors) with
+the single-device model, plus the parameters after one AdamW step.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import autopar
+from autopar.models import build_model
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Excess over the fp32 tolerance: <= 0 means allclose(rtol=1e-4, atol=1e-5) holds."""
+    a, b = a.detach(), b.detach()
+    return float(((a - b).abs() - (ATOL + RTOL * b.abs())).max())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], names: tuple[str, ...],
+                        pipeline, batch: int = 4, seq: int = 8, steps: int = 1) -> dict:
+    torch.manual_seed(0)
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    ref = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    pm = autopar.parallelize(model, mesh, inputs, pipeline=pipeline)
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    out = {"errors": {}, "pipeline": {k: v for k, v in pm.plan.pipeline.items() if k != "stages"},
+           "stages": sorted(pm.stage_modules), "fqns": [n for n, _ in pm.named_parameters()]}
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    for step in range(steps):
+        loss = autopar.forward_backward(pm, inputs)
+        ref_loss = ref(**inputs)
+        ref_loss.backward()
+        out["errors"][f"loss{step}"] = _err(loss, ref_loss)
+        out.setdefault("losses", []).append((float(loss), float(ref_loss)))
+        for name, p in pm.named_parameters():
+            out["errors"][f"grad{step}:{name}"] = _err(_full(p.grad), ref_params[name].grad)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for name, p in pm.named_parameters():
+            out["errors"][f"param{step}:{name}"] = _err(_full(p.detach()), ref_params[name].detach())
+    return out
