@@ -43,3 +43,18 @@ class ShardingError(AutoparError):
 
 class ConfigError(AutoparError):
     """A bad option or argument (a budget that is not positive, an unknown option, ...)."""
+
+
+class RankFailureError(AutoparError):
+    """A rank died or stopped responding during a step; ``lost_ranks`` names it (empty when unknown)."""
+
+    def __init__(self, message: str, *, lost_ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.lost_ranks = tuple(lost_ranks)
+
+    def __reduce__(self):  # keeps lost_ranks when the error crosses a process boundary
+        return _rank_failure, (str(self), self.lost_ranks)
+
+
+def _rank_failure(message: str, lost_ranks: tuple[int, ...]) -> RankFailureError:
+    return RankFailureError(message, lost_ranks=lost_ranks)
