@@ -1,4 +1,5 @@
-"""The ``autopar`` command line: plan, show (and the commands of later issues).
+"""The ``autopar`` command line: plan, show (``--explain``: why each node got its sharding), emit,
+profile (measure this cluster into a profile JSON), predict (cost a hand-written GPT plan).
 
 Exit codes: 0 success; 1 an autopar error (bad input, infeasible budget, ...: the message says
 what to do); 2 bad command-line usage (argparse).
@@ -6,9 +7,11 @@ what to do); 2 bad command-line usage (argparse).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from autopar.errors import AutoparError
 
@@ -65,8 +68,103 @@ def cmd_show(args: argparse.Namespace) -> int:
     from autopar.plan import Plan
     from autopar.report import render
 
-    print(render(Plan.from_json(args.plan)))
+    plan = Plan.from_json(args.plan)
+    if args.explain:
+        from autopar.errors import ConfigError
+        from autopar.explain import explain, render_explanation
+
+        if not args.model:
+            raise ConfigError("show --explain recaptures the model to cost the alternatives: give --model, the spec "
+                              "the plan was made with (e.g. --model gpt-tiny)")
+        from autopar.report import summary
+        print(summary(plan) + "\n\n" + render_explanation(explain(plan, args.model, top=args.alternatives)))
+        return 0
+    print(render(plan))
     return 0
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    """A one-line progress bar on stderr (module level: spawned ranks pickle it)."""
+    width = 24
+    fill = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r[profile] [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what:<32.32}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from autopar.api import parse_bytes
+    from autopar.mesh import MeshSpec
+    from autopar.profile import ClusterProfile
+    from autopar.profiler import ProfileOptions, run_profile, sizes_between
+
+    sizes = sizes_between(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes), args.num_sizes)
+    opts = ProfileOptions(message_sizes=sizes, trials=args.trials)
+    if args.quick:  # a rough profile in seconds: fewer points, fp32 only
+        opts = ProfileOptions(message_sizes=sizes_between(sizes[0], sizes[-1], 3), trials=3, warmup=1,
+                              matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20), dtypes=("float32",))
+    mesh = MeshSpec.make(args.mesh, args.mesh_names) if args.mesh else None
+    nproc = args.nproc or (mesh.size if mesh else 2)
+    _status(f"[profile] {nproc} {args.backend} rank(s) on mesh {mesh.shape if mesh else (nproc,)}")
+    t0 = time.perf_counter()
+    data = run_profile(nproc=nproc, mesh_shape=mesh.shape if mesh else None,
+                       dim_names=mesh.dim_names if mesh else None, backend=args.backend, opts=opts,
+                       progress=_progress)
+    prof = ClusterProfile.from_dict(data)  # what `plan --cluster` will read
+    Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    _status(f"[profile] done in {time.perf_counter() - t0:.2f}s")
+    print(_profile_table(prof, data.get("measurements", {}).get("dim_names")))
+    _status(f"wrote {args.out}")
+    return 0
+
+
+def _profile_table(prof, dim_names) -> str:
+    from autopar.report import fmt_time
+    lines = [f"{prof.name}: {prof.device.name}",
+             "  matmul " + ", ".join(f"{k} {v / 1e9:.2f} GFLOP/s" for k, v in prof.device.peak_flops.items())
+             + f"; memory {prof.device.memory_bandwidth / 1e9:.2f} GB/s; op overhead "
+             f"{fmt_time(prof.device.op_overhead_s)}", "",
+             f"{'dim':6s} {'collective':15s} {'alpha':>10s} {'bandwidth':>12s}"]
+    for i, link in enumerate(prof.mesh_dim_links or ()):
+        name = dim_names[i] if dim_names else str(i)
+        for kind, ab in link.collectives.items():
+            lines.append(f"{name:6s} {kind:15s} {fmt_time(ab.alpha):>10s} {1 / ab.beta / 1e9:>8.3f} GB/s")
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from autopar.predict import GPTPlan, predict
+    from autopar.profile import load_cluster
+
+    plan = GPTPlan(layers=args.layers, hidden=args.hidden, heads=args.heads, seq=args.seq, vocab=args.vocab,
+                   global_batch=args.global_batch, micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, dp=args.dp,
+                   sequence_parallel=args.sequence_parallel, recompute=args.recompute, interleave=args.interleave,
+                   zero=args.zero, schedule=args.schedule, dtype=args.dtype)
+    pred = predict(plan, load_cluster(args.cluster), nodes=args.nodes, gpus=args.gpus)
+    if args.json:
+        print(json.dumps(pred.to_dict()))
+    else:
+        print(_prediction_text(pred))
+    return 0
+
+
+def _prediction_text(pred) -> str:
+    from autopar.report import fmt_bytes, fmt_time
+    c = pred.plan
+    mesh = " x ".join(f"{k}={v}" for k, v in pred.mesh.items())
+    tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in pred.time_breakdown.items() if v)
+    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in pred.memory_breakdown.items())
+    lines = [f"GPT L={c.layers} h={c.hidden} a={c.heads} s={c.seq} V={c.vocab}  batch {c.global_batch} "
+             f"(micro {c.micro_batch}, {pred.micro_batches} per dp rank)  mesh {mesh}  cluster {pred.cluster}",
+             f"predicted iteration time {fmt_time(pred.step_time_s)}  ({tb})",
+             f"predicted memory per GPU {fmt_bytes(pred.peak_memory_bytes)}  ({mb})",
+             f"model FLOP/s per GPU {pred.extras['achieved_flops_per_gpu'] / 1e12:.1f} TFLOP/s", "",
+             f"{'communication':20s} {'ranks':>5s} {'count':>7s} {'each':>10s} {'traffic':>10s} {'time':>10s}"]
+    for name, col in pred.communication.items():
+        if col.count:
+            lines.append(f"{name:20s} {col.ranks:5d} {col.count:7d} {fmt_bytes(col.bytes_each):>10s} "
+                         f"{fmt_bytes(col.traffic_bytes):>10s} {fmt_time(col.time_s):>10s}")
+    return "\n".join(lines)
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
@@ -120,7 +218,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("show", help="print a plan's tables", epilog=EPILOG)
     sh.add_argument("plan", help="plan JSON written by `autopar plan`")
+    sh.add_argument("--explain", action="store_true",
+                    help="per node: chosen sharding, its compute/comm/memory, and the next-best alternatives "
+                         "(recaptures --model)")
+    sh.add_argument("--model", default=None, help="with --explain: the model spec the plan was made for")
+    sh.add_argument("--alternatives", type=int, default=2, help="with --explain: alternatives per node (default 2)")
     sh.set_defaults(func=cmd_show)
+
+    pr = sub.add_parser("profile", help="measure this cluster (collectives per mesh dim, matmul, memory) into a "
+                                        "profile JSON for `plan --cluster`", epilog=EPILOG)
+    pr.add_argument("--nproc", type=int, default=None,
+                    help="ranks to spawn on this host (default: the mesh size, or 2); under torchrun the "
+                         "existing ranks are used")
+    pr.add_argument("--mesh", default=None, help="mesh shape to measure per dim, e.g. 2x2 (default: --nproc)")
+    pr.add_argument("--mesh-names", default=None, help="mesh dim names, e.g. dp,tp")
+    pr.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
+    pr.add_argument("--min-bytes", default="4KiB", help="smallest message (default 4KiB)")
+    pr.add_argument("--max-bytes", default="4MiB", help="largest message (default 4MiB)")
+    pr.add_argument("--num-sizes", type=int, default=5, help="message sizes between them (default 5)")
+    pr.add_argument("--trials", type=int, default=5, help="timed trials per point; medians are used (default 5)")
+    pr.add_argument("--quick", action="store_true", help="a rough profile in seconds (3 sizes, 3 trials, fp32 only)")
+    pr.add_argument("--out", default="cluster.json", help="where to write the profile (default cluster.json)")
+    pr.set_defaults(func=cmd_profile)
+
+    pd = sub.add_parser("predict", help="iteration time and memory per GPU of a hand-written GPT plan",
+                        epilog=EPILOG)
+    for name, hlp in (("layers", "transformer layers L"), ("hidden", "hidden size h"), ("heads", "attention heads a"),
+                      ("seq", "sequence length s"), ("vocab", "vocabulary size V"),
+                      ("global-batch", "global batch B (sequences per step)"), ("micro-batch", "micro-batch b")):
+        pd.add_argument(f"--{name}", type=int, required=True, help=hlp)
+    pd.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron 1-D)")
+    pd.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    pd.add_argument("--dp", type=int, default=1, help="data parallel size")
+    pd.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism with TP")
+    pd.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="activation recompute")
+    pd.add_argument("--interleave", type=int, default=1, help="virtual stages per pipeline rank (interleaved 1F1B)")
+    pd.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule")
+    pd.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over dp")
+    pd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="parameter and compute dtype (AdamW states fp32)")
+    pd.add_argument("--cluster", default="h100-sxm",
+                    help="preset (h100-sxm, h200-sxm, a100-80g-sxm, cpu-gloo) or profile JSON path")
+    pd.add_argument("--nodes", type=int, default=None, help="nodes; dp x tp x pp must equal nodes x GPUs per node")
+    pd.add_argument("--gpus", type=int, default=None, help="total GPUs (default nodes x GPUs per node)")
+    pd.add_argument("--json", action="store_true", help="print one JSON object")
+    pd.set_defaults(func=cmd_predict)
 
     em = sub.add_parser("emit", help="print the rewritten module's Python source for a plan", epilog=EPILOG)
     em.add_argument("plan", help="plan JSON written by `autopar plan`")

@@ -138,3 +138,69 @@ def test_console_script_is_installed():
     assert res.returncode == 0, res.stderr
     assert "usage: autopar" in res.stdout and "{plan,show" in res.stdout
     assert "Exit codes: 0 ok, 1 autopar error" in res.stdout
+
+
+# --- profile, predict, show --explain (issue 5) ------------------------------------------------------
+GPT_ARGS = ["predict", "--layers", "8", "--hidden", "1024", "--heads", "16", "--seq", "512", "--vocab", "32000",
+            "--global-batch", "64", "--micro-batch", "2"]
+
+
+def test_predict_json_has_time_memory_and_breakdowns(capsys):
+    assert main([*GPT_ARGS, "--tp", "4", "--dp", "2", "--cluster", "a100-80g-sxm", "--nodes", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step_time_s"] == pytest.approx(sum(out["breakdown"]["time"].values()))
+    assert out["peak_memory_bytes"] == sum(out["breakdown"]["memory"].values())
+    assert set(out["breakdown"]["time"]) >= {"compute_s", "comm_s", "recompute_s", "bubble_s"}
+    assert set(out["breakdown"]["memory"]) == {"params", "grads", "optimizer", "activations"}
+    assert out["mesh"] == {"dp": 2, "tp": 4} and out["communication"]["tp_all_reduce"]["count"] == 4 * 8 * 16
+
+
+def test_predict_prints_a_summary(capsys):
+    assert main([*GPT_ARGS, "--pp", "2", "--recompute", "selective", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted iteration time" in out and "bubble" in out and "pp_send_recv" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([*GPT_ARGS, "--tp", "3"], "--tp 3 does not divide --heads 16"),
+    ([*GPT_ARGS, "--tp", "8", "--nodes", "2"], "= 8 GPUs, but the cluster has 16"),
+    ([*GPT_ARGS, "--dp", "3"], "--global-batch 64 is not a multiple of micro-batch x dp"),
+    (["profile", "--nproc", "1"], "needs at least 2 ranks"),
+    (["profile", "--nproc", "2", "--mesh", "2x2"], "needs 4 ranks but the process group has 2"),
+    (["profile", "--min-bytes", "1MiB", "--max-bytes", "4KiB"], "min bytes < max bytes"),
+], ids=["tp-heads", "gpus", "batch", "nproc-1", "mesh-vs-nproc", "sizes"])
+def test_profile_and_predict_errors_exit_1(capsys, argv, expected):
+    assert expected in _error_line(capsys, argv)
+
+
+def test_profile_spawns_ranks_and_writes_a_loadable_profile(tmp_path, capsys):
+    from autopar.profile import load_cluster
+
+    out = tmp_path / "cluster.json"
+    assert main(["profile", "--nproc", "2", "--quick", "--max-bytes", "1MiB", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {out}" in captured.err
+    prof = load_cluster(str(out))
+    assert prof.mesh_shape == (2,) and "all_reduce" in captured.out
+    assert len(json.loads(out.read_text())["measurements"]["links"]["dp"]["all_reduce"]["seconds"]) == 3
+
+
+def test_show_explain_lists_chosen_and_alternatives(tiny_plan, capsys):
+    path, _ = tiny_plan
+    plan = Plan.from_json(path)
+    assert main(["show", str(path), "--explain", "--model", "gpt-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan v1  mesh dp=2 x tp=2")
+    lines = out.splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.startswith("param:blocks.*.mlp.fc.weight "))
+    chosen = " -> " + "·".join(plan.param_placements["blocks.0.mlp.fc.weight"])
+    assert "chosen" in lines[row] and chosen in lines[row]
+    assert "alt 1" in lines[row + 1] and "alt 2" in lines[row + 2] and "+" in lines[row + 1]
+    assert {"wte", "blocks.*", "lm_head"} <= {ln for ln in lines if ln and " " not in ln}
+
+
+def test_show_explain_errors(tiny_plan, capsys):
+    path, _ = tiny_plan
+    assert "give --model" in _error_line(capsys, ["show", str(path), "--explain"])
+    assert "not the model the plan was made for" in _error_line(
+        capsys, ["show", str(path), "--explain", "--model", "llama-tiny"])
