@@ -152,6 +152,12 @@ def main(path: str) -> None:
         for rank, r in enumerate(res[dt] for res in per_rank):
             records.append({"name": f"vocab_parallel_cross_entropy-{dt}-rank{rank}", "kernel": r["kernel"],
                             "errors": {"out0": r["loss"], "grad0": r["grad"]}})
+    # a fused graph end to end (LLaMA has five of the seven fusion kinds), kernels interpreted
+    from fuse_checks import graph_numerics
+
+    fused = graph_numerics("llama-tiny", batch=1, seq=4)
+    records.append({"name": "fused-llama-tiny", "kernel": fused["kernels"], "fusions": fused["fusions"],
+                    "errors": {"loss": fused["loss"], **{f"grad:{k}": v for k, v in fused["grads"].items()}}})
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
 

@@ -1,4 +1,5 @@
-"""Each runtime kernel against its torch reference through the Triton interpreter on the CPU.
+"""Each runtime kernel against its torch reference through the Triton interpreter on the CPU, and
+a fused LLaMA graph (codegen.fuse_kernels) against the unfused one with the kernels interpreted.
 
 The checks run once, in a subprocess with TRITON_INTERPRET=1 (Triton reads it when kernels are
 decorated, and it must not leak into other tests); see tests/kernel_checks.py for the cases.
@@ -21,7 +22,8 @@ KERNELS = ["layer_norm", "rms_norm", "add_norm", "bias_gelu-none", "bias_gelu-ta
 CASES = ([f"{k}-{dt}" for dt in ("float32", "bfloat16") for k in KERNELS]
          + ["cross_entropy-4099cols-sum", "layer_norm-noncontig-9rows", "rms_norm-noweight-9rows",
             "rotary-transposed-bf16x-fp32cos"]
-         + [f"vocab_parallel_cross_entropy-{dt}-rank{r}" for dt in ("float32", "bfloat16") for r in (0, 1)])
+         + [f"vocab_parallel_cross_entropy-{dt}-rank{r}" for dt in ("float32", "bfloat16") for r in (0, 1)]
+         + ["fused-llama-tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +50,8 @@ def test_bf16_outputs_keep_the_unfused_dtype(records):
     assert records["add_norm-bfloat16"]["dtypes"] == ["torch.bfloat16", "torch.bfloat16"]
     # bf16 activations times fp32 cos/sin promote to fp32, as x * cos does
     assert records["rotary-transposed-bf16x-fp32cos"]["dtypes"] == ["torch.float32"]
+
+
+def test_fused_llama_graph_runs_every_fusion_kind_it_has(records):
+    kinds = {f["kind"] for f in records["fused-llama-tiny"]["fusions"]}
+    assert kinds == {"rms_norm", "add_norm", "rotary", "swiglu", "cross_entropy"}
