@@ -10,8 +10,10 @@ from autopar.errors import (AutoparError, CaptureError, ClusterProfileError, Con
 from autopar.plan import Plan  # noqa: I001  (the module autopar.plan; the name is rebound to the function below)
 from autopar.api import apply, parallelize, plan
 from autopar.capture import capture
+from autopar.pipeline import forward_backward
 
 __all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "InfeasiblePlanError", "MeshError",
-           "Plan", "PlanFormatError", "PlanMismatchError", "ShardingError", "apply", "capture", "parallelize", "plan"]
+           "Plan", "PlanFormatError", "PlanMismatchError", "ShardingError", "apply", "capture", "forward_backward",
+           "parallelize", "plan"]
 
 # The solver and codegen are imported by autopar.plan / autopar.apply when first used.

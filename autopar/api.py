@@ -43,7 +43,7 @@ def parse_bytes(value: int | float | str | None) -> int | None:
 def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[int, ...] | list[int] | str,
          mesh_dim_names: tuple[str, ...] | list[str] | str | None = None,
          cluster: str | Path | ClusterProfile = "h100-sxm", memory_budget: int | str | None = None,
-         **options) -> Plan:
+         pipeline: str | bool | dict | None = None, **options) -> Plan:
     """Capture ``model`` on ``example_inputs`` and solve a sharding plan for a mesh of ``mesh_shape``.
 
     ``cluster``: a preset name (``h100-sxm``, ``h200-sxm``, ``a100-80g-sxm``, ``cpu-gloo``) or a profile
@@ -52,6 +52,10 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``prefer`` {key glob: placements} pins op outputs where the op has such a strategy (others stay free),
     ``backend`` ("auto" = HiGHS when installed, else CBC; "highs"; "cbc"), ``time_limit`` seconds,
     ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks).
+    ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
+    layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
+    ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
+    plans without stages (see autopar.pipeline).
     """
     unknown = set(options) - PLAN_OPTIONS
     if unknown:
@@ -61,6 +65,16 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     budget = parse_bytes(memory_budget)
     if budget is None:
         budget = profile.device.memory_capacity
+    if pipeline is None:
+        pipeline = "auto" if "pp" in mesh.dim_names else False
+    if pipeline is not False:
+        from autopar.pipeline import plan_pipeline
+        if options.get("fix") or options.get("prefer"):
+            raise ConfigError("fix= and prefer= are not supported with pipeline stages yet; drop them or pass "
+                              "pipeline=False")
+        return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=options.get("nodes"),
+                             backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
+                             fold_layers=options.get("fold_layers", True))
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, fold_layers=options.get("fold_layers", True))
     t1 = time.perf_counter()
@@ -84,12 +98,15 @@ def _example_inputs_for(model: nn.Module, plan: Plan) -> dict:
     return out
 
 
-def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> nn.Module:
+def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
+          defer_param_grads: bool = True) -> nn.Module:
     """Rewrite ``model`` for ``plan`` on ``mesh`` (a torch DeviceMesh); needs an initialized process group.
 
     Returns a ParallelModule with the original parameter FQNs, every parameter a DTensor with the
     plan's placements, and ``.plan``. The model's parameters are replaced in place (each rank keeps
-    only its shards).
+    only its shards). A plan with pipeline stages gives an ``autopar.pipeline.PipelineModule`` (run it
+    with ``autopar.forward_backward``). ``defer_param_grads=False`` reduces data-parallel gradients
+    inside each backward instead of in overlapped buckets (pipeline stages: several backwards per step).
     """
     import torch.distributed as dist
 
@@ -97,6 +114,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> 
     from autopar.codegen.emit import place_factories
     from autopar.codegen.shard_params import check_param_placements, mesh_device, shard_parameters
     from autopar.errors import MeshError, PlanMismatchError
+    from autopar.faults import check_same_plan
     from autopar.runtime import ParallelModule
 
     if not isinstance(plan, Plan):
@@ -106,14 +124,18 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global") -> 
     if tuple(mesh.shape) != tuple(plan.mesh.shape):
         raise MeshError(f"the plan is for mesh {tuple(plan.mesh.shape)} but the DeviceMesh is {tuple(mesh.shape)}; "
                         f"plan again for this mesh or build the mesh the plan expects")
-    if dist.is_initialized():
+    if dist.is_initialized() and mesh._get_root_mesh() is mesh:   # a sub-mesh (pipeline stage) is part of the world
         plan.mesh.check_world_size(dist.get_world_size())
+        check_same_plan(plan, mesh_device(mesh))   # a collective: every rank must hold the same plan
+    if plan.pipeline is not None:
+        from autopar.pipeline import apply_pipeline
+        return apply_pipeline(model, plan, mesh)
     check_param_placements(model, plan)
     cap = capture(model, _example_inputs_for(model, plan), fold_layers=False)
     if cap.fingerprint() != plan.model.fingerprint:
         raise PlanMismatchError("this model (parameter names/shapes or input shapes) is not the one the plan was "
                                 "made for; re-plan it with autopar.plan")
-    gm, ctx = build_parallel_graph(cap, plan)
+    gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads)
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
     buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}

@@ -130,13 +130,19 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
     dp = cost_mesh.shape[cost_mesh.dim_names.index("dp")] if "dp" in cost_mesh.dim_names else 1
     cache: dict[int, object] = {}
 
-    def costs_for(m: int):
-        if m not in cache:
-            a, k = microbatch_inputs(example_inputs, m)
-            cap = capture(model, _as_inputs(a, k), fold_layers=fold_layers)
-            cache[m] = unit_costs(cap, layer_list, cost_mesh, cost_profile, cost_links, backend=backend,
-                                  time_limit=time_limit)
-        return cache[m]
+    caps: dict[int, object] = {}
+
+    def costs_for(m: int, tighten: int):
+        if (m, tighten) not in cache:
+            if m not in caps:
+                a, kw = microbatch_inputs(example_inputs, m)
+                caps[m] = capture(model, _as_inputs(a, kw), fold_layers=fold_layers)
+            # the whole model on one sub-mesh under p x the device budget (each of p stages gets one device's),
+            # halved `tighten` times when no stage fit with the looser bound
+            bound = budget * p / 2 ** tighten if budget is not None else None
+            cache[(m, tighten)] = unit_costs(caps[m], layer_list, cost_mesh, cost_profile, cost_links, budget=bound,
+                                             backend=backend, time_limit=time_limit)
+        return cache[(m, tighten)]
 
     part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link)
     return part, layer_list, cache
@@ -163,7 +169,10 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
             stage_plans.append(None)
             continue
         scap = capture(st.module, stage_example_inputs(st))
-        stage_plans.append(plan_graph(scap, sub, sub_profile, budget=budget, backend=backend, time_limit=time_limit))
+        # the stage ILP sees one micro-batch's activations: leave room for the others in flight
+        room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
+        stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
+                                      backend=backend, time_limit=time_limit))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
@@ -171,12 +180,14 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
 
 
 def stage_example_inputs(st) -> tuple:
-    """Tensors (zeros) shaped like the values a stage receives, on the meta device."""
+    """Tensors shaped like the values a stage receives, on the device of its parameters (meta stays meta)."""
+    tensors = list(st.module.parameters()) + list(st.module.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
     out = []
     for node in st.module.graph.nodes:
         if node.op == "placeholder":
             val = node.meta["val"]
-            out.append(torch.empty(val.shape, dtype=val.dtype, device="meta"))
+            out.append(torch.zeros(val.shape, dtype=val.dtype, device=device))
     return tuple(out)
 
 

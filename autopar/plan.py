@@ -226,9 +226,54 @@ class Plan:
                     predicted=predicted, solver=solver, layers=tuple(layers),
                     checkpoint=tuple(_list(d, "checkpoint", "plan", str)), offload=tuple(_list(d, "offload", "plan", str)),
                     optimizer_sharding={k: tuple(v) for k, v in opt.items()},
-                    pipeline=d.get("pipeline"), precision=dict(d.get("precision", {})) or
+                    pipeline=_pipeline(d.get("pipeline"), mesh), precision=dict(d.get("precision", {})) or
                     {"param_dtype": "float32", "compute_dtype": "float32"},
                     nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)), version=version)
+
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def _pipeline(p: Any, mesh: MeshSpec) -> dict | None:
+    """Check the ``pipeline`` field (structure in plan_schema.json, written by autopar.pipeline): schedule,
+    micro-batches, virtual stages and per stage its pp rank, layers, parameter FQNs and intra-op plan."""
+    if p is None:
+        return None
+    w = "plan.pipeline"
+    if not isinstance(p, dict):
+        raise PlanFormatError(f"{w}: expected an object or null")
+    pp_dim = _field(p, "pp_dim", str, w)
+    if pp_dim not in mesh.dim_names:
+        raise PlanFormatError(f"{w}.pp_dim: {pp_dim!r} is not a dim of the plan's mesh {mesh.dim_names}")
+    _field(p, "layer_list", str, w)
+    if _field(p, "schedule", str, w) not in PIPELINE_SCHEDULES:
+        raise PlanFormatError(f"{w}.schedule: {p['schedule']!r} is not one of {PIPELINE_SCHEDULES}")
+    for k in ("microbatches", "virtual_stages"):
+        if _field(p, k, int, w) < 1:
+            raise PlanFormatError(f"{w}.{k}: must be >= 1, got {p[k]}")
+    _field(p, "predicted_bubble_fraction", (int, float), w)
+    stages = _field(p, "stages", list, w)
+    pp = mesh.shape[mesh.dim_names.index(pp_dim)]
+    if len(stages) != pp * p["virtual_stages"]:
+        raise PlanFormatError(f"{w}.stages: {len(stages)} stages for {pp} pp ranks x {p['virtual_stages']} virtual "
+                              f"stages")
+    for i, st in enumerate(stages):
+        ws = f"{w}.stages[{i}]"
+        if not isinstance(st, dict):
+            raise PlanFormatError(f"{ws}: expected an object")
+        if _field(st, "index", int, ws) != i or _field(st, "pp_rank", int, ws) != i % pp:
+            raise PlanFormatError(f"{ws}: expected index {i} on pp rank {i % pp}")
+        for k in ("layers", "params"):
+            if not all(isinstance(x, str) for x in _field(st, k, list, ws)):
+                raise PlanFormatError(f"{ws}.{k}: expected a list of strings")
+        if "plan" not in st:
+            raise PlanFormatError(f"{ws}.plan: missing field")
+        if st["plan"] is not None:
+            try:
+                Plan.from_dict(st["plan"])
+            except PlanFormatError as e:
+                raise PlanFormatError(f"{ws}.plan: {e}") from None
+    return p
 
 
 def _field(d: dict, key: str, typ, where: str):

@@ -65,8 +65,32 @@ def summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _span(names: list[str]) -> str:
+    """``blocks.0, blocks.1, blocks.2`` -> ``blocks.0..2``."""
+    idx = [int(n.rsplit(".", 1)[1]) for n in names if n.rsplit(".", 1)[-1].isdigit()]
+    if not names or len(idx) != len(names):
+        return ", ".join(names)
+    head = names[0].rsplit(".", 1)[0]
+    return f"{head}.{idx[0]}" if len(idx) == 1 else f"{head}.{idx[0]}..{idx[-1]}"
+
+
+def pipeline_lines(plan: Plan) -> list[str]:
+    """The stage table of a pipelined plan (empty without stages)."""
+    p = plan.pipeline
+    if not p:
+        return []
+    v = p["virtual_stages"]
+    head = (f"pipeline over {p['pp_dim']}: {len(p['stages'])} stages, schedule {p['schedule']}, "
+            f"{p['microbatches']} micro-batches" + (f", {v} virtual stages per rank" if v > 1 else "") +
+            f", predicted bubble {100 * p['predicted_bubble_fraction']:.1f}%")
+    rows = [[str(st["index"]), str(st["pp_rank"]), _span(st["layers"]), str(len(st["params"])),
+             fmt_time(st.get("time_s", 0.0)), fmt_bytes(st.get("memory_bytes", 0))] for st in p["stages"]]
+    return ["", head, _table(["stage", "pp rank", "layers", "params", "time/mb", "memory"], rows)]
+
+
 def render(plan: Plan) -> str:
-    parts = [summary(plan), "", "parameters", _table(["parameter", "placement"], param_rows(plan)), "",
+    parts = [summary(plan), *pipeline_lines(plan), "", "parameters",
+             _table(["parameter", "placement"], param_rows(plan)), "",
              "layers", _table(["module", "count", "time", "comm", "memory"],
                               [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
                                for r in plan.layers])]

@@ -84,6 +84,7 @@ class Partition:
     pp: int
     stage_time_s: tuple[float, ...]
     stage_memory_bytes: tuple[float, ...]
+    stage_extra_inflight_bytes: tuple[float, ...]   # activations of the micro-batches in flight beyond one
     step_time_s: float
     bubble_s: float
     comm_s: float
@@ -136,16 +137,19 @@ class PipelineConfig:
 
 
 def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: ClusterProfile,
-               links: tuple[LinkSpec, ...], *, backend: str = "auto", time_limit: float = 60.0) -> UnitCosts:
+               links: tuple[LinkSpec, ...], *, budget: float | None = None, backend: str = "auto",
+               time_limit: float = 60.0) -> UnitCosts:
     """Solve the intra-op ILP for ``cap`` (captured at one micro-batch) on the sub-mesh and split its
-    chosen costs into prefix / one block / suffix. No memory budget here: the DP applies it per stage."""
+    chosen costs into prefix / one block / suffix. ``budget`` bounds the whole model's memory on one
+    sub-mesh (the caller passes p x the device budget: each of p stages gets one device's); the DP
+    then checks every stage, in-flight activations included, against the device budget."""
     gi = index_graph(cap)
     if layer_list not in gi.layer_counts:
         raise ConfigError(f"{layer_list!r} is not a list of repeated blocks in this model; found "
                           f"{sorted(gi.layer_counts) or 'none'}")
     n = gi.layer_counts[layer_list]
     keys = ilp.collect_keys(gi, mesh, profile, None, None)
-    sol = ilp.solve(gi, mesh, profile, links=links, budget=None, backend=backend, time_limit=time_limit, keys=keys)
+    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys)
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)
@@ -280,11 +284,14 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
     bounds = best[1]
     times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
     mems = [table[(j, i, s)][1] for s, (j, i) in enumerate(bounds)]
+    extra = [(inflight(schedule, s, p, m, v) - 1) * _stage_costs(u, j, i, None, True)[2]
+             for s, (j, i) in enumerate(bounds)]
     total, bubble = step_time(times, p, m, v)
     comm = sum(_stage_costs(u, j, i, link, s == S - 1)[0] - _stage_costs(u, j, i, None, True)[0]
                for s, (j, i) in enumerate(bounds))
     return Partition(stages=tuple(tuple(range(j, i)) for j, i in bounds), schedule=schedule, microbatches=m,
                      virtual_stages=v, pp=p, stage_time_s=tuple(times), stage_memory_bytes=tuple(mems),
+                     stage_extra_inflight_bytes=tuple(max(0.0, e) for e in extra),
                      step_time_s=total, bubble_s=bubble, comm_s=comm * m)
 
 
@@ -303,36 +310,47 @@ def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[i
     return good[-3:]
 
 
-def search(costs_for: Callable[[int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineConfig,
+TIGHTEN_STEPS = 4   # unit costs are re-solved under up to 4 halvings of the memory bound when no stage fits
+
+
+def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineConfig,
            budget: float | None, link: LinkSpec | None) -> Partition:
-    """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``;
-    ``costs_for(m)`` gives the unit costs for ``m`` micro-batches (cached by the caller)."""
+    """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``.
+
+    ``costs_for(m, k)`` gives the unit costs for ``m`` micro-batches with the intra-op ILP's memory bound
+    halved ``k`` times (cached by the caller): when no partition fits with the fastest per-unit plans,
+    the units are re-planned under more memory pressure (sharding more) before giving up."""
     ms = microbatch_options(batch, dp, p, config.microbatches)
     schedules = [config.schedule] if config.schedule else list(SCHEDULES)
     best: Partition | None = None
     tried = []
     for m in ms:
-        u = costs_for(m)
-        for sched in schedules:
-            vs = [config.virtual_stages or 2] if sched == "interleaved" else [1]
-            for v in vs:
-                if sched == "interleaved" and (p * v > u.num_blocks or v < 2):
-                    if config.schedule == "interleaved":
-                        partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link)  # raises if too many
-                        if v < 2:
-                            raise ConfigError("interleaved 1F1B needs virtual_stages >= 2")
+        for k in range(TIGHTEN_STEPS + 1 if budget is not None else 1):
+            try:
+                u = costs_for(m, k)
+            except InfeasiblePlanError:
+                break
+            found = None
+            for sched in schedules:
+                v = config.virtual_stages or 2 if sched == "interleaved" else 1
+                if sched == "interleaved" and config.schedule != "interleaved" and p * v > u.num_blocks:
                     continue
+                if sched == "interleaved" and v < 2:
+                    raise ConfigError("interleaved 1F1B needs virtual_stages >= 2")
                 part = partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link)
-                tried.append((sched, m, v, part is not None))
-                if part is None:
-                    continue
-                if best is None or _better(part, best):
-                    best = part
+                tried.append((sched, m, v, k, part is not None))
+                if part is not None and (found is None or _better(part, found)):
+                    found = part
+            if found is not None:
+                if best is None or _better(found, best):
+                    best = found
+                break
     if best is None:
-        need = _min_stage_memory(costs_for(ms[-1]), p)
+        need = _min_stage_memory(costs_for(ms[-1], 0), p)
         raise InfeasiblePlanError(
-            f"no pipeline of {p} stages fits {budget:.4g} bytes per device (tried {tried}); the smallest stage "
-            f"needs about {need:.4g} bytes: raise the memory budget, use more pp ranks or more tp/dp",
+            f"no pipeline of {p} stages fits {budget:.4g} bytes per device (tried (schedule, micro-batches, virtual "
+            f"stages, tightening, fits): {tried}); the smallest stage needs about {need:.4g} bytes with the "
+            f"fastest intra-op plans: raise the memory budget, use more pp ranks or more tp/dp",
             min_feasible_bytes=int(need))
     return best
 

@@ -28,16 +28,30 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def build(spec: str, batch: int, seq: int):
+    """A built-in model, or ``gpt-4layer``: the tiny GPT with 4 blocks (2 ranks x 2 virtual stages)."""
+    if spec == "gpt-4layer":
+        from autopar.models import load_example_module
+        gpt = load_example_module("gpt")
+        model = gpt.GPT(gpt.GPTConfig(n_layer=4, d_model=64, n_head=4, vocab_size=256, max_seq_len=64))
+        _, inputs = build_model("gpt-tiny", batch=batch, seq=seq, device="cpu")
+        return model, inputs
+    return build_model(spec, batch=batch, seq=seq, device="cpu")
+
+
 def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], names: tuple[str, ...],
-                        pipeline, batch: int = 4, seq: int = 8, steps: int = 1) -> dict:
+                        pipeline, batch: int = 4, seq: int = 8, steps: int = 1, options: dict | None = None) -> dict:
     torch.manual_seed(0)
-    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    model, inputs = build(spec, batch, seq)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    pm = autopar.parallelize(model, mesh, inputs, pipeline=pipeline)
+    pm = autopar.parallelize(model, mesh, inputs, pipeline=pipeline, **(options or {}))
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
     out = {"errors": {}, "pipeline": {k: v for k, v in pm.plan.pipeline.items() if k != "stages"},
-           "stages": sorted(pm.stage_modules), "fqns": [n for n, _ in pm.named_parameters()]}
+           "stages": sorted(pm.stage_modules), "fqns": [n for n, _ in pm.named_parameters()],
+           "ref_fqns": list(ref_params), "sharded": [n for n, p in pm.named_parameters()
+                                                     if any(type(x).__name__ == "Shard" for x in
+                                                            getattr(p, "placements", ()))]}
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     for step in range(steps):
@@ -45,7 +59,7 @@ def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
         ref_loss = ref(**inputs)
         ref_loss.backward()
         out["errors"][f"loss{step}"] = _err(loss, ref_loss)
-        out.setdefault("losses", []).append((float(loss), float(ref_loss)))
+        out.setdefault("losses", []).append((float(loss), float(ref_loss.detach())))
         for name, p in pm.named_parameters():
             out["errors"][f"grad{step}:{name}"] = _err(_full(p.grad), ref_params[name].grad)
         opt.step()

@@ -35,7 +35,11 @@ def _plan(**changes) -> Plan:
         checkpoint=("blocks.*/mlp/gelu#0",),
         offload=("blocks.*/attn/scaled_dot_product_attention#0",),
         optimizer_sharding={QKV: ("S(0)", "S(0)")},
-        pipeline={"stages": 2, "schedule": "1F1B", "microbatches": 4, "boundaries": ["blocks.6"]},
+        pipeline={"pp_dim": "dp", "layer_list": "blocks", "schedule": "1f1b", "microbatches": 4, "virtual_stages": 1,
+                  "predicted_bubble_fraction": 0.2,
+                  "stages": [{"index": 0, "pp_rank": 0, "layers": ["blocks.0"], "params": ["wte.weight"], "plan": None},
+                             {"index": 1, "pp_rank": 1, "layers": ["blocks.1"], "params": ["ln_f.weight"],
+                              "plan": None}]},
         precision={"param_dtype": "float32", "compute_dtype": "bfloat16"},
         nodes_fallback=("root/cumsum#0",),
     )
