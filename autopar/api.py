@@ -114,7 +114,6 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     from autopar.codegen.emit import place_factories
     from autopar.codegen.shard_params import check_param_placements, mesh_device, shard_parameters
     from autopar.errors import MeshError, PlanMismatchError
-    from autopar.faults import check_same_plan
     from autopar.runtime import ParallelModule
 
     if not isinstance(plan, Plan):
@@ -126,7 +125,6 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
                         f"plan again for this mesh or build the mesh the plan expects")
     if dist.is_initialized() and mesh._get_root_mesh() is mesh:   # a sub-mesh (pipeline stage) is part of the world
         plan.mesh.check_world_size(dist.get_world_size())
-        check_same_plan(plan, mesh_device(mesh))   # a collective: every rank must hold the same plan
     if plan.pipeline is not None:
         from autopar.pipeline import apply_pipeline
         return apply_pipeline(model, plan, mesh)

@@ -13,7 +13,6 @@ from autopar.placement import format_sharding
 from autopar.plan import LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.profile import ClusterProfile
 from autopar.solver import ilp
-from autopar.solver.saved import saved_tensors
 from autopar.solver.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
-    try:
-        saved = saved_tensors(cap.program.graph_module)
-    except Exception as e:  # an op the meta device cannot run: fall back to "every op keeps its outputs"
-        log.warning("could not trace the tensors kept for backward (%s: %s); assuming every op keeps its outputs",
-                    type(e).__name__, e)
-        saved = None
-    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer, saved=saved)
+    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer)
     for key, strat in (force or {}).items():
         info = keys[key]
         j = info.strategies.index(strat)
@@ -91,12 +84,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                                 memory_bytes=int(r["memory_bytes"])))
 
     tb = dict(sol.time_breakdown)
-    tb.update({"offload_s": 0.0, "bubble_s": 0.0})
+    tb.update({"recompute_s": 0.0, "offload_s": 0.0, "bubble_s": 0.0})
     mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
-    checkpoint = []
-    for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
-        checkpoint += [f"{lst}.{i}:full" for i in range(full)]
-        checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
     t3 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"index": t1 - t0, "strategies": t2 - t1, "build_ilp": sol.build_s, "solve": sol.solve_s,
@@ -109,12 +98,11 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             param_shapes=_param_shapes(cap, gi)),
         param_placements=param_placements, node_shardings=node_shardings,
         predicted=Predicted(step_time_s=sum(v for k, v in tb.items()), time_breakdown=tb,
-                            peak_memory_bytes=int(sol.peak_bytes), memory_breakdown=mb),
+                            peak_memory_bytes=sum(mb.values()), memory_breakdown=mb),
         solver=SolverStats(backend=sol.backend, status=sol.status, optimal=sol.optimal, objective=sol.objective,
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
-        checkpoint=tuple(checkpoint),
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 
