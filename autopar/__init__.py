@@ -5,15 +5,18 @@
 on ``torch.distributed``.
 """
 from autopar.errors import (AutoparError, CaptureError, ClusterProfileError, ConfigError, InfeasiblePlanError,
-                            MeshError, PlanFormatError, PlanMismatchError, ShardingError)
+                            MeshError, PlanFormatError, PlanMismatchError, RankFailureError, ShardingError)
 
 from autopar.plan import Plan  # noqa: I001  (the module autopar.plan; the name is rebound to the function below)
 from autopar.api import apply, parallelize, plan
 from autopar.capture import capture
 from autopar.pipeline import forward_backward
+from autopar.checkpoint import load, save
+from autopar.config import init_distributed
+from autopar.faults import guard_step
 
 __all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "InfeasiblePlanError", "MeshError",
-           "Plan", "PlanFormatError", "PlanMismatchError", "ShardingError", "apply", "capture", "forward_backward",
-           "parallelize", "plan"]
+           "Plan", "PlanFormatError", "PlanMismatchError", "RankFailureError", "ShardingError", "apply", "capture",
+           "forward_backward", "guard_step", "init_distributed", "load", "parallelize", "plan", "save"]
 
 # The solver and codegen are imported by autopar.plan / autopar.apply when first used.

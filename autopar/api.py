@@ -60,6 +60,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     unknown = set(options) - PLAN_OPTIONS
     if unknown:
         raise ConfigError(f"unknown plan option(s) {sorted(unknown)}; known: {sorted(PLAN_OPTIONS)}")
+    _check_dtypes(model, example_inputs)
     mesh = MeshSpec.make(mesh_shape, mesh_dim_names)
     profile = load_cluster(cluster)
     budget = parse_bytes(memory_budget)
@@ -83,6 +84,20 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
                       prefer=options.get("prefer"),
                       backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
                       phase_times={"capture": t1 - t0})
+
+
+def _check_dtypes(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    """Parameters and floating inputs must be float64/32/16 or bfloat16 (complex and float8 are not planned)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    ok = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
+    named += [(f"input {i}", x) for i, x in enumerate(pytree.tree_leaves(example_inputs)) if isinstance(x, torch.Tensor)]
+    for what, t in named:
+        if (t.is_complex() or t.is_floating_point()) and t.dtype not in ok:
+            raise ConfigError(f"{what} has dtype {str(t.dtype).removeprefix('torch.')}, which autopar does not "
+                              f"plan; use float32, bfloat16, float16 or float64 (complex and float8 are unsupported)")
 
 
 def _example_inputs_for(model: nn.Module, plan: Plan) -> dict:
@@ -114,6 +129,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     from autopar.codegen.emit import place_factories
     from autopar.codegen.shard_params import check_param_placements, mesh_device, shard_parameters
     from autopar.errors import MeshError, PlanMismatchError
+    from autopar.faults import check_same_plan
     from autopar.runtime import ParallelModule
 
     if not isinstance(plan, Plan):
@@ -125,6 +141,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
                         f"plan again for this mesh or build the mesh the plan expects")
     if dist.is_initialized() and mesh._get_root_mesh() is mesh:   # a sub-mesh (pipeline stage) is part of the world
         plan.mesh.check_world_size(dist.get_world_size())
+        check_same_plan(plan, mesh_device(mesh))   # a collective: every rank must hold the same plan
     if plan.pipeline is not None:
         from autopar.pipeline import apply_pipeline
         return apply_pipeline(model, plan, mesh)

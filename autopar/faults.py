@@ -1,4 +1,5 @@
-"""Rank failures: ``autopar.guard_step()`` turns a lost rank into a RankFailureError naming it.
+"""Rank failures and disagreements: ``autopar.guard_step()`` turns a lost rank into a RankFailureError
+naming it; ``check_same_plan`` (called by ``autopar.apply``) makes sure every rank holds the same plan.
 
 When a rank dies (or stops responding) mid-step, the survivors' next collective fails: gloo reports
 "Connection closed by peer" at once, or a timeout after the process group's ``timeout``
@@ -30,7 +31,7 @@ from autopar.errors import RankFailureError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["guard_step", "is_comm_failure"]
+__all__ = ["check_same_plan", "guard_step", "is_comm_failure", "plan_digest"]
 
 # what gloo / NCCL / c10d say when a peer is gone or a collective timed out
 _COMM_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out waiting|"
@@ -104,3 +105,36 @@ def guard_step(*, grace_s: float | None = None) -> Iterator[None]:
             raise  # every rank answered: not a lost rank
         log.error(msg)
         raise RankFailureError(msg, lost_ranks=lost) from e
+
+
+# ------------------------------------------------------------------------------- plan agreement
+
+def plan_digest(plan) -> int:
+    """A 63-bit hash of everything a plan decides (its JSON without the solver's wall times)."""
+    import hashlib
+    import json
+
+    d = plan.to_dict()
+    d["solver"] = {k: v for k, v in d["solver"].items() if k != "phase_times_s"}
+    text = json.dumps(d, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def check_same_plan(plan, device: torch.device | str = "cpu") -> None:
+    """Every rank of the default process group must hold the same plan; else PlanMismatchError naming
+    the ranks that differ from rank 0 (raised on every rank). A collective: call it on all ranks."""
+    from autopar.errors import PlanMismatchError
+
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    mine = torch.tensor([plan_digest(plan)], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    digests = [int(t.item()) for t in every]
+    differ = [r for r, h in enumerate(digests) if h != digests[0]]
+    if differ:
+        same = [r for r, h in enumerate(digests) if h == digests[0]]
+        raise PlanMismatchError(f"ranks {differ} hold a different plan than rank 0 (and ranks {same}); every rank "
+                                f"must apply the same plan: load one plan file everywhere, or use "
+                                f"autopar.parallelize, which plans on rank 0 and shares the plan")
