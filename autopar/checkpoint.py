@@ -84,6 +84,8 @@ def _reader(path: Path):
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
             rank = kwargs.get("rank")
+            if rank is None and not Path(self._get_metadata_path(rank)).is_file():
+                raise ConfigError(f"checkpoint {str(path)!r} lacks DCP's metadata file (an interrupted save?)")
             with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
                 try:
                     md = _MetadataUnpickler(f).load()
@@ -250,8 +252,12 @@ def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
         raise ConfigError(f"checkpoint {str(path)!r} has no optimizer state; call load without the optimizer")
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    _reader(path).read_metadata()  # refuses a tampered .metadata with a ConfigError before DCP reads it
     state = _state_dicts(module, optimizer)
-    dcp.load(state, storage_reader=_reader(path), planner=_planner())
+    try:
+        dcp.load(state, storage_reader=_reader(path), planner=_planner())
+    except dcp.api.CheckpointException as e:
+        raise ConfigError(f"checkpoint {str(path)!r} could not be read: {str(e).strip().splitlines()[-1][:300]}") from e
     if optimizer is None:
         set_model_state_dict(module, state["model"])
     else:
