@@ -138,8 +138,9 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
                 a, kw = microbatch_inputs(example_inputs, m)
                 caps[m] = capture(model, _as_inputs(a, kw), fold_layers=fold_layers)
             # the whole model on one sub-mesh under p x the device budget (each of p stages gets one device's),
-            # halved `tighten` times when no stage fit with the looser bound
-            bound = budget * p / 2 ** tighten if budget is not None else None
+            # tightened when no stage fit with the looser bound
+            from autopar.solver.pipeline import TIGHTEN_FACTOR
+            bound = budget * p * TIGHTEN_FACTOR ** tighten if budget is not None else None
             cache[(m, tighten)] = unit_costs(caps[m], layer_list, cost_mesh, cost_profile, cost_links, budget=bound,
                                              backend=backend, time_limit=time_limit)
         return cache[(m, tighten)]
@@ -472,3 +473,43 @@ def _sync_tied_grads(pm: PipelineModule, base: dict[str, torch.Tensor | None]) -
             g._local_tensor.copy_(local_chunk(total, sharding, pm.submesh))
         else:
             g.copy_(total)
+
+
+# ---------------------------------------------------------------------------------------- mesh layout
+
+
+def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[tuple[tuple[int, ...], tuple[str, ...]]],
+                 *, cluster="h100-sxm", memory_budget=None, nodes: int | None = None, pipeline="auto",
+                 backend: str = "auto", time_limit: float = 60.0) -> list[tuple[MeshSpec, float | None, str]]:
+    """Compare mesh layouts of the same devices: each (shape, dim names) is planned (with pipeline stages
+    when it has a ``pp`` dim, ``pipeline`` as in autopar.plan) and ranked by predicted step time.
+
+    Returns ``(mesh, predicted step time or None, note)`` fastest first; a layout that does not fit the
+    memory budget gets None and the reason. Only the inter-op decision is made for pipelined layouts
+    (no per-stage plans): enough to choose, e.g., whether the pipeline or TP crosses the nodes.
+    """
+    from autopar.api import parse_bytes, plan as plan_fn
+    from autopar.errors import InfeasiblePlanError
+    from autopar.profile import load_cluster
+
+    profile = load_cluster(cluster)
+    budget = parse_bytes(memory_budget)
+    if budget is None:
+        budget = profile.device.memory_capacity
+    out = []
+    for shape, names in layouts:
+        mesh = MeshSpec.make(shape, names)
+        try:
+            if PP_DIM in names:
+                part, _, _ = choose_partition(model, example_inputs, mesh, profile, budget, pipeline, nodes=nodes,
+                                              backend=backend, time_limit=time_limit)
+                out.append((mesh, part.step_time_s, f"{part.schedule}, {part.microbatches} micro-batches, "
+                                                     f"bubble {part.bubble_fraction:.1%}"))
+            else:
+                p = plan_fn(model, example_inputs, mesh_shape=shape, mesh_dim_names=names, cluster=profile,
+                            memory_budget=budget, nodes=nodes, backend=backend, time_limit=time_limit,
+                            pipeline=False)
+                out.append((mesh, p.predicted.step_time_s, "no pipeline"))
+        except InfeasiblePlanError as e:
+            out.append((mesh, None, str(e).split(";")[0]))
+    return sorted(out, key=lambda r: (r[1] is None, r[1] or 0.0))

@@ -310,7 +310,8 @@ def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[i
     return good[-3:]
 
 
-TIGHTEN_STEPS = 4   # unit costs are re-solved under up to 4 halvings of the memory bound when no stage fits
+TIGHTEN_STEPS = 5       # unit costs are re-solved under up to 5 tighter memory bounds when no stage fits
+TIGHTEN_FACTOR = 0.75   # each bound is this fraction of the one before
 
 
 def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineConfig,
@@ -318,7 +319,7 @@ def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp
     """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``.
 
     ``costs_for(m, k)`` gives the unit costs for ``m`` micro-batches with the intra-op ILP's memory bound
-    halved ``k`` times (cached by the caller): when no partition fits with the fastest per-unit plans,
+    scaled by ``TIGHTEN_FACTOR ** k`` (cached by the caller): when no partition fits with the fastest per-unit plans,
     the units are re-planned under more memory pressure (sharding more) before giving up."""
     ms = microbatch_options(batch, dp, p, config.microbatches)
     schedules = [config.schedule] if config.schedule else list(SCHEDULES)
