@@ -168,6 +168,21 @@ def param_state_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_
     return {"params": local, "grads": local, "optimizer": elems * ADAM_STATE_BYTES_PER_ELEMENT}
 
 
+def saved_bytes(node: GNode, strategy: Strategy, saved, mesh_shape: tuple[int, ...]) -> float:
+    """Local bytes autograd keeps for backward of ``node`` under ``strategy`` (``saved``: a
+    solver.saved.Saved record, None when the node keeps nothing)."""
+    if saved is None:
+        return 0.0
+    total = sum(local_bytes(node.outputs[i], strategy.outputs[i], mesh_shape) for i in saved.outputs
+                if i < len(node.outputs) and node.outputs[i] is not None and strategy.outputs[i] is not None)
+    if saved.extra_bytes:
+        # an op's internal results (norm statistics, cross-entropy's log-softmax) are split like its
+        # first input (a reduction's output, e.g. the loss, is not)
+        first = next((p for p in (*strategy.inputs[:1], *strategy.outputs[:1]) if p is not None), ())
+        total += saved.extra_bytes / _shard_factor(first, mesh_shape)
+    return total
+
+
 def activation_bytes(node: GNode, strategy: Strategy, mesh_shape: tuple[int, ...]) -> float:
     if node.kind != "op" or node.target in NO_SAVED_OUTPUT:
         return 0.0

@@ -18,9 +18,16 @@ Constraints
   sum_s x_{k,s} = 1                                  for every k                    (add_node_vars)
   sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
-  sum_k m_k sum_s x_{k,s} M_{k,s} + sum_e m_e sum y_{e,p,q} G_{e,p,q} <= budget     (add_memory_row)
-     M: parameter + gradient + AdamW bytes of placeholders, activation bytes kept for backward
-     of ops; G: gathered parameter copies an op keeps for backward.
+  memory rows, one per peak of a training step (memory_exprs, add_memory_row; in GiB):
+    backward start:  P + O + A_rest + sum_g kept_g + G_edges  <= budget
+    optimizer step:  P + O + Grad                              <= budget
+    recompute:       P + O + Grad + A_before + sum_g (N_g B_g + T_g) <= budget   (when blocks recompute)
+     P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
+     A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
+     G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
+     kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
+  Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
+  selectively / recomputed fully; their forward time joins the objective (category "recompute").
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
 other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
@@ -49,11 +56,14 @@ from autopar.mesh import MeshSpec
 from autopar.placement import Placement, Replicate, Shard, parse_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
+from autopar.solver.saved import Saved
 from autopar.solver.strategies import Strategy, strategies_for
 from autopar.solver.strategies.base import in_meta
 
 log = logging.getLogger(__name__)
 OUTPUT = "__output__"
+_MODES = ("keep", "sel", "full")
+_GIB = float(2 ** 30)   # activation recompute modes of a repeated block
 
 
 @dataclass
@@ -83,6 +93,8 @@ class Solution:
     time_breakdown: dict[str, float]
     memory_breakdown: dict[str, float]
     edge_time: dict[str, float]         # consumer key -> resharding seconds (for tables)
+    peak_bytes: float = 0.0             # max over the memory rows
+    remat: dict[str, tuple[int, int]] = field(default_factory=dict)   # block list -> (full, selective) counts
 
 
 def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
@@ -112,8 +124,10 @@ def _match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] 
 
 
 def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
-                 fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None
-                 ) -> dict[str, KeyInfo]:
+                 fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None,
+                 saved: dict[str, Saved] | None = None) -> dict[str, KeyInfo]:
+    """Candidate strategies with their compute and memory per graph key. ``saved``: what autograd
+    keeps per node (solver.saved.saved_tensors); without it every op is assumed to keep its outputs."""
     keys: dict[str, KeyInfo] = {}
     used: set[str] = set()
     for key, members in gi.by_key().items():
@@ -147,6 +161,8 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
                 info.memory.append(C.param_state_bytes(node.outputs[0], s.outputs[0], mesh.shape))
+            elif saved is not None and node.kind in ("op", "input"):
+                info.memory.append({"activations": C.saved_bytes(node, s, saved.get(node.name), mesh.shape)})
             elif node.kind == "op":
                 info.memory.append({"activations": C.activation_bytes(node, s, mesh.shape)})
             else:
@@ -168,8 +184,15 @@ class ShardingILP:
     """Builds and solves the ILP of the module docstring."""
 
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
-                 budget: float | None) -> None:
+                 budget: float | None, remat: bool = False) -> None:
         self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
+        # recompute decisions only where memory is constrained (with memory to spare they cost time only)
+        self.remat = remat and budget is not None and bool(gi.shared_lists)
+        self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
+        self._last: dict[str, int] = {}
+        self._remat_vars: dict[str, tuple] = {}
+        self._blocks_end = max((i for i, n in enumerate(gi.nodes.values())
+                                if n.layer is not None and n.layer[0] in gi.shared_lists), default=-1)
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
         self.x: dict[str, list[pulp.LpVariable]] = {}
         self.time_terms: dict[str, list] = defaultdict(list)     # compute / comm -> [(coef, var)]
@@ -193,12 +216,107 @@ class ShardingILP:
             else:
                 self.merged[key] = next(iter(producers[key]))
             self.x[key] = xs
+            group = self._block_group(info)
+            if group is not None:
+                self._record_block_key(group, info, xs)
             for j, (c, mem) in enumerate(zip(info.compute, info.memory)):
                 if c.total:
                     self.time_terms["compute"].append((info.mult * c.total, xs[j]))
                 for cat, b in mem.items():
-                    if b:
-                        self.mem_terms[cat].append((info.mult * b, xs[j]))
+                    if not b or (group is not None and cat == "activations"):
+                        continue   # a block's activations are charged by add_remat_vars
+                    after = cat == "activations" and self.remat and self._pos(info.node) > self._blocks_end
+                    self.mem_terms["activations_after" if after else cat].append((info.mult * b, xs[j]))
+
+    def _record_block_key(self, group: str, info: KeyInfo, xs) -> None:
+        """Per strategy: bytes one block keeps and forward seconds one block spends for this key."""
+        per_block = info.mult / self.gi.layer_counts[group]
+        act = [per_block * m.get("activations", 0.0) for m in info.memory]
+        fwd = [per_block * c.fwd_s for c in info.compute]
+        contraction = C.contraction_flops(info.node, info.in_metas) > 0
+        terms = self.blocks[group]
+        if any(act) or any(fwd):
+            terms["keys"].append((xs, act, fwd, contraction))
+        out = info.node.outputs[0] if info.node.outputs else None
+        pos = self._pos(info.node)
+        if out is not None and out.dtype.is_floating_point and pos > self._last.get(group, -1):
+            # the block's last floating-point result stands for the tensor a checkpoint keeps
+            self._last[group] = pos
+            terms["boundary"] = [(xs, [C.local_bytes(out, s.outputs[0], self.mesh.shape) for s in info.strategies])]
+
+    def _block_group(self, info: KeyInfo) -> str | None:
+        """The repeated-block list an op belongs to, when recompute is decided for it."""
+        node = info.node
+        if not self.remat or node.kind != "op" or node.layer is None or node.layer[0] not in self.gi.shared_lists:
+            return None
+        return node.layer[0]
+
+    def _pos(self, node: GNode) -> int:
+        if not hasattr(self, "_positions"):
+            self._positions = {name: i for i, name in enumerate(self.gi.nodes)}
+        return self._positions[node.name]
+
+    def add_remat_vars(self) -> None:
+        """Activation recompute per repeated-block list g of N blocks: integer counts c_keep + c_sel +
+        c_full = N of blocks that keep everything, recompute selectively (matmul and attention
+        outputs kept, cheap ops recomputed) or recompute fully (only the block's input is kept).
+        The product of a key's strategy choice x_{k,s} and the mode fractions is exact without big-M:
+        continuous v_{k,s,m} >= 0 with  sum_m v_{k,s,m} = x_{k,s}  and  sum_s v_{k,s,m} = c_m / N,
+        so v_{k,s,m} = x_{k,s} c_m / N for the chosen s. Per rank, with a_{k,s} the bytes one block
+        keeps for key k, f_{k,s} its forward seconds, b_s the block boundary's bytes:
+          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
+                   + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
+          time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
+          T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
+        T_g (one block re-materialized in backward) and the kept boundaries join the recompute row."""
+        for gidx, (g, t) in enumerate(self.blocks.items()):
+            n = self.gi.layer_counts[g]
+            cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in _MODES}
+            self.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
+            kept, rtime, boundary, a_block = [], [], [], []
+            recorded = list(t.get("keys", []))
+            boundary_entry = t.get("boundary", [])
+            for ki, (xs, act, fwd, contraction) in enumerate(recorded + [(b[0], b[1], None, None)
+                                                                       for b in boundary_entry]):
+                is_boundary = fwd is None
+                v = {m: [self._var(f"v{gidx}_{ki}_{j}_{m}", lowBound=0) for j in range(len(xs))] for m in _MODES}
+                for j in range(len(xs)):
+                    self.prob += pulp.lpSum(v[m][j] for m in _MODES) == xs[j], f"vx{gidx}_{ki}_{j}"
+                for m in _MODES:
+                    self.prob += n * pulp.lpSum(v[m]) == cnt[m], f"vc{gidx}_{ki}_{m}"
+                for j in range(len(xs)):
+                    if is_boundary:
+                        if act[j]:
+                            boundary += [(n * act[j], v["sel"][j]), (n * act[j], v["full"][j])]
+                        continue
+                    if act[j]:
+                        a_block.append((act[j], xs[j]))
+                        kept.append((n * act[j], v["keep"][j]))
+                        if contraction:
+                            kept.append((n * act[j], v["sel"][j]))
+                    if fwd[j]:
+                        rtime.append((n * fwd[j], v["full"][j]))
+                        if not contraction:
+                            rtime.append((n * fwd[j], v["sel"][j]))
+            u = self._var(f"u{gidx}", cat="Binary")
+            self.prob += n * u >= cnt["sel"] + cnt["full"], f"remat_any_{gidx}"
+            tr = self._var(f"remat_peak_{gidx}", lowBound=0)
+            bound = sum(max(act) for _, act, _, _ in recorded if act) + 1.0
+            self.prob += tr >= pulp.lpSum(c * x for c, x in a_block) - bound * (1 - u), f"remat_peak_{gidx}"
+            self.mem_terms["blocks"] += kept + boundary
+            self.mem_terms["recompute"] += [(1.0, tr)] + boundary
+            self.time_terms["recompute"] += rtime
+            self._remat_vars[g] = (cnt, tr, a_block)
+
+    def settle_remat(self) -> None:
+        """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
+        recompute row does not bind; reports read it)."""
+        for g, (cnt, tr, a_block) in self._remat_vars.items():
+            some = round(_value(cnt["sel"])) + round(_value(cnt["full"])) > 0
+            tr.varValue = sum(c * _value(x) for c, x in a_block) if some else 0.0
+
+    def remat_counts(self) -> dict[str, tuple[int, int]]:
+        return {g: (round(_value(cnt["full"])), round(_value(cnt["sel"]))) for g, (cnt, _, _) in self._remat_vars.items()}
 
     def _follow_exprs(self, info: KeyInfo, producer: set[tuple[str, int]]):
         """Trivial ops merged into the op they follow: a one-input op whose strategies are one per
@@ -299,12 +417,26 @@ class ShardingILP:
         if mem:
             self.mem_terms["activations"].append((mem, var))
 
-    def memory_expr(self):
-        return pulp.lpSum(c * v if v is not None else c for terms in self.mem_terms.values() for c, v in terms)
+    def _mem(self, cats) -> pulp.LpAffineExpression:
+        return pulp.lpSum(c * v if v is not None else c for cat in cats for c, v in self.mem_terms.get(cat, []))
+
+    def memory_exprs(self) -> dict[str, pulp.LpAffineExpression]:
+        """Per-rank memory at the two peaks of a step (liveness over forward + backward + step):
+        backward start, where every kept activation is live and no gradient exists yet
+        (``zero_grad(set_to_none=True)``), and the optimizer step, where every gradient is live and
+        the activations are freed. In between, blocks free activations as their gradients appear."""
+        rows = {"backward": self._mem(("params", "optimizer", "activations", "activations_after", "blocks")),
+                "step": self._mem(("params", "optimizer", "grads"))}
+        if self._remat_vars:
+            # while a recomputed block runs its backward, the layers after the blocks are done (their
+            # activations freed) and gradients have appeared (all of them counted: an upper bound)
+            rows["recompute"] = self._mem(("params", "optimizer", "grads", "activations", "recompute"))
+        return rows
 
     def add_memory_row(self) -> None:
         if self.budget is not None:
-            self.prob += self.memory_expr() <= self.budget, "memory"
+            for name, expr in self.memory_exprs().items():   # in GiB: HiGHS presolve misjudges byte-sized rows
+                self.prob += expr * (1 / _GIB) <= self.budget / _GIB, f"memory_{name}"
 
     def add_objective(self) -> None:
         self.prob.setObjective(pulp.lpSum(c * v for terms in self.time_terms.values() for c, v in terms
@@ -313,6 +445,8 @@ class ShardingILP:
     def build(self) -> None:
         self.add_node_vars()
         self.add_edge_vars()
+        if self.remat:
+            self.add_remat_vars()
         self.add_memory_row()
         self.add_objective()
 
@@ -354,10 +488,10 @@ def _value(v) -> float:
 
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
-          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None) -> Solution:
+          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True) -> Solution:
     t0 = time.perf_counter()
     keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
-    ilp = ShardingILP(gi, keys, mesh, links, budget)
+    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat)
     ilp.build()
     t1 = time.perf_counter()
     solver, name = _solver(backend, time_limit)
@@ -367,13 +501,14 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     status = pulp.LpStatus[ilp.prob.status]
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
-            need = _min_memory(gi, keys, mesh, links, backend, time_limit)
+            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat)
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
-                f"about {_fmt_bytes(need)} (raise memory_budget / --memory, use a larger mesh, or wait for "
-                f"recompute/offload)", min_feasible_bytes=int(math.ceil(need)))
+                f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; recompute is "
+                f"already considered)", min_feasible_bytes=int(math.ceil(need)))
         raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
     optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
+    ilp.settle_remat()
     chosen = {}
     for key, xs in ilp.x.items():
         j = max(range(len(xs)), key=lambda i: _value(xs[i]))
@@ -381,24 +516,39 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     tb = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.time_terms.items()}
     mb = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.mem_terms.items()}
     et = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.edge_terms.items()}
+    peak = max(float(pulp.value(e) or 0.0) for e in ilp.memory_exprs().values())
+    remat_counts = ilp.remat_counts()
     return Solution(chosen=chosen, keys=keys, status=status, optimal=optimal,
                     objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=name,
                     num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
                     build_s=t1 - t0, solve_s=t2 - t1,
-                    time_breakdown={"compute_s": tb.get("compute", 0.0), "comm_s": tb.get("comm", 0.0)},
-                    memory_breakdown={k: mb.get(k, 0.0) for k in ("params", "grads", "optimizer", "activations")},
-                    edge_time=et)
+                    time_breakdown={"compute_s": tb.get("compute", 0.0), "comm_s": tb.get("comm", 0.0),
+                                    "recompute_s": tb.get("recompute", 0.0)},
+                    memory_breakdown={"params": mb.get("params", 0.0), "grads": mb.get("grads", 0.0),
+                                      "optimizer": mb.get("optimizer", 0.0),
+                                      "activations": sum(mb.get(k, 0.0) for k in ("activations", "activations_after",
+                                                                                   "blocks"))},
+                    edge_time=et, peak_bytes=peak, remat=remat_counts)
 
 
-def _min_memory(gi, keys, mesh, links, backend, time_limit) -> float:
-    ilp = ShardingILP(gi, keys, mesh, links, None)
+def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True) -> float:
+    """The smallest peak (max over the memory rows) any plan reaches, recompute included."""
+    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat)
     ilp.add_node_vars()
     ilp.add_edge_vars()
-    ilp.prob.setObjective(ilp.memory_expr())
+    if ilp.remat:
+        ilp.add_remat_vars()
+    peak = ilp._var("peak", lowBound=0)   # GiB (byte-scaled rows made HiGHS report infeasible wrongly)
+    for name, expr in ilp.memory_exprs().items():
+        ilp.prob += peak >= expr * (1 / _GIB), f"peak_{name}"
+    ilp.prob.setObjective(peak)
     solver, _ = _solver(backend, time_limit)
     with _native_stdout_to_stderr():
         ilp.prob.solve(solver)
-    return float(pulp.value(ilp.prob.objective) or 0.0)
+    if ilp.prob.status != pulp.LpStatusOptimal:
+        raise ShardingError(f"the minimum-memory ILP ended with status {pulp.LpStatus[ilp.prob.status]}; "
+                            f"try a longer time limit")
+    return float(pulp.value(ilp.prob.objective) or 0.0) * _GIB
 
 
 def _fmt_bytes(b: float) -> str:

@@ -13,6 +13,7 @@ from autopar.placement import format_sharding
 from autopar.plan import LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.profile import ClusterProfile
 from autopar.solver import ilp
+from autopar.solver.saved import saved_tensors
 from autopar.solver.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,13 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
-    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer)
+    try:
+        saved = saved_tensors(cap.program.graph_module)
+    except Exception as e:  # an op the meta device cannot run: fall back to "every op keeps its outputs"
+        log.warning("could not trace the tensors kept for backward (%s: %s); assuming every op keeps its outputs",
+                    type(e).__name__, e)
+        saved = None
+    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer, saved=saved)
     for key, strat in (force or {}).items():
         info = keys[key]
         j = info.strategies.index(strat)
@@ -58,6 +65,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                     time_limit=time_limit, keys=keys)
 
     param_placements: dict[str, tuple[str, ...]] = {}
+    members = gi.by_key()
     node_shardings: dict[str, NodeSharding] = {}
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
@@ -65,9 +73,10 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             inputs=tuple(tuple(format_sharding(s)) for s in strat.inputs),
             outputs=tuple(tuple(format_sharding(s)) if s is not None else None for s in strat.outputs))
         if info.node.kind == "param":
-            for fqn in info.node.fqns:
-                for full in _full_fqns(fqn, gi):
-                    param_placements[full] = tuple(format_sharding(strat.outputs[0]))
+            for member in members[key]:   # every captured block's parameter (identical blocks share a key)
+                for fqn in member.fqns:
+                    for full in _full_fqns(fqn, gi):
+                        param_placements[full] = tuple(format_sharding(strat.outputs[0]))
 
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, strat in sol.chosen.items():
@@ -84,8 +93,12 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                                 memory_bytes=int(r["memory_bytes"])))
 
     tb = dict(sol.time_breakdown)
-    tb.update({"recompute_s": 0.0, "offload_s": 0.0, "bubble_s": 0.0})
+    tb.update({"offload_s": 0.0, "bubble_s": 0.0})
     mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
+    checkpoint = []
+    for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
+        checkpoint += [f"{lst}.{i}:full" for i in range(full)]
+        checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
     t3 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"index": t1 - t0, "strategies": t2 - t1, "build_ilp": sol.build_s, "solve": sol.solve_s,
@@ -98,11 +111,12 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             param_shapes=_param_shapes(cap, gi)),
         param_placements=param_placements, node_shardings=node_shardings,
         predicted=Predicted(step_time_s=sum(v for k, v in tb.items()), time_breakdown=tb,
-                            peak_memory_bytes=sum(mb.values()), memory_breakdown=mb),
+                            peak_memory_bytes=int(sol.peak_bytes), memory_breakdown=mb),
         solver=SolverStats(backend=sol.backend, status=sol.status, optimal=sol.optimal, objective=sol.objective,
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
+        checkpoint=tuple(checkpoint),
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 
