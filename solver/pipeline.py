@@ -301,13 +301,15 @@ def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[i
         if batch % fixed:
             raise ConfigError(f"{fixed} micro-batches do not divide the batch of {batch}; choose a divisor of "
                               f"{batch} ({', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)})")
+        if fixed < p:
+            raise ConfigError(f"{fixed} micro-batches for {p} pipeline ranks: torch's schedules need at least one "
+                              f"micro-batch per rank; use microbatches >= {p}")
         return [fixed]
-    opts = [m for m in range(1, batch + 1) if batch % m == 0 and (batch // m) % dp == 0]
+    opts = [m for m in range(p, batch + 1) if batch % m == 0 and (batch // m) % dp == 0]
     if not opts:
-        raise ConfigError(f"the batch of {batch} does not split over dp={dp}; use a batch divisible by {dp}")
-    # more micro-batches shrink the bubble; keep the few largest counts from p upwards
-    good = [m for m in opts if m >= p] or opts
-    return good[-3:]
+        raise ConfigError(f"the batch of {batch} cannot be cut into at least {p} micro-batches (one per pipeline "
+                          f"rank) that split over dp={dp}; use a larger batch")
+    return opts[-3:]   # more micro-batches shrink the bubble: try the few largest counts
 
 
 TIGHTEN_STEPS = 5       # unit costs are re-solved under up to 5 tighter memory bounds when no stage fits
