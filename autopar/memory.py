@@ -162,12 +162,14 @@ class Tracker:
     def _hook_local_grads(mt: _Tracker, module: nn.Module) -> list:
         """A DTensor parameter whose local tensor is itself the autograd leaf (autopar's runtime) gets
         its gradient there: count it as a gradient when it is accumulated."""
+        def as_grad(t: torch.Tensor) -> None:
+            mt._update_and_maybe_create_winfos(t.grad, _MemRefType.GRAD)
+
         hooks = []
         for p in module.parameters():
             local = getattr(p, "_local_tensor", None)
             if local is not None and local.requires_grad and local.is_leaf:
-                hooks.append(local.register_post_accumulate_grad_hook(
-                    lambda t: mt._update_and_maybe_create_winfos(t.grad, _MemRefType.GRAD)))
+                hooks.append(local.register_post_accumulate_grad_hook(as_grad))
         return hooks
 
     def _done(self) -> MemoryReport:

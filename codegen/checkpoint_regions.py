@@ -185,6 +185,5 @@ def checkpoint_regions(gm: fx.GraphModule, ctx: ShardingContext) -> fx.GraphModu
         nodes = find_regions(gm, fqn, field="plan.checkpoint")[fqn]
         outline_region(gm, nodes, region_name("checkpoint", fqn),
                        lambda body, m=mode, f=fqn: CheckpointedRegion(body, m, f), fqn)
-    gm.graph.lint()
     gm.recompile()
     return gm

@@ -75,6 +75,5 @@ def offload_activations(gm: fx.GraphModule, ctx: ShardingContext) -> fx.GraphMod
     for fqn, _ in plan_regions(gm, entries, field="plan.offload"):
         nodes = find_regions(gm, fqn, field="plan.offload")[fqn]
         outline_region(gm, nodes, region_name("offload", fqn), lambda body, f=fqn: OffloadedRegion(body, f), fqn)
-    gm.graph.lint()
     gm.recompile()
     return gm
