@@ -18,7 +18,7 @@ Constraints
   sum_s x_{k,s} = 1                                  for every k                    (add_node_vars)
   sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
-  memory rows, one per peak of a training step (memory_exprs, add_memory_row; in GiB):
+  memory rows, one per peak of a training step (memory_exprs, add_memory_row; in MiB):
     backward start:  P + O + A_rest + sum_g kept_g + G_edges  <= budget
     optimizer step:  P + O + Grad                              <= budget
     recompute:       P + O + Grad + A_before + sum_g (N_g B_g + T_g) <= budget   (when blocks recompute)
@@ -62,8 +62,8 @@ from autopar.solver.strategies.base import in_meta
 
 log = logging.getLogger(__name__)
 OUTPUT = "__output__"
-_MODES = ("keep", "sel", "full")
-_GIB = float(2 ** 30)   # activation recompute modes of a repeated block
+_MODES = ("keep", "sel", "full")   # activation recompute modes of a repeated block
+_UNIT = float(2 ** 20)   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
 
 
 @dataclass
@@ -435,8 +435,8 @@ class ShardingILP:
 
     def add_memory_row(self) -> None:
         if self.budget is not None:
-            for name, expr in self.memory_exprs().items():   # in GiB: HiGHS presolve misjudges byte-sized rows
-                self.prob += expr * (1 / _GIB) <= self.budget / _GIB, f"memory_{name}"
+            for name, expr in self.memory_exprs().items():   # in MiB (see _UNIT)
+                self.prob += expr * (1 / _UNIT) <= self.budget / _UNIT, f"memory_{name}"
 
     def add_objective(self) -> None:
         self.prob.setObjective(pulp.lpSum(c * v for terms in self.time_terms.values() for c, v in terms
@@ -538,9 +538,9 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True) 
     ilp.add_edge_vars()
     if ilp.remat:
         ilp.add_remat_vars()
-    peak = ilp._var("peak", lowBound=0)   # GiB (byte-scaled rows made HiGHS report infeasible wrongly)
+    peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
-        ilp.prob += peak >= expr * (1 / _GIB), f"peak_{name}"
+        ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"
     ilp.prob.setObjective(peak)
     solver, _ = _solver(backend, time_limit)
     with _native_stdout_to_stderr():
@@ -548,7 +548,7 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True) 
     if ilp.prob.status != pulp.LpStatusOptimal:
         raise ShardingError(f"the minimum-memory ILP ended with status {pulp.LpStatus[ilp.prob.status]}; "
                             f"try a longer time limit")
-    return float(pulp.value(ilp.prob.objective) or 0.0) * _GIB
+    return float(pulp.value(ilp.prob.objective) or 0.0) * _UNIT
 
 
 def _fmt_bytes(b: float) -> str:
