@@ -150,7 +150,9 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     if cap.fingerprint() != plan.model.fingerprint:
         raise PlanMismatchError("this model (parameter names/shapes or input shapes) is not the one the plan was "
                                 "made for; re-plan it with autopar.plan")
-    gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads)
+    # fused Triton kernels where the module runs on CUDA; the torch reference path elsewhere
+    gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads,
+                                   fuse=mesh_device(mesh).type == "cuda")
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
     buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}
