@@ -7,7 +7,9 @@ never reads RSS or allocator counters. Categories:
 - ``params``: the module's parameters (a DTensor counts its local shard only), ``grads``: their
   gradients, ``optimizer``: optimizer states, ``activations``: tensors made in forward (and in
   recomputation), ``other``: buffers, backward temporaries (gradients of activations, collective
-  buffers) and tensors passed in with ``track(..., extra)``;
+  buffers, and the activations a checkpointed region recomputes in backward: autopar's regions run
+  their body without module hooks, so MemTracker cannot tell recompute from backward) and tensors
+  passed in with ``track(..., extra)``;
 - ``host``: activations offloaded to host memory (``codegen.offload_activations``). On CUDA they are
   pinned CPU tensors. On CPU the "host" copy is an ordinary CPU tensor like everything else; by
   convention it is made inside :func:`host_allocations` and accounted as host, not device, so that
