@@ -98,11 +98,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from autopar.profile import ClusterProfile
     from autopar.profiler import ProfileOptions, run_profile, sizes_between
 
-    sizes = sizes_between(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes), args.num_sizes)
-    opts = ProfileOptions(message_sizes=sizes, trials=args.trials)
+    lo, hi = ("64KiB", "256MiB") if args.backend == "nccl" else ("4KiB", "4MiB")
+    sizes = sizes_between(parse_bytes(args.min_bytes or lo), parse_bytes(args.max_bytes or hi), args.num_sizes)
+    opts = ProfileOptions.for_backend(args.backend, sizes, args.trials)
     if args.quick:  # a rough profile in seconds: fewer points, fp32 only
         opts = ProfileOptions(message_sizes=sizes_between(sizes[0], sizes[-1], 3), trials=3, warmup=1,
-                              matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20), dtypes=("float32",))
+                              matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20), dtypes=("float32",),
+                              probes=())
     mesh = MeshSpec.make(args.mesh, args.mesh_names) if args.mesh else None
     nproc = args.nproc or (mesh.size if mesh else 2)
     _status(f"[profile] {nproc} {args.backend} rank(s) on mesh {mesh.shape if mesh else (nproc,)}")
@@ -233,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mesh", default=None, help="mesh shape to measure per dim, e.g. 2x2 (default: --nproc)")
     pr.add_argument("--mesh-names", default=None, help="mesh dim names, e.g. dp,tp")
     pr.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
-    pr.add_argument("--min-bytes", default="4KiB", help="smallest message (default 4KiB)")
-    pr.add_argument("--max-bytes", default="4MiB", help="largest message (default 4MiB)")
+    pr.add_argument("--min-bytes", default=None, help="smallest message (default 4KiB on gloo, 64KiB on nccl)")
+    pr.add_argument("--max-bytes", default=None, help="largest message (default 4MiB on gloo, 256MiB on nccl)")
     pr.add_argument("--num-sizes", type=int, default=5, help="message sizes between them (default 5)")
     pr.add_argument("--trials", type=int, default=5, help="timed trials per point; medians are used (default 5)")
-    pr.add_argument("--quick", action="store_true", help="a rough profile in seconds (3 sizes, 3 trials, fp32 only)")
+    pr.add_argument("--quick", action="store_true",
+                    help="a rough profile in seconds (3 sizes, 3 trials, fp32 only, no calibration)")
     pr.add_argument("--out", default="cluster.json", help="where to write the profile (default cluster.json)")
     pr.set_defaults(func=cmd_profile)
 

@@ -283,9 +283,10 @@ def predict(c: GPTPlan, cluster: ClusterProfile, *, nodes: int | None = None, gp
     if c.recompute == "full":  # the layer being recomputed holds its full activations for its backward
         working = _activation_bytes_per_layer(GPTPlan(**{**asdict(c), "recompute": "none"}), e)
     acts_first = act_layer * _in_flight_layers(c) + working
-    acts_last = act_layer * per_stage + working + 4.0 * b * s * c.vocab / t
+    logits_bytes = 4.0 * b * s * c.vocab / t  # fp32 logits on the last stage
+    acts_last = (act_layer * per_stage + working if c.pp > 1 else acts_first) + logits_bytes
     best = None
-    for stage, acts in (("first", acts_first), ("last", acts_last if c.pp > 1 else acts_first + 4.0 * b * s * c.vocab / t)):
+    for stage, acts in (("first", acts_first), ("last", acts_last)):
         p = psi[stage]
         mb = {"params": p * e / zero_div(3), "grads": p * e / zero_div(2),
               "optimizer": p * (8 + master) / zero_div(1), "activations": acts}

@@ -7,11 +7,16 @@ core). Measured:
 * per mesh dim and collective kind (all-reduce, all-gather, reduce-scatter, all-to-all,
   send/recv as a ring shift), times over message sizes fitted to ``t = alpha + beta * x`` where
   x is the per-rank ring traffic the solver's ``collective_time`` charges (all-reduce
-  2(n-1)/n*S, gathers and scatters (n-1)/n*S, send/recv S);
+  2(n-1)/n*S, gathers and scatters (n-1)/n*S, send/recv S). The four reshard collectives are
+  timed as the parallel module runs them (``autopar.collectives.redistribute``, copies included);
+  send/recv as raw torch.distributed p2p;
 * matmul time against FLOPs (fp32 fitted to ``t = (f + h) / P``, the DeviceSpec efficiency
   curve with max efficiency 1; other dtypes at the largest size), memory bandwidth (a streaming
   add), the per-op overhead as the cost model charges it (a chain of tiny ops, forward and
-  backward), and host<->device bandwidth on CUDA (pinned copies; on CPU the memory bandwidth).
+  backward), and host<->device bandwidth on CUDA (pinned copies; on CPU the memory bandwidth);
+* a calibration: forward+backward of small GPTs (the example model) timed and compared with
+  what the cost model charges for their captured ops; the per-op overhead and the throughputs
+  are scaled by least squares so the two agree (:func:`calibrate`).
 
 The result is a :class:`~autopar.profile.ClusterProfile` with one measured link per mesh dim,
 plus the raw samples under ``measurements`` (ignored by the loader). Each point is the fastest of
@@ -87,6 +92,20 @@ class ProfileOptions:
     stream_bytes: tuple[int, ...] = (1 << 16, 1 << 20, 1 << 23)
     trials: int = 5
     warmup: int = 2
+    # GPT probes (layers, d_model, heads, vocab, seq, batch) whose forward+backward calibrates the roofline
+    probes: tuple[tuple[int, int, int, int, int, int], ...] = ((2, 64, 4, 256, 32, 2), (2, 128, 4, 512, 64, 8),
+                                                             (2, 256, 8, 1024, 64, 8))
+
+    @staticmethod
+    def for_backend(backend: str, message_sizes: tuple[int, ...] | None = None, trials: int = 5) -> "ProfileOptions":
+        """Defaults sized for the hardware: CPU gloo (KiB..MiB, small GEMMs) or GPU nccl (up to 256 MiB,
+        GEMMs up to 8192, 1 GiB streams) where small sizes would only measure launch latency."""
+        if backend == "nccl":
+            return ProfileOptions(message_sizes=message_sizes or sizes_between(1 << 16, 1 << 28, 7),
+                                  matmul_sizes=(512, 1024, 2048, 4096, 8192), stream_bytes=(1 << 24, 1 << 28, 1 << 30),
+                                  dtypes=("float32", "tf32", "bfloat16", "float16"), trials=trials,
+                                  probes=((4, 1024, 16, 8192, 512, 8), (4, 2048, 16, 8192, 1024, 8)))
+        return ProfileOptions(message_sizes=message_sizes or ProfileOptions.message_sizes, trials=trials)
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.warmup < 0:
@@ -133,6 +152,25 @@ def _timed(fn: Callable[[], object], device: torch.device, trials: int, warmup: 
     return float(med.item())
 
 
+def _runtime_call(kind: str, nbytes: int, mesh, d: int, device: torch.device) -> Callable[[], object] | None:
+    """The collective step as the parallel module runs it (autopar.collectives.redistribute on mesh dim d,
+    with its copies and checks), on a 2-D fp32 tensor whose full size is ~``nbytes``; None for send/recv."""
+    from autopar.collectives import redistribute
+    from autopar.placement import Partial, Replicate, Shard
+
+    n = mesh.size(d)
+    cols = 16 * n
+    rows = max(n, (nbytes // 4 // cols) // n * n)
+    steps = {"all_reduce": (Partial("sum"), Replicate(), rows), "all_gather": (Shard(0), Replicate(), rows // n),
+             "reduce_scatter": (Partial("sum"), Shard(0), rows), "all_to_all": (Shard(0), Shard(1), rows // n)}
+    if kind not in steps:
+        return None
+    a, b, local_rows = steps[kind]
+    on = lambda p: tuple(p if i == d else Replicate() for i in range(mesh.ndim))  # noqa: E731
+    x = torch.ones(local_rows, cols, device=device)
+    return lambda: redistribute(x, on(a), on(b), mesh=mesh)
+
+
 def _collective_call(kind: str, nbytes: int, n: int, group, device: torch.device) -> Callable[[], object]:
     """A closure running one collective of ``kind`` whose full tensor has ``nbytes`` (fp32)."""
     numel = max(n, (nbytes // 4) // n * n)
@@ -161,13 +199,16 @@ def _collective_call(kind: str, nbytes: int, n: int, group, device: torch.device
     raise ConfigError(f"unknown collective {kind!r}; one of {COLLECTIVES}")
 
 
-def _sweep(kind: str, n: int, group, device: torch.device, opts: ProfileOptions) -> tuple[list[float], list[float]]:
+def _sweep(kind: str, mesh, d: int, device: torch.device, opts: ProfileOptions) -> tuple[list[float], list[float]]:
     """(per-rank traffic bytes, seconds) of one collective over every message size."""
+    n, group = mesh.size(d), mesh.get_group(d)
     xs, ts = [], []
     for nbytes in opts.message_sizes:
-        call = _collective_call(kind, nbytes, n, group, device)
+        unit = 64 * n * n  # whole rows of 16n fp32 columns, n | rows: both call paths move exactly nbytes
+        nbytes = max(unit, nbytes // unit * unit)
+        call = _runtime_call(kind, nbytes, mesh, d, device) or _collective_call(kind, nbytes, n, group, device)
         ts.append(_timed(call, device, opts.trials, opts.warmup, iters=max(1, min(16, (1 << 20) // nbytes))))
-        xs.append(_TRAFFIC[kind](n) * max(n, (nbytes // 4) // n * n) * 4)
+        xs.append(_TRAFFIC[kind](n) * nbytes)
     return xs, ts
 
 
@@ -189,7 +230,7 @@ def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) 
         for kind in COLLECTIVES:
             _timed(_collective_call(kind, max(opts.message_sizes), n, group, device), device, 1, opts.warmup)
             for attempt in range(2):  # a sweep that noise made non-increasing is measured once more
-                xs, ts = _sweep(kind, n, group, device, opts)
+                xs, ts = _sweep(kind, mesh, d, device, opts)
                 try:
                     coll[kind] = fit_alpha_beta(xs, ts)
                     break
@@ -246,10 +287,15 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
         if dt == "float32":
             tick("matmul float32")
             continue
-        dtype = getattr(torch, dt)
+        dtype = torch.float32 if dt == "tf32" else getattr(torch, dt)
         a = torch.randn(k, k, device=device).to(dtype)
         b = torch.randn(k, k, device=device).to(dtype)
-        t = _timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2))
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = dt == "tf32"
+        try:
+            t = _timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         f = 2.0 * k ** 3
         peaks[dt] = (f + half) / max(t - overhead, 1e-12)
         raw["matmul"][dt] = {"flops": [f], "seconds": [t]}
@@ -271,7 +317,73 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
     spec = DeviceSpec(name=_device_name(device), peak_flops=peaks, memory_bandwidth=mem_bw, memory_capacity=capacity,
                       max_matmul_efficiency=1.0, matmul_half_efficiency_flops=half, max_memory_efficiency=1.0,
                       op_overhead_s=overhead)
+    if opts.probes:
+        spec, raw["calibration"] = calibrate(spec, device, opts)
     return spec, host_bw, raw
+
+
+def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
+    """(overhead seconds, roofline seconds) the cost model gives the probe GPT's forward+backward on one
+    device, and a closure that runs it."""
+    from dataclasses import replace
+
+    from autopar.capture import capture
+    from autopar.graph import index_graph
+    from autopar.models import load_example_module
+    from autopar.solver.cost import compute_cost
+    from autopar.solver.strategies import strategies_for
+    from autopar.solver.strategies.base import in_meta
+
+    layers, dm, heads, vocab, seq, batch = probe
+    m = load_example_module("gpt")
+    torch.manual_seed(0)
+    model = m.GPT(m.GPTConfig(n_layer=layers, d_model=dm, n_head=heads, vocab_size=vocab, max_seq_len=seq)).to(device)
+    idx = torch.randint(0, vocab, (batch, seq), device=device)
+    inputs = {"idx": idx, "labels": idx}
+    gi = index_graph(capture(model, inputs, fold_layers=False))
+    profile = ClusterProfile(name="probe", device=spec, gpus_per_node=1, intra_node=_LOOPBACK, inter_node=_LOOPBACK,
+                             host_bandwidth=1.0)
+    bare = replace(profile, device=replace(spec, op_overhead_s=0.0))
+    full = roof = 0.0
+    for node in gi.nodes.values():
+        if node.kind != "op":
+            continue
+        strat = strategies_for(node, gi.nodes, (1,))[0][0]  # a mesh of one: the replicated strategy
+        metas = [in_meta(node, gi.nodes, i) for i in range(len(node.inputs))]
+        full += compute_cost(node, strat, metas, profile, (1,)).total
+        roof += compute_cost(node, strat, metas, bare, (1,)).total
+    return full - roof, roof, lambda: model(**inputs).backward()
+
+
+_LOOPBACK = LinkSpec.uniform("none", alpha=0.0, bandwidth=1e12)
+
+
+def calibrate(spec: DeviceSpec, device: torch.device, opts: ProfileOptions) -> tuple[DeviceSpec, dict]:
+    """Scale the per-op overhead (k_o) and the throughputs (1/k_r) so the cost model's forward+backward time
+    of GPT probes, k_o * overhead + k_r * roofline, fits their measured time (least squares, relative error).
+
+    Micro-benchmarks miss what a real step pays (autograd, dispatch, kernels less tuned than a square
+    GEMM, backward ops dearer than 2x forward); the probes see it at the shapes a transformer has."""
+    from dataclasses import replace
+
+    rows = []
+    for probe in opts.probes:
+        o, r, run = _probe_costs(spec, probe, device)
+        t = _timed(run, device, opts.trials, opts.warmup)
+        rows.append({"probe": list(probe), "overhead_s": o, "roofline_s": r, "measured_s": t})
+    ts = np.array([row["measured_s"] for row in rows])
+    terms = np.array([[row["overhead_s"], row["roofline_s"]] for row in rows])
+    (k_o, k_r), *_ = np.linalg.lstsq(terms / ts[:, None], np.ones_like(ts), rcond=None)
+    if not (k_o > 0 and k_r > 0):  # the probes cannot tell the terms apart: scale both alike
+        total = terms.sum(1) / ts
+        k_o = k_r = float(np.sum(total) / np.sum(total * total))
+    k_o, k_r = float(k_o), float(k_r)
+    out = replace(spec, op_overhead_s=spec.op_overhead_s * k_o,
+                  peak_flops={k: v / k_r for k, v in spec.peak_flops.items()},
+                  memory_bandwidth=spec.memory_bandwidth / k_r)
+    for row in rows:
+        row["calibrated_s"] = k_o * row["overhead_s"] + k_r * row["roofline_s"]
+    return out, {"overhead_scale": k_o, "throughput_scale": 1.0 / k_r, "probes": rows}
 
 
 def _op_overhead(device: torch.device, opts: ProfileOptions) -> float:
@@ -324,7 +436,7 @@ def profile_cluster(mesh_shape: tuple[int, ...], *, dim_names: tuple[str, ...] |
     """Measure on the current (initialized) process group; every rank returns the profile JSON dict."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    opts = opts or ProfileOptions()
+    opts = opts or ProfileOptions.for_backend(dist.get_backend())
     spec = MeshSpec.make(mesh_shape, dim_names)
     world = dist.get_world_size()
     spec.check_world_size(world)

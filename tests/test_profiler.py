@@ -69,7 +69,7 @@ def test_sizes_between_and_options():
 
 
 QUICK = dict(message_sizes=(4096, 1 << 20, 4 << 20), matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20),
-             dtypes=("float32",), trials=3, warmup=1)
+             dtypes=("float32",), trials=3, warmup=1, probes=((1, 32, 2, 64, 16, 2), (1, 64, 2, 128, 32, 4)))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,18 @@ def live_profile(dist2, tmp_path_factory):
     path = tmp_path_factory.mktemp("prof") / "cluster.json"
     path.write_text(json.dumps(results[0]))
     return results, path
+
+
+def test_live_calibration_fits_the_probes(live_profile):
+    """The probe GPTs' forward+backward, as the calibrated roofline prices them, is no further from the
+    measured time than the uncalibrated one (least squares over both scales, (1, 1) among them)."""
+    cal = live_profile[0][0]["measurements"]["device"]["calibration"]
+    rel = lambda key: sum((p[key] / p["measured_s"] - 1) ** 2 for p in cal["probes"])  # noqa: E731
+    for p in cal["probes"]:
+        p["uncalibrated_s"] = p["overhead_s"] + p["roofline_s"]
+        assert p["measured_s"] > 0 and p["roofline_s"] > 0 and p["overhead_s"] > 0
+    assert rel("calibrated_s") <= rel("uncalibrated_s") + 1e-12
+    assert cal["overhead_scale"] > 0 and cal["throughput_scale"] > 0
 
 
 def test_live_profile_loads_and_is_the_same_on_every_rank(live_profile):
