@@ -132,21 +132,35 @@ def _step_plan(src: tuple[Placement, ...], dst: tuple[Placement, ...], mesh_shap
     return tuple(out)
 
 
+GRAD_BUCKET_BYTES = 25 * 2 ** 20   # autopar.grad_sync's bucket (the first is 1 MiB; the rest dominate)
+
+
 def transition_time(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement, ...],
-                    mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...]) -> float:
+                    mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...],
+                    bucket_bytes: float | None = None) -> float:
+    """Seconds of the collectives that take src to dst. ``bucket_bytes``: all-reduces are bucketed
+    (data-parallel parameter gradients), so each pays its share bytes / bucket of one latency."""
     if src == dst or meta is None:
         return 0.0
     nbytes = meta.nbytes
-    return sum(collective_time(kind, nbytes / factor, mesh_shape[d], links[d])
-               for d, kind, factor in _step_plan(tuple(src), tuple(dst), tuple(mesh_shape)))
+    total = 0.0
+    for d, kind, factor in _step_plan(tuple(src), tuple(dst), tuple(mesh_shape)):
+        t = collective_time(kind, nbytes / factor, mesh_shape[d], links[d])
+        if bucket_bytes and kind == "all_reduce" and t:
+            alpha = links[d].collectives[kind].alpha
+            t -= alpha * (1.0 - min(1.0, nbytes / factor / bucket_bytes))
+        total += t
+    return total
 
 
 def edge_cost(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement, ...],
-              consumer_split: tuple[bool, ...], mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...]) -> OpCost:
-    """Forward resharding src->dst plus the backward resharding of the gradient."""
+              consumer_split: tuple[bool, ...], mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...],
+              param: bool = False) -> OpCost:
+    """Forward resharding src->dst plus the backward resharding of the gradient. ``param``: the
+    tensor is a parameter, whose gradient all-reduces the runtime buckets (autopar.grad_sync)."""
     fwd = transition_time(meta, src, dst, mesh_shape, links)
     gdst, gsrc = grad_transition(src, dst, consumer_split)
-    bwd = transition_time(meta, gdst, gsrc, mesh_shape, links)
+    bwd = transition_time(meta, gdst, gsrc, mesh_shape, links, GRAD_BUCKET_BYTES if param else None)
     return OpCost(fwd, bwd)
 
 

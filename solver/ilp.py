@@ -14,6 +14,8 @@ Objective (predicted step time, seconds)
      + sum_e m_e sum_{p,q} y_{e,p,q} (T^fwd(p->q) + T^bwd(g(q)->g(p)))             resharding, including
                                                                                     the data-parallel
                                                                                     gradient all-reduce
+                                                                                    (bucketed: latency
+                                                                                    shared per bucket)
 Constraints
   sum_s x_{k,s} = 1                                  for every k                    (add_node_vars)
   sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
@@ -366,10 +368,12 @@ class ShardingILP:
             keeps = u.node.kind == "param" and kv != OUTPUT and _keeps_param_copy(self.keys[kv].node)
 
             def coef(p, q):
-                ck = (meta, p, q)
+                is_param = u.node.kind == "param"
+                ck = (meta, p, q, is_param)
                 c = self._cost_cache.get(ck)
                 if c is None:
-                    c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links).total
+                    c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links,
+                                                           param=is_param).total
                 mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
                 return mult * c, mult * mem
 

@@ -1,7 +1,8 @@
 """Which tensors autograd keeps for backward, per graph node: measured, not guessed.
 
-The captured graph runs once on the meta device with every floating-point placeholder requiring
-grad, under ``torch.autograd.graph.saved_tensors_hooks``. Every tensor autograd packs is traced to
+The captured graph runs once on fake tensors (FakeTensorMode: shapes only, on the captured device,
+CPU for meta-built models) with every floating-point placeholder requiring grad, under
+``torch.autograd.graph.saved_tensors_hooks``. Every tensor autograd packs is traced to
 its root storage (``_base`` of a view) and attributed:
 
 * to the node (or placeholder) whose output it is, as "output ``i`` of node ``n`` is kept", or
@@ -12,9 +13,9 @@ Each root is counted once, however many ops save it (q, k and v of attention are
 projection output; the layer-norm output feeds three linears). Parameters kept by the ops that use
 them are not activations (the solver charges parameter memory, and gathered copies, separately).
 
-Scaled dot-product attention runs its math fallback on meta (which keeps the s x s attention
-matrix); on CPU and CUDA the fused kernels keep q, k, v, the output and the log-sum-exp instead, so
-for that op the fused kernels' set is recorded.
+Scaled dot-product attention may take its math fallback under fake tensors (which keeps the s x s
+attention matrix); on CPU and CUDA the fused kernels keep q, k, v, the output and the log-sum-exp,
+so for that op the fused kernels' set is recorded.
 
 Result per node: ``Saved(outputs, extra_bytes)``; a strategy's local bytes are the kept outputs'
 local sizes plus ``extra_bytes`` divided by the shard factor of the node's first input
@@ -48,18 +49,25 @@ def _nbytes(t: torch.Tensor) -> float:
 
 def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
     """Node name -> what autograd keeps of it (nodes that keep nothing are absent)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     args = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = n.meta.get("val")
-        if not isinstance(v, torch.Tensor):
-            args.append(v)
-            continue
-        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
-        if t.is_floating_point():
-            t.requires_grad_(True)
-        args.append(t)
+    with mode:
+        for n in gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            v = n.meta.get("val")
+            if not isinstance(v, torch.Tensor):
+                args.append(v)
+                continue
+            # fake tensors on the captured device (meta-built models: CPU), so device moves in the graph
+            # (HF's .to(x.device)) run and ops choose the kernels they choose there
+            device = v.device if v.device.type != "meta" else torch.device("cpu")
+            t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
+            if t.is_floating_point():
+                t.requires_grad_(True)
+            args.append(t)
 
     owner: dict[int, tuple[str, int]] = {}      # id(root tensor) -> (node, output index)
     alive: list[torch.Tensor] = []              # keeps ids unique while the run lasts
@@ -103,7 +111,7 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
                 extra[n.name] = extra.get(n.name, 0.0) + q.numel() / q.shape[-1] * 4.0   # fp32 log-sum-exp
             return out
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _Run(gm).run(*args)
 
     outputs: dict[str, set[int]] = {}

@@ -105,8 +105,11 @@ def _launch(mode: str, tmp_path, plan_json: str | None = None, deadline: float =
 def test_a_rank_that_dies_mid_step_is_named(tmp_path):
     from autopar.models import build_model
     model, inputs = build_model("gpt-tiny", batch=4, seq=16, device="meta")
+    # data parallel (batch split through the whole graph, so backward all-reduces the gradients)
     plan = autopar.plan(model, inputs, mesh_shape=(2,), cluster="cpu-gloo",
-                        fix={"input:*": ["S(0)"], "param:*": ["R"]})   # data parallel: backward all-reduces
+                        fix={"input:*": ["S(0)"], "param:*": ["R"]},
+                        prefer={"root/arange*": ["R"], "wpe/*": ["R"], "*": ["S(0)"]})
+    assert plan.node_shardings["blocks.*/mlp.fc/linear#0"].outputs[0] == ("S(0)",)
     rep = _launch("die", tmp_path, plan.to_json())
     assert rep.get("type") == "RankFailureError", rep
     assert rep["lost_ranks"] == [1], rep

@@ -209,3 +209,21 @@ def test_adamw_state_is_4_4_8_bytes_per_fp32_element():
     assert C.param_state_bytes(w, (S0,), (4,)) == {"params": n, "grads": n, "optimizer": 2 * n}
     assert C.param_state_bytes(w, (S0, S1), (2, 4)) == {"params": 4 * n / 8, "grads": 4 * n / 8, "optimizer": n}
     assert C.param_state_bytes(w, (R, S1), (2, 4)) == {"params": n, "grads": n, "optimizer": 2 * n}
+
+
+def test_parameter_gradient_all_reduce_shares_one_latency_per_bucket():
+    """The runtime reduces data-parallel parameter gradients in 25 MiB buckets (autopar.grad_sync), so
+    a parameter's gradient all-reduce pays bytes / bucket of the latency, not a whole one; activation
+    gradients and the forward are unbatched and pay it in full."""
+    alpha = 1e-3
+    link = LinkSpec.uniform("lat", alpha=alpha, bandwidth=BW)
+    act = C.edge_cost(META, (R,), (R,), (True,), MESH4, (link,))
+    par = C.edge_cost(META, (R,), (R,), (True,), MESH4, (link,), param=True)
+    share = S / C.GRAD_BUCKET_BYTES
+    assert act.bwd_s == pytest.approx(alpha + ring("all_reduce", 4))
+    assert par.bwd_s == pytest.approx(alpha * share + ring("all_reduce", 4))
+    z3 = C.edge_cost(META, (S0,), (R,), (True,), MESH4, (link,), param=True)   # ZeRO-3 gather: not bucketed
+    assert z3.fwd_s == pytest.approx(alpha + ring("all_gather", 4))
+    big = TensorMeta(shape=(8192, 8192), dtype=torch.float32)   # 256 MiB: a bucket of its own at least
+    whole = C.edge_cost(big, (R,), (R,), (True,), MESH4, (link,), param=True)
+    assert whole.bwd_s == pytest.approx(C.edge_cost(big, (R,), (R,), (True,), MESH4, (link,)).bwd_s)
