@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     rows = []
+    print(f"{'kernel':<14} {'pass':<8} {'GB/s':>8} {'%HBM':>6} {'x eager':>8} {'x compile':>9}", flush=True)
     for name, fused, eager, args, fwd_bytes, fb_bytes in cases(a.rows, a.hidden, a.vocab, dtype, "cuda"):
         compiled = None if a.no_compile else torch.compile(eager)
         for backward, nbytes in ((False, fwd_bytes), (True, fb_bytes)):
@@ -109,11 +110,10 @@ def main(argv=None) -> int:
             rows.append({"kernel": name, "pass": "fwd+bwd" if backward else "fwd", "fused_s": t_f, "eager_s": t_e,
                          "compile_s": t_c, "GB/s": gbs, "hbm_fraction": gbs / a.hbm_gbs,
                          "vs_eager": t_e / t_f, "vs_compile": (t_c / t_f) if t_c else None})
-    print(f"{'kernel':<14} {'pass':<8} {'GB/s':>8} {'%HBM':>6} {'x eager':>8} {'x compile':>9}")
-    for r in rows:
-        vc = f"{r['vs_compile']:9.2f}" if r["vs_compile"] else f"{'-':>9}"
-        print(f"{r['kernel']:<14} {r['pass']:<8} {r['GB/s']:8.0f} {100 * r['hbm_fraction']:5.0f}% "
-              f"{r['vs_eager']:8.2f} {vc}")
+            r = rows[-1]   # printed as measured, so a run cut short still shows what it got
+            vc = f"{r['vs_compile']:9.2f}" if r["vs_compile"] else f"{'-':>9}"
+            print(f"{r['kernel']:<14} {r['pass']:<8} {r['GB/s']:8.0f} {100 * r['hbm_fraction']:5.0f}% "
+                  f"{r['vs_eager']:8.2f} {vc}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine(), "args": vars(a), "results": rows}, indent=1) + "\n")
     print(f"wrote {RESULTS}", file=sys.stderr)
