@@ -23,6 +23,9 @@ except ImportError:  # the torch references still work
         def __getattr__(self, name):
             return self
 
+        def __call__(self, *args, **kwargs):   # tl.constexpr(...) at module level
+            return self
+
     tl = _Absent()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

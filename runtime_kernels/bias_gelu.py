@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from autopar.runtime_kernels._triton import jit, tl, use_triton
 
 BLOCK_SIZE = 1024
-SQRT_2_OVER_PI = 0.7978845608028654
-INV_SQRT_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# constexpr: compiled Triton reads no plain Python globals (the interpreter does, so only a GPU showed it)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # --- Triton kernels -----------------------------------------------------------------------------
