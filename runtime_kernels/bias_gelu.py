@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from autopar.runtime_kernels._triton import jit, tl, use_triton
 
 BLOCK_SIZE = 1024
-# constexpr: compiled Triton reads no plain Python globals (the interpreter does, so only a GPU showed it)
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+# written as literals inside the kernels: compiled Triton reads no plain Python globals (the
+# interpreter does, so only a GPU run showed it) and the interpreter mishandles constexpr globals
+# sqrt(2/pi) = 0.7978845608028654, 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
 
 
 # --- Triton kernels -----------------------------------------------------------------------------
@@ -26,10 +25,10 @@ def bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, n_cols, TANH: tl.const
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z += tl.load(b_ptr + offs % n_cols, mask=mask, other=0.0).to(tl.float32)     # bias broadcast over rows
     if TANH:
-        t = 2.0 * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)) - 1.0   # tanh via sigmoid
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0   # tanh via sigmoid
         y = 0.5 * z * (1.0 + t)
     else:
-        y = 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT_2))
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -42,10 +41,10 @@ def bias_gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, n_elements, n_cols, TANH:
     z += tl.load(b_ptr + offs % n_cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if TANH:
-        t = 2.0 * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)) - 1.0
-        grad = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
+        grad = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
     else:
-        grad = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        grad = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     tl.store(dx_ptr + offs, (dy * grad).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
