@@ -4,6 +4,7 @@ Wires capture -> solver -> codegen; the only module besides the CLI that imports
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from autopar.capture import ExampleInputs, capture
-from autopar.errors import ConfigError
+from autopar.errors import AutoparError, ConfigError
 from autopar.mesh import MeshSpec
 from autopar.plan import Plan
 from autopar.profile import ClusterProfile, load_cluster
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision"}
+_PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
+               "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -51,7 +54,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     Options: ``fix`` {key or FQN glob: placements} pins placements (e.g. ``{"input:*": ["S(0)", "R"]}``),
     ``prefer`` {key glob: placements} pins op outputs where the op has such a strategy (others stay free),
     ``backend`` ("auto" = HiGHS when installed, else CBC; "highs"; "cbc"), ``time_limit`` seconds,
-    ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks).
+    ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks),
+    ``precision`` ("bf16" / "fp16" / "fp32" or a dict of plan.precision: compute under autocast with
+    fp32 master weights; fp16 adds dynamic loss scaling, see autopar.precision.grad_scaler).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
@@ -76,14 +81,35 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=options.get("nodes"),
                              backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
                              fold_layers=options.get("fold_layers", True))
+    precision = _precision(options.get("precision"))
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, fold_layers=options.get("fold_layers", True))
     t1 = time.perf_counter()
     from autopar.solver import plan_graph
-    return plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
-                      prefer=options.get("prefer"),
-                      backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                      phase_times={"capture": t1 - t0})
+    out = plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
+                     prefer=options.get("prefer"),
+                     backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
+                     phase_times={"capture": t1 - t0})
+    return out if precision is None else dataclasses.replace(out, precision=precision)
+
+
+def _precision(value) -> dict | None:
+    """The ``precision`` option as plan.precision: "bf16" / "fp16" / "fp32" (or the torch dtype names),
+    or a dict of plan.precision's fields. None: fp32."""
+    from autopar.precision import check_precision
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in _PRECISIONS:
+            raise ConfigError(f"precision={value!r} is not one of {sorted(_PRECISIONS)}")
+        value = {"compute_dtype": _PRECISIONS[value]}
+    if not isinstance(value, dict):
+        raise ConfigError(f"precision must be a string like 'bf16' or a dict, got {type(value).__name__}")
+    try:
+        return check_precision(value)
+    except AutoparError as e:
+        raise ConfigError(f"precision option: {e}") from None
 
 
 def _check_dtypes(model: nn.Module, example_inputs: ExampleInputs) -> None:

@@ -32,6 +32,7 @@ from autopar.grad_sync import GradReducer
 from autopar.collectives import to_local_input
 from autopar.parallel_ops import local_chunk, placements
 from autopar.plan import Plan
+from autopar.precision import check_precision, precision_context
 
 
 class ParallelModule(nn.Module):
@@ -47,6 +48,7 @@ class ParallelModule(nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         gm.mesh = mesh
+        check_precision(plan.precision)             # a bad precision field fails here, naming the field
         self.__dict__["graph_module"] = gm          # not a submodule: keeps FQNs those of the model
         self.__dict__["plan"] = plan
         self.__dict__["mesh"] = mesh
@@ -141,7 +143,8 @@ class ParallelModule(nn.Module):
                             to_local_input(x, placements(self._input_shardings[name]), self.mesh))
         if self.grad_reducer is not None and grad:
             self.grad_reducer.prepare()
-        out = self.graph_module(*flat)
+        with precision_context(self.plan, self.mesh.device_type):   # the plan's compute dtype (autocast)
+            out = self.graph_module(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec)
 
     def code(self) -> str:

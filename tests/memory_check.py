@@ -138,8 +138,7 @@ def _bf16_step(plan: Plan, model, inputs: dict, mesh) -> dict:
     with torch.no_grad():
         fp32_loss = copy.deepcopy(model)(**inputs)
     pm = autopar.apply(model, plan, mesh)
-    with precision.precision_context(plan, "cpu"):
-        loss = pm(**inputs)
+    loss = pm(**inputs)   # the parallel module runs under the plan's autocast by itself
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss = ref(**inputs)
     loss.backward()
@@ -152,8 +151,7 @@ def _bf16_step(plan: Plan, model, inputs: dict, mesh) -> dict:
     for n, p in pm.named_parameters():
         g, rg = _full(p.grad).float(), refp[n].grad.float()
         out["grad_rel"][n] = float((g - rg).norm() / rg.norm().clamp_min(1e-12))
-    with precision.precision_context(plan, "cpu"):
-        out["matmul_dtypes"] = _matmul_dtypes(pm, inputs)
+    out["matmul_dtypes"] = _matmul_dtypes(pm, inputs)
     return out
 
 
@@ -183,8 +181,7 @@ def _fp16_steps(plan: Plan, model, inputs: dict, mesh, rank: int) -> dict:
     out = {"scales": [scaler.get_scale()], "changed": [], "finite": []}
     for step in range(2):
         before = snap()
-        with precision.precision_context(plan, "cpu"):
-            loss = pm(**inputs)
+        loss = pm(**inputs)
         scaler.scale(loss).backward()
         if step == 0 and rank == 1:
             next(iter(pm.parameters())).grad.to_local().view(-1)[0] = float("inf")
@@ -196,8 +193,7 @@ def _fp16_steps(plan: Plan, model, inputs: dict, mesh, rank: int) -> dict:
         out["changed"].append(sum(not torch.equal(before[n], after[n]) for n in after))
         out["finite"].append(all(bool(torch.isfinite(t).all()) for t in after.values()))
     out["num_params"] = len(before)
-    with precision.precision_context(plan, "cpu"):
-        out["matmul_dtypes"] = _matmul_dtypes(pm, inputs)
+    out["matmul_dtypes"] = _matmul_dtypes(pm, inputs)
     return out
 
 
