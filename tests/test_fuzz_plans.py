@@ -14,7 +14,7 @@ from autopar.mesh import MeshSpec
 from autopar.models import build_model
 from autopar.placement import format_sharding
 from autopar.profile import load_cluster
-from autopar.solver.random_plan import draw_strategies, random_plan
+from autopar.solver.random_plan import draw_memory, draw_strategies, random_plan
 from fuzz_check import case_for, check_plans, make_case
 
 # seeds 0..3 cover every (model, mesh) pair once (seed 4, a second gpt-tiny draw on (2,), runs below)
@@ -43,6 +43,15 @@ def test_random_plans_are_seeded_and_varied(gpt_capture):
     draws = [draw_strategies(gpt_capture, mesh, prof, s) for s in range(4)]
     assert all(d != draws[0] for d in draws[1:]), "different seeds drew the same strategies"
     # the plan writes down exactly the drawn strategies (the ILP only places the reshards between them)
+    # recompute and offload are drawn per block, seeded, and vary with the seed
+    mems = [draw_memory(gpt_capture, s) for s in range(8)]
+    assert mems[3] == draw_memory(gpt_capture, 3) and len(set(mems)) > 1
+    assert (plan.checkpoint, plan.offload) == draw_memory(gpt_capture, 7)
+    for ckpt, off in mems:
+        assert all(c.split(":")[0] in ("blocks.0", "blocks.1") and c.split(":")[1] in ("full", "selective")
+                   for c in ckpt)
+        assert set(off) <= {"blocks.0", "blocks.1"}
+    assert any(m[0] for m in mems) and any(m[1] for m in mems)
     drawn = draw_strategies(gpt_capture, mesh, prof, 7)
     assert set(plan.node_shardings) == set(drawn)
     for key, strat in drawn.items():
