@@ -24,7 +24,6 @@ and machine info (including the load average: the host's cores may be shared wit
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -38,23 +37,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, machine  # noqa: E402
 
 
-def machine() -> dict:
-    import platform
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def _machine() -> dict:
     import pulp
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "pulp": pulp.__version__, "cpu_count": os.cpu_count(), "cpu": cpu}
+    return machine(pulp=pulp.__version__)
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,7 +178,7 @@ def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int) -> dict:
         world *= s
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, mesh_shape, profile, steps, rounds, q))
              for r in range(world)]
     for p in procs:
@@ -317,7 +306,7 @@ def gpu_check(preset: str = "h200-sxm") -> dict:
         r["preset_over_measured"] = r["preset_s"] / r["measured_s"]
         r["profiled_over_measured"] = r["profiled_s"] / r["measured_s"]
     return {"device": torch.cuda.get_device_name(dev), "preset": preset, "profiled_device": asdict(spec),
-            "host_bandwidth": host_bw, "raw": raw, "ops": rows, "machine": machine()}
+            "host_bandwidth": host_bw, "raw": raw, "ops": rows, "machine": _machine()}
 
 
 def _print_gpu(res: dict) -> None:
@@ -383,7 +372,7 @@ def main(argv=None) -> int:
                           "solver_within_10pct": all(solver_ok)}
     res["load_average_end"] = list(os.getloadavg())
     res["seconds"] = time.perf_counter() - t_start
-    res["machine"] = machine()
+    res["machine"] = _machine()
     print(f"{'mesh/plan':22s} {'predicted':>10s} {'measured':>10s} {'full step':>10s}")
     for name, r in all_rows.items():
         print(f"{name:22s} {r['predicted_s'] * 1e3:8.2f}ms {r['measured_fwd_bwd_s'] * 1e3:8.2f}ms "

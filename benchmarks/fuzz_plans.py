@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -26,19 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the worker functions and the gloo poo
 
 from dist_utils import DistPool  # noqa: E402
 from fuzz_check import case_for, check_plans, make_case  # noqa: E402
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "cpu": cpu}
+from _common import machine  # noqa: E402
 
 
 def run(seeds: list[int], chunk: int, timeout: float) -> list[dict]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 
@@ -80,12 +82,6 @@ def bench(fn, args, backward: bool, reps: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "triton": __import__("triton").__version__ if torch.cuda.is_available() else None}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hbm-gbs", type=float, default=4800.0, help="HBM peak GB/s (H200: 4800)")
@@ -115,7 +111,8 @@ def main(argv=None) -> int:
             print(f"{r['kernel']:<14} {r['pass']:<8} {r['GB/s']:8.0f} {100 * r['hbm_fraction']:5.0f}% "
                   f"{r['vs_eager']:8.2f} {vc}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), "args": vars(a), "results": rows}, indent=1) + "\n")
+    info = machine(gpu=torch.cuda.get_device_name(), triton=__import__("triton").__version__)
+    RESULTS.write_text(json.dumps({"machine": info, "args": vars(a), "results": rows}, indent=1) + "\n")
     print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 

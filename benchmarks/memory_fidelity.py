@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import _free_port, machine  # noqa: E402  (same machine info and port helper)
+from _common import free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_fidelity.json"
 MODELS = ("gpt-tiny", "llama-tiny")
@@ -126,7 +126,7 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
 def run_world(world: int, batch: int, seq: int, timeout: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env)
     procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q)) for r in range(world)]

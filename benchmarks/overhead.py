@@ -27,8 +27,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 GPT = dict(vocab_size=2048, max_seq_len=128, n_layer=4, n_head=8, d_model=256)
@@ -155,7 +156,7 @@ def single_process(steps: int, rounds: int) -> dict:
     """autopar on a 1-rank mesh vs the plain module, in this process."""
     import autopar
     from torch.distributed.device_mesh import init_device_mesh
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model, inputs = _models("gpt")
@@ -166,22 +167,6 @@ def single_process(steps: int, rounds: int) -> dict:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "cpu": cpu}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="steps per round")
@@ -190,7 +175,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, args.steps, args.rounds, q)) for r in range(2)]
     for p in procs:
         p.start()

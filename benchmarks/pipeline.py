@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -22,6 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 GPT = dict(n_layer=4, d_model=256, n_head=4, vocab_size=512, max_seq_len=64)
@@ -72,16 +73,6 @@ def _worker(rank: int, world: int, port: int, ms: list[int], schedules: list[str
         dist.destroy_process_group()
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "cpu": cpu}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--microbatches", default="1,2,4,8,16", help="comma-separated micro-batch counts")
@@ -90,9 +81,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ms = [int(x) for x in args.microbatches.split(",")]
     schedules = args.schedules.split(",")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
