@@ -32,7 +32,7 @@ from autopar.grad_sync import GradReducer
 from autopar.collectives import to_local_input
 from autopar.parallel_ops import local_chunk, placements
 from autopar.plan import Plan
-from autopar.precision import check_precision, precision_context
+from autopar.precision import check_precision, compute_dtype
 
 
 class ParallelModule(nn.Module):
@@ -49,6 +49,7 @@ class ParallelModule(nn.Module):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         gm.mesh = mesh
         check_precision(plan.precision)             # a bad precision field fails here, naming the field
+        self.__dict__["_compute_dtype"] = compute_dtype(plan)
         self.__dict__["graph_module"] = gm          # not a submodule: keeps FQNs those of the model
         self.__dict__["plan"] = plan
         self.__dict__["mesh"] = mesh
@@ -143,8 +144,11 @@ class ParallelModule(nn.Module):
                             to_local_input(x, placements(self._input_shardings[name]), self.mesh))
         if self.grad_reducer is not None and grad:
             self.grad_reducer.prepare()
-        with precision_context(self.plan, self.mesh.device_type):   # the plan's compute dtype (autocast)
+        if self._compute_dtype == torch.float32:
             out = self.graph_module(*flat)
+        else:                                       # the plan's compute dtype, fp32 master weights
+            with torch.autocast(device_type=self.mesh.device_type, dtype=self._compute_dtype):
+                out = self.graph_module(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec)
 
     def code(self) -> str:
