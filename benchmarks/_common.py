@@ -1,10 +1,11 @@
-"""Helpers shared by the benchmark scripts: the machine description every result JSON carries, and a
-free localhost port for a gloo process group. Not a benchmark itself."""
+"""Helpers shared by the benchmark scripts: the machine description every result JSON carries, a
+free localhost port for a gloo process group, and the end of a spawned worker. Not a benchmark itself."""
 from __future__ import annotations
 
 import os
 import platform
 import socket
+import sys
 
 
 def machine(**extra) -> dict:
@@ -25,3 +26,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def exit_worker(out_q) -> None:
+    """End a spawned rank: deliver what it queued, leave the process group, and exit without the
+    interpreter teardown that sometimes aborts gloo workers (PITFALLS)."""
+    import torch.distributed as dist
+
+    out_q.close()
+    out_q.join_thread()  # the queue's feeder thread must deliver before os._exit
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

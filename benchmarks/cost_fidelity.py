@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine  # noqa: E402
+from _common import exit_worker, free_port, machine  # noqa: E402
 
 
 def _machine() -> dict:
@@ -165,11 +165,7 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
         import traceback
         if rank == 0:
             out_q.put({"error": traceback.format_exc()})
-    out_q.close()
-    out_q.join_thread()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_worker(out_q)
 
 
 def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int) -> dict:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine  # noqa: E402
+from _common import exit_worker, free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_fidelity.json"
 MODELS = ("gpt-tiny", "llama-tiny")
@@ -116,11 +116,7 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
         import traceback
         if rank == 0:
             out_q.put({"error": traceback.format_exc()})
-    out_q.close()
-    out_q.join_thread()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_worker(out_q)
 
 
 def run_world(world: int, batch: int, seq: int, timeout: float) -> list[dict]:

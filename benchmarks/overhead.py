@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine  # noqa: E402
+from _common import exit_worker, free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 GPT = dict(vocab_size=2048, max_seq_len=128, n_layer=4, n_head=8, d_model=256)
@@ -145,11 +145,7 @@ def _worker(rank: int, world: int, port: int, steps: int, rounds: int, out_q) ->
         import traceback
         if rank == 0:
             out_q.put({"error": traceback.format_exc()})
-    out_q.close()
-    out_q.join_thread()  # the queue's feeder thread must deliver before os._exit
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_worker(out_q)
 
 
 def single_process(steps: int, rounds: int) -> dict:
