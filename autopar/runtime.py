@@ -7,8 +7,8 @@ same global inputs as the original on every rank and returns the same (replicate
 This module imports autopar's core only; the graph it runs is built by codegen.
 
 Gradients. The graph takes each DTensor parameter's local tensor directly (not through
-``to_local()``, whose autograd node and DTensor-typed gradient accumulation cost ~0.3 ms per
-parameter and step): the local tensor is made a leaf that requires grad, autograd accumulates
+``to_local()``, whose autograd node and DTensor-typed gradient accumulation appeared per parameter
+and step in profiles of the data-parallel benchmark): the local tensor is made a leaf that requires grad, autograd accumulates
 plain local gradients into it, and a post-accumulate hook publishes them as ``param.grad``, a
 DTensor with the parameter's spec sharing the local gradient's storage. Before each forward the
 local gradients are re-synchronized with ``param.grad`` (``zero_grad(set_to_none=True)`` sets it to
