@@ -37,6 +37,32 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def autotune(configs: list[dict], key: list[str]):
+    """``triton.autotune`` over launch configurations, each a dict of meta-parameters plus an optional
+    ``num_warps``: on a GPU the fastest one per ``key`` (and argument dtypes) is measured at the
+    first call and cached for the process. Interpreted (and without Triton) only the first
+    configuration is used, so tests pay for one run. Stack it above :func:`jit`; launchers then
+    pass neither the tuned meta-parameters nor ``num_warps``, and size grids with ``lambda meta:``.
+    """
+    def wrap(fn):
+        if triton is None:
+            return fn
+        chosen = configs[:1] if INTERPRET else configs
+        return triton.autotune([triton.Config({k: v for k, v in c.items() if k != "num_warps"},
+                                              num_warps=c.get("num_warps", 4)) for c in chosen], key=key)(fn)
+    return wrap
+
+
+ROW_WARPS = [{"num_warps": w} for w in (8, 4, 16, 32)]   # one-row-per-program kernels: tune warps only
+# flat elementwise kernels: elements per program and warps (the first is what the interpreter runs)
+FLAT_BLOCKS = [{"BLOCK_SIZE": b, "num_warps": w} for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
+
+
+def flat_grid(n: int):
+    """Grid of a flat elementwise kernel over ``n`` elements, for whichever BLOCK_SIZE is tuned."""
+    return lambda meta: (-(-n // meta["BLOCK_SIZE"]),)
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Run the Triton kernel for these tensors (all on one device, float dtypes the kernels handle)?"""
     if triton is None:
@@ -54,14 +80,24 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def row_warps(block: int) -> int:
-    """Warps for a kernel that holds ``block`` elements of a row: ~8 elements a thread, 1..16 warps."""
-    return max(1, min(16, block // 256))
+# grid-strided row kernels that also sum over rows into per-program partials: programs per SM, rows
+# per tile (loads of several rows in flight at once) and warps; the first is what the interpreter
+# runs (4 programs, tiles of 2 rows, so the tests cover partly masked tiles)
+STRIDED = [{"PROGS_PER_SM": p, "BLOCK_SIZE_M": m, "num_warps": w}
+           for p, m, w in ((4, 2, 16), (4, 1, 16), (2, 1, 16), (4, 1, 8), (2, 2, 16), (1, 4, 16), (2, 4, 16),
+                           (1, 2, 16), (4, 2, 8), (2, 2, 8), (1, 4, 8), (1, 8, 16))]
 
 
-def num_row_programs(rows: int, device: torch.device) -> int:
-    """Programs of a grid-strided row kernel that also reduces over rows (a few per SM; few when
-    interpreted, where every program instance costs milliseconds)."""
-    if device.type == "cuda":
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(rows, 4))
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs few programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def strided_launch(rows: int, device: torch.device, configs: list[dict] = STRIDED):
+    """(rows of the partial-sum buffer, grid) of a grid-strided kernel: the grid has
+    ``PROGS_PER_SM`` programs per SM (tuned among ``configs``, the kernel's autotune list), at most
+    one per tile of ``BLOCK_SIZE_M`` rows; the buffer has room for the largest configuration. Kernels store zeros in the buffer rows past their grid (every configuration
+    leaves the whole buffer defined, so the partials can be summed whichever one ran)."""
+    sms = sm_count(device)
+    part_rows = max(1, min(rows, max(c["PROGS_PER_SM"] for c in configs) * sms))
+    return part_rows, lambda meta: (max(1, min(-(-rows // meta.get("BLOCK_SIZE_M", 1)), meta["PROGS_PER_SM"] * sms)),)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from autopar.runtime_kernels._triton import MAX_ROW, jit, next_pow2, row_warps, tl, use_triton
+from autopar.runtime_kernels._triton import MAX_ROW, ROW_WARPS, autotune, jit, next_pow2, tl, use_triton
 from autopar.runtime_kernels.rms_norm import default_eps, rms_norm_bwd, rms_norm_reference
 
 
 # --- Triton kernel ------------------------------------------------------------------------------
+@autotune(ROW_WARPS, key=["n_cols"])
 @jit
 def add_rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, n_cols, eps,
                             HAS_WEIGHT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
@@ -43,8 +44,7 @@ def add_rms_norm_fwd(x2d: torch.Tensor, r2d: torch.Tensor, weight: torch.Tensor 
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     block = next_pow2(n)
     add_rms_norm_fwd_kernel[(rows,)](x2d, r2d, weight if weight is not None else x2d, s, y, rstd, n, eps,
-                                     HAS_WEIGHT=weight is not None, BLOCK_SIZE_N=block,
-                                     num_warps=row_warps(block))
+                                     HAS_WEIGHT=weight is not None, BLOCK_SIZE_N=block)
     return y, s, rstd
 
 

@@ -6,8 +6,9 @@ vocabulary shard ``logits[:, vocab_start:vocab_start + V_local]`` and returns th
 the full softmax with ONE all-reduce of the row statistics (each shard's max and sum of
 exponentials in its own slot, plus the target logit), so the logits are never gathered.
 
-Forward: a stats kernel streams each row once (online max and sum of exponentials, in fp32) and
-picks the target logit when it lies in the shard. Backward: one kernel writes
+Forward: a stats kernel streams each row once (online max and sum of exponentials, in fp32, one
+exponential per logit) and picks the target logit when it lies in the shard; over the whole
+vocabulary it also finishes the log-sum-exp and the row loss, so no torch op follows it. Backward: one kernel writes
 ``(softmax - onehot) * row_scale`` from the saved log-sum-exp; no communication (the gradient of
 the full loss with respect to a shard's logits only needs the global log-sum-exp).
 """
@@ -19,37 +20,48 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from autopar.runtime_kernels._triton import jit, next_pow2, tl, use_triton
+from autopar.runtime_kernels._triton import autotune, jit, tl, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 # --- Triton kernels -----------------------------------------------------------------------------
+# vocabulary columns per step and warps (the first is what the interpreter runs)
+CE_BLOCKS = [{"BLOCK_SIZE_V": b, "num_warps": w} for b, w in ((4096, 8), (2048, 4), (2048, 8), (4096, 16),
+                                                              (8192, 8), (8192, 16), (16384, 16), (32768, 32))]
+
+
+@autotune(CE_BLOCKS, key=["n_cols"])
 @jit
-def ce_stats_kernel(logits_ptr, target_ptr, max_ptr, sumexp_ptr, tlogit_ptr, n_cols, vocab_start,
-                    BLOCK_SIZE_V: tl.constexpr):
+def ce_stats_kernel(logits_ptr, target_ptr, max_ptr, sumexp_ptr, tlogit_ptr, loss_ptr, n_cols, vocab_start,
+                    ignore_index, FINAL: tl.constexpr, BLOCK_SIZE_V: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + tl.cast(row, tl.int64) * n_cols          # row-major [rows, n_cols]
-    m = tl.full([BLOCK_SIZE_V], float("-inf"), tl.float32)        # per-lane running max
-    s = tl.zeros([BLOCK_SIZE_V], dtype=tl.float32)                # per-lane sum of exp(x - m)
+    m = tl.max(tl.full([BLOCK_SIZE_V], float("-inf"), tl.float32), axis=0)   # running max (a scalar)
+    s = tl.sum(tl.zeros([BLOCK_SIZE_V], dtype=tl.float32), axis=0)          # running sum of exp(x - m)
     for start in tl.range(0, n_cols, BLOCK_SIZE_V):
         cols = start + tl.arange(0, BLOCK_SIZE_V)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        # lanes that saw only padding stay at -inf: shift them by 0 so no lane computes inf - inf
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # while every logit so far is -inf, shift by 0 so nothing computes inf - inf
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.exp(x - shift)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)    # one exp per logit
         m = m_new
-    row_max = tl.max(m, axis=0)
-    row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)
-    t = tl.load(target_ptr + row) - vocab_start                   # target column in this shard
+    tgt = tl.load(target_ptr + row)
+    t = tgt - vocab_start                                           # target column in this shard
     inside = (t >= 0) & (t < n_cols)
-    t_logit = tl.load(row_ptr + tl.where(inside, t, 0)).to(tl.float32)
-    tl.store(max_ptr + row, row_max)
-    tl.store(sumexp_ptr + row, row_sum)
-    tl.store(tlogit_ptr + row, tl.where(inside, t_logit, 0.0))
+    t_logit = tl.where(inside, tl.load(row_ptr + tl.where(inside, t, 0)).to(tl.float32), 0.0)
+    if FINAL:                                                       # the whole vocabulary: finish here
+        lse = m + tl.log(s)
+        tl.store(max_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(tgt != ignore_index, lse - t_logit, 0.0))
+    else:
+        tl.store(max_ptr + row, m)
+        tl.store(sumexp_ptr + row, s)
+        tl.store(tlogit_ptr + row, t_logit)
 
 
+@autotune(CE_BLOCKS, key=["n_cols"])
 @jit
 def ce_grad_kernel(logits_ptr, target_ptr, lse_ptr, scale_ptr, dlogits_ptr, n_cols, vocab_start,
                    BLOCK_SIZE_V: tl.constexpr):
@@ -67,28 +79,28 @@ def ce_grad_kernel(logits_ptr, target_ptr, lse_ptr, scale_ptr, dlogits_ptr, n_co
 
 
 # --- launchers ----------------------------------------------------------------------------------
-def _block_v(n_cols: int) -> int:
-    return min(next_pow2(n_cols), 4096)
-
-
 def ce_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row (fp32): max, sum of exp(x - max), the target's logit (0 when outside the shard)."""
     rows, v = logits.shape
     m, s, t = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
-    block = _block_v(v)
-    ce_stats_kernel[(rows,)](logits, target, m, s, t, v, vocab_start, BLOCK_SIZE_V=block,
-                             num_warps=max(1, min(16, block // 256)))
+    ce_stats_kernel[(rows,)](logits, target, m, s, t, m, v, vocab_start, 0, FINAL=False)
     return m, s, t
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole vocabulary, one pass: per-row log-sum-exp and loss (0 where target == ignore_index), fp32."""
+    rows, v = logits.shape
+    lse, loss = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+    ce_stats_kernel[(rows,)](logits, target, lse, lse, lse, loss, v, 0, ignore_index, FINAL=True)
+    return lse, loss
 
 
 def ce_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
             vocab_start: int) -> torch.Tensor:
     rows, v = logits.shape
     d = torch.empty_like(logits)
-    block = _block_v(v)
-    ce_grad_kernel[(rows,)](logits, target, lse, scale, d, v, vocab_start, BLOCK_SIZE_V=block,
-                            num_warps=max(1, min(16, block // 256)))
+    ce_grad_kernel[(rows,)](logits, target, lse, scale, d, v, vocab_start)
     return d
 
 
@@ -125,12 +137,15 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, groups, ignore_index):
         logits, target = logits.contiguous(), target.contiguous()
         kernel = use_triton(logits)
-        m, s, tlog = (ce_stats if kernel else ce_stats_reference)(logits, target, vocab_start)
-        if groups:
-            m, s, tlog = _combine_shards(m, s, tlog, vocab_start // logits.shape[1], groups)
-        lse = m + torch.log(s)
         valid = target != ignore_index
-        loss = torch.where(valid, lse - tlog, torch.zeros_like(lse))
+        if kernel and not groups:
+            lse, loss = ce_loss(logits, target, ignore_index)
+        else:
+            m, s, tlog = (ce_stats if kernel else ce_stats_reference)(logits, target, vocab_start)
+            if groups:
+                m, s, tlog = _combine_shards(m, s, tlog, vocab_start // logits.shape[1], groups)
+            lse = m + torch.log(s)
+            loss = torch.where(valid, lse - tlog, torch.zeros_like(lse))
         ctx.save_for_backward(logits, target, lse, valid)
         ctx.vocab_start, ctx.kernel = vocab_start, kernel
         return loss

@@ -1,7 +1,8 @@
 """LayerNorm over the trailing dims, forward and backward (= ``F.layer_norm``).
 
-One program per row in forward; backward runs a grid-strided loop over rows so each program also
-sums its rows' weight and bias gradients into one partial row (summed in torch afterwards).
+One program per row in forward; backward runs a grid-strided loop over tiles of rows so each
+program also sums its rows' weight and bias gradients into one partial row (summed in torch
+afterwards).
 Statistics are computed in fp32 whatever the input dtype.
 """
 from __future__ import annotations
@@ -11,11 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from autopar.runtime_kernels._triton import (MAX_ROW, jit, next_pow2, num_row_programs, row_warps, tl,
-                                             use_triton)
+from autopar.runtime_kernels._triton import (MAX_ROW, ROW_WARPS, autotune, jit, next_pow2, STRIDED,
+                                             strided_launch, tl,                                             use_triton)
 
 
 # --- Triton kernels -----------------------------------------------------------------------------
+@autotune(ROW_WARPS, key=["n_cols"])
 @jit
 def layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, eps,
                           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
@@ -37,33 +39,43 @@ def layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols
     tl.store(rstd_ptr + row, rstd)
 
 
+@autotune(STRIDED, key=["n_cols"])
 @jit
 def layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                          n_rows, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+                          n_rows, n_cols, n_part_rows, HAS_WEIGHT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                          BLOCK_SIZE_M: tl.constexpr, PROGS_PER_SM: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE_N)
-    mask = cols < n_cols
+    cmask = cols < n_cols
     w = 1.0
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     dw_acc = tl.zeros([BLOCK_SIZE_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_SIZE_N], dtype=tl.float32)
-    for row in tl.range(pid, n_rows, tl.num_programs(0)):   # grid-strided: rows pid, pid + G, ...
-        offs = tl.cast(row, tl.int64) * n_cols + cols
+    # grid-strided over tiles of BLOCK_SIZE_M rows: rows [pid * M, pid * M + M), then G * M further, ...
+    for row0 in tl.range(pid * BLOCK_SIZE_M, n_rows, tl.num_programs(0) * BLOCK_SIZE_M):
+        rows = row0 + tl.arange(0, BLOCK_SIZE_M)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         wdy = dy * w
-        c1 = tl.sum(xhat * wdy, axis=0) / n_cols
-        c2 = tl.sum(wdy, axis=0) / n_cols
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        c1 = tl.sum(xhat * wdy, axis=1) / n_cols
+        c2 = tl.sum(wdy, axis=1) / n_cols
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
-        db_acc += dy
-    # this program's partial sums: row pid of [G, n_cols]
-    tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
-    tl.store(db_part_ptr + pid * n_cols + cols, db_acc, mask=mask)
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        db_acc += tl.sum(dy, axis=0)
+    # this program's partial sums: row pid of [n_part_rows, n_cols]
+    tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=cmask)
+    tl.store(db_part_ptr + pid * n_cols + cols, db_acc, mask=cmask)
+    for r in tl.range(pid + tl.num_programs(0), n_part_rows, tl.num_programs(0)):   # rows past the grid
+        tl.store(dw_part_ptr + r * n_cols + cols, tl.zeros([BLOCK_SIZE_N], dtype=tl.float32), mask=cmask)
+        tl.store(db_part_ptr + r * n_cols + cols, tl.zeros([BLOCK_SIZE_N], dtype=tl.float32), mask=cmask)
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -77,7 +89,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     block = next_pow2(n)
     layer_norm_fwd_kernel[(rows,)](x2d, weight if weight is not None else x2d, bias if bias is not None else x2d,
                                    y, mean, rstd, n, eps, HAS_WEIGHT=weight is not None,
-                                   HAS_BIAS=bias is not None, BLOCK_SIZE_N=block, num_warps=row_warps(block))
+                                   HAS_BIAS=bias is not None, BLOCK_SIZE_N=block)
     return y, mean, rstd
 
 
@@ -86,13 +98,11 @@ def layer_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor |
     """dx (x's dtype) and fp32 dweight, dbias (summed over rows)."""
     rows, n = x2d.shape
     dx = torch.empty_like(x2d)
-    progs = num_row_programs(rows, x2d.device)
-    dw_part = torch.empty(progs, n, dtype=torch.float32, device=x2d.device)
-    db_part = torch.empty(progs, n, dtype=torch.float32, device=x2d.device)
-    block = next_pow2(n)
-    layer_norm_bwd_kernel[(progs,)](dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_part,
-                                    db_part, rows, n, HAS_WEIGHT=weight is not None, BLOCK_SIZE_N=block,
-                                    num_warps=row_warps(block))
+    part_rows, grid = strided_launch(rows, x2d.device)
+    dw_part = torch.empty(part_rows, n, dtype=torch.float32, device=x2d.device)
+    db_part = torch.empty(part_rows, n, dtype=torch.float32, device=x2d.device)
+    layer_norm_bwd_kernel[grid](dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_part, db_part,
+                                rows, n, part_rows, HAS_WEIGHT=weight is not None, BLOCK_SIZE_N=next_pow2(n))
     return dx, dw_part.sum(0), db_part.sum(0)
 
 

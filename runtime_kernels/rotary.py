@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from autopar.runtime_kernels._triton import jit, next_pow2, tl, use_triton
+from autopar.runtime_kernels._triton import autotune, jit, next_pow2, tl, use_triton
 
 
 # --- Triton kernel ------------------------------------------------------------------------------
+# rows of x per program and warps (the first is what the interpreter runs)
+ROTARY_BLOCKS = [{"BLOCK_SIZE_R": r, "num_warps": w} for r in (64, 16, 32, 128) for w in (4, 8)]
+
+
+@autotune(ROTARY_BLOCKS, key=["n_rows", "half"])
 @jit
 def rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, seq_len, half, BACKWARD: tl.constexpr,
                   BLOCK_SIZE_R: tl.constexpr, BLOCK_SIZE_H: tl.constexpr):
@@ -45,10 +50,8 @@ def rotary_apply(x: torch.Tensor, cos2d: torch.Tensor, sin2d: torch.Tensor, out_
     d, t = x.shape[-1], x.shape[-2]
     rows = x.numel() // d
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    block_h = next_pow2(d // 2)
-    block_r = max(1, min(next_pow2(rows), 4096 // block_h))
-    rotary_kernel[(-(-rows // block_r),)](x, cos2d, sin2d, y, rows, t, d // 2, BACKWARD=backward,
-                                          BLOCK_SIZE_R=block_r, BLOCK_SIZE_H=block_h)
+    grid = lambda meta: (-(-rows // meta["BLOCK_SIZE_R"]),)    # noqa: E731
+    rotary_kernel[grid](x, cos2d, sin2d, y, rows, t, d // 2, BACKWARD=backward, BLOCK_SIZE_H=next_pow2(d // 2))
     return y
 
 

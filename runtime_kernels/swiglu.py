@@ -8,12 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from autopar.runtime_kernels._triton import jit, tl, use_triton
-
-BLOCK_SIZE = 1024
+from autopar.runtime_kernels._triton import FLAT_BLOCKS, autotune, flat_grid, jit, tl, use_triton
 
 
 # --- Triton kernels -----------------------------------------------------------------------------
+@autotune(FLAT_BLOCKS, key=["n_elements"])
 @jit
 def swiglu_fwd_kernel(gate_ptr, up_ptr, y_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)   # this block of the flat tensors
@@ -24,6 +23,7 @@ def swiglu_fwd_kernel(gate_ptr, up_ptr, y_ptr, n_elements, BLOCK_SIZE: tl.conste
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@autotune(FLAT_BLOCKS, key=["n_elements"])
 @jit
 def swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -42,14 +42,14 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: contiguous, same shape and dtype."""
     y = torch.empty_like(gate)
     n = gate.numel()
-    swiglu_fwd_kernel[(-(-n // BLOCK_SIZE),)](gate, up, y, n, BLOCK_SIZE=BLOCK_SIZE)
+    swiglu_fwd_kernel[flat_grid(n)](gate, up, y, n)
     return y
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    swiglu_bwd_kernel[(-(-n // BLOCK_SIZE),)](dy, gate, up, dgate, dup, n, BLOCK_SIZE=BLOCK_SIZE)
+    swiglu_bwd_kernel[flat_grid(n)](dy, gate, up, dgate, dup, n)
     return dgate, dup
 
 
