@@ -38,7 +38,7 @@ def run_graph(gm, cap, model, inputs: dict) -> tuple[torch.Tensor, dict[str, tor
     return loss, {k: v.grad for k, v in leaves.items()}
 
 
-def graph_numerics(spec: str, batch: int = 2, seq: int = 8) -> dict:
+def graph_numerics(spec: str, batch: int = 2, seq: int = 8, device: str = "cpu") -> dict:
     from autopar.capture import capture
     from autopar.codegen.context import copy_graph_module
     from autopar.codegen.drop_asserts import drop_asserts
@@ -46,7 +46,7 @@ def graph_numerics(spec: str, batch: int = 2, seq: int = 8) -> dict:
     from autopar.models import build_model
 
     torch.manual_seed(0)
-    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    model, inputs = build_model(spec, batch=batch, seq=seq, device=device)
     cap = capture(model, inputs, fold_layers=False)
     plain = drop_asserts(copy_graph_module(cap.program.graph_module), None)
     fused = fuse_kernels(drop_asserts(copy_graph_module(cap.program.graph_module), None), None)
@@ -57,7 +57,6 @@ def graph_numerics(spec: str, batch: int = 2, seq: int = 8) -> dict:
     return {"fusions": fused.meta["autopar_fusions"], "loss": _excess(floss, loss),
             "grads": {k: _excess(fgrads[k], grads[k]) for k in grads},
             "kernels": _triton.use_triton(loss), "code": fused.code}
-
 
 
 # a GPT plan on 2 ranks whose logits are split over the vocabulary (the loss runs the sharded form)

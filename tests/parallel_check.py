@@ -26,12 +26,12 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_training_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], fix: dict | None = None,
                         batch: int = 4, seq: int = 16, options: dict | None = None, check_logits: bool = True,
-                        prefer: dict | None = None) -> dict:
+                        prefer: dict | None = None, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     opts = {**(options or {}), **({"prefer": prefer} if prefer else {})}
-    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    model, inputs = build_model(spec, batch=batch, seq=seq, device=device)
     ref = copy.deepcopy(model)
-    mesh = init_device_mesh("cpu", mesh_shape)
+    mesh = init_device_mesh(device, mesh_shape)
     out = {"errors": {}}
     if check_logits:  # the model without labels is another graph: plan and apply it on a copy
         logits_kw = {k: v for k, v in inputs.items() if k != "labels"}
