@@ -77,6 +77,7 @@ class ParallelModule(nn.Module):
         # gradients become ready in reverse order of a parameter's last use in forward
         ready_order = sorted(deferred, key=lambda name: -max((position[u.name] for u in node[name].users), default=0))
         self.__dict__["_leaves"] = {}   # FQN -> (param, its local tensor as a grad-requiring leaf)
+        self.__dict__["_owners"] = {}   # FQN -> (module holding the parameter, attribute name)
         for kind, name in order:
             if kind == "param":
                 self._leaf(name)
@@ -85,7 +86,13 @@ class ParallelModule(nn.Module):
 
     def _leaf(self, fqn: str) -> torch.Tensor:
         """The local tensor the graph takes for parameter ``fqn`` (set up once per local tensor)."""
-        p = self.get_parameter(fqn)
+        owner = self._owners.get(fqn)
+        if owner is None:                      # resolve the FQN's module once; a replaced parameter is still seen
+            mod, _, attr = fqn.rpartition(".")
+            owner = self._owners[fqn] = (self.get_submodule(mod), attr)
+        p = owner[0]._parameters.get(owner[1])
+        if p is None:
+            p = self.get_parameter(fqn)        # raises the usual error, naming the parameter
         local = getattr(p, "_local_tensor", None)
         if local is None:                      # a plain tensor parameter (not sharded by autopar)
             return p
