@@ -7,8 +7,9 @@ local: its compute plus the resharding on its input edges (producers at their ch
 placements) and on its output edges (consumers at their chosen placements), times the number of
 identical nodes the key stands for. The chosen strategy is listed with the ``top`` cheapest
 alternatives and their difference; the ILP decides globally, so an alternative can be locally
-cheaper (it would force costlier choices elsewhere, or break the memory budget). Front end:
-imports the solver; plans nothing and changes nothing.
+cheaper (it would force costlier choices elsewhere, or break the memory budget). A plan made with
+fused kernels (``plan.fusions``) has its fused ops costed as the planner did (solver.fusion). Front
+end: imports the solver; plans nothing and changes nothing.
 """
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def explain(plan: Plan, model_spec: str, *, top: int = 2) -> list[NodeExplanatio
     mesh, profile = plan.mesh, plan.cluster
     links = profile.dim_links(mesh)
     keys = collect_keys(gi, mesh, profile)
+    if plan.fusions:   # cost fused ops as the planner did
+        from autopar.api import fusible_groups
+        from autopar.solver import fusion as F
+
+        F.fuse_costs(gi, keys, F.shares(gi, F.check_fusions(fusible_groups(cap))), profile, mesh.shape)
     missing = [k for k in keys if k not in plan.node_shardings]
     if missing:
         raise PlanMismatchError(f"the plan has no sharding for {missing[:3]}: it was made by another autopar or "
