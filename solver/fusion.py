@@ -15,9 +15,10 @@ for: a folded capture's last captured block stands for every block after it, and
 group for as many as its group's root (the last captured block's residual add, which fuses with the
 final norm, stands for that one add; block 0's, which fuses with block 1's norm, for all the others).
 
-Approximation: a group is costed as fused whatever the placements of its ops; codegen fuses only
-where no reshard sits between them (a plan that reshards inside a group pays the resharding on the
-edge, and its ops really run unfused). Must not import codegen.
+The ILP costs a group as fused whatever the placements of its ops, but codegen fuses only where no
+reshard sits between them: after the solve, ``unfuse_broken`` costs the groups the chosen placements
+reshard inside as unfused ops again (the predicted times follow; the plan does not list them). The
+ILP's choice itself did not see the break. Must not import codegen.
 """
 from __future__ import annotations
 
@@ -116,17 +117,20 @@ def _member_cost(m: GNode, s: Strategy, info, share: Share | None, profile, mesh
                                 launch=share.launch)
 
 
-def fuse_costs(gi: GraphIndex, keys: dict, sh: dict[str, Share], profile, mesh_shape: tuple[int, ...]
-               ) -> dict[str, list[C.OpCost]]:
+def fuse_costs(gi: GraphIndex, keys: dict, sh: dict[str, Share], profile, mesh_shape: tuple[int, ...],
+               groups: dict[str, Share] | None = None) -> dict[str, list[C.OpCost]]:
     """Replace ``keys[k].compute`` (ilp.KeyInfo) of every key with a fused member by the members' fused
-    costs (weighted as in the module docstring); returns the unfused costs of the keys it changed."""
+    costs (weighted as in the module docstring); returns the unfused costs of the keys it changed.
+    ``groups`` (default ``sh``): the shares that weigh the members, a superset of ``sh`` when some
+    groups are costed unfused but still say how many nodes their members stand for."""
     unfused: dict[str, list[C.OpCost]] = {}
     weights = node_weights(gi)
+    groups = sh if groups is None else groups
     for key, members in gi.by_key().items():
         info = keys.get(key)
-        if info is None or not any(m.name in sh for m in members):
+        if info is None or not any(m.name in groups for m in members):
             continue
-        w = [_weight(m.name, sh, weights) for m in members]
+        w = [_weight(m.name, groups, weights) for m in members]
         total = sum(w)
         new = []
         for j, s in enumerate(info.strategies):
@@ -164,3 +168,42 @@ def fusion_records(gi: GraphIndex, keys: dict, sh: dict[str, Share], unfused: di
         rec["count"] += int(weight)
         rec["time_saved_s"] += weight * saved
     return list(records.values())
+
+
+def broken_groups(gi: GraphIndex, sh: dict[str, Share], chosen: dict[str, Strategy]) -> set[int]:
+    """Groups with a placement change between two of their ops under the chosen strategies: codegen
+    fuses on the graph with the reshards inserted, where such a group no longer matches."""
+    out = set()
+    for name, s in sh.items():
+        v = gi.nodes[name]
+        for a, ref in enumerate(v.inputs):
+            src = sh.get(ref.src)
+            if src is not None and src.group == s.group and \
+                    chosen[gi.nodes[ref.src].key].outputs[ref.out] != chosen[v.key].inputs[a]:
+                out.add(s.group)
+    return out
+
+
+def unfuse_broken(gi: GraphIndex, keys: dict, sh: dict[str, Share], unfused: dict[str, list[C.OpCost]],
+                  chosen: dict[str, Strategy], remat: dict[str, tuple[int, int]], profile,
+                  mesh_shape: tuple[int, ...]) -> tuple[dict[str, Share], dict[str, list[C.OpCost]], float, float]:
+    """After the solve: cost the broken groups' ops unfused again (as codegen will run them). Returns
+    the remaining shares, their keys' unfused costs, and the change of the predicted compute and
+    recompute seconds (a recomputed block runs its forward again: remat = list -> (full, selective))."""
+    broken = broken_groups(gi, sh, chosen)
+    if not broken:
+        return sh, unfused, 0.0, 0.0
+    before = {k: keys[k].compute for k in unfused}
+    for k, costs in unfused.items():
+        keys[k].compute = costs
+    kept = {n: s for n, s in sh.items() if s.group not in broken}
+    unfused_kept = fuse_costs(gi, keys, kept, profile, mesh_shape, groups=sh)
+    d_compute = d_recompute = 0.0
+    for k, old in before.items():
+        info = keys[k]
+        j = info.strategies.index(chosen[k])
+        d_compute += info.mult * (info.compute[j].total - old[j].total)
+        lay = info.node.layer
+        if info.node.kind == "op" and lay is not None and lay[0] in remat:
+            d_recompute += info.mult / gi.layer_counts[lay[0]] * (info.compute[j].fwd_s - old[j].fwd_s) * sum(remat[lay[0]])
+    return kept, unfused_kept, d_compute, d_recompute

@@ -108,15 +108,30 @@ def test_plan_fuse_option_changes_only_the_fused_ops():
                       ).predicted == off.predicted
 
 
-def test_folded_blocks_count_fusions_like_the_full_model():
+def test_a_reshard_inside_a_group_is_costed_unfused():
+    """silu's output split, the mul's inputs replicated: an all-gather sits between them, codegen cannot
+    fuse them, and the plan predicts (and lists) them unfused."""
+    model, inputs = SwiGLU(), (x, x.clone())
+    fix = {"input:*": ["R"], "root/silu#0": ["S(0)"], "root/mul#0": ["R"]}
+    on = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", fuse=True, fix=fix)
+    off = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", fuse=False, fix=fix)
+    assert on.node_shardings["root/silu#0"].outputs[0] == ("S(0)",) and on.fusions == ()
+    assert on.predicted == off.predicted and on.layers == off.layers
+
+
+def _llama4():
     from autopar.models import load_example_module
 
     llama = load_example_module("llama")
     cfg = llama.LlamaConfig(n_layer=4, d_model=32, n_head=2, n_kv_head=1, d_ff=64, vocab_size=64, max_seq_len=8)
     with torch.device("meta"):
         model = llama.Llama(cfg)
-    inputs = {"idx": torch.zeros(2, 8, dtype=torch.long, device="meta"),
-              "labels": torch.zeros(2, 8, dtype=torch.long, device="meta")}
+    return model, {"idx": torch.zeros(2, 8, dtype=torch.long, device="meta"),
+                   "labels": torch.zeros(2, 8, dtype=torch.long, device="meta")}
+
+
+def test_folded_blocks_count_fusions_like_the_full_model():
+    model, inputs = _llama4()
     plans = [autopar.plan(model, inputs, mesh_shape=(1,), cluster="h100-sxm", fold_layers=fold) for fold in (True, False)]
     assert plans[0].model.folded_layers == {"blocks": 4} and not plans[1].model.folded_layers
     counts = [{(f.kind, f.nodes): f.count for f in p.fusions} for p in plans]
@@ -140,3 +155,21 @@ def test_bad_fusion_lists_are_refused(bad):
 def test_fuse_option_must_be_a_bool():
     with pytest.raises(ConfigError, match="fuse must be"):
         autopar.plan(SwiGLU(), (x, x.clone()), mesh_shape=(2,), fuse="yes")
+
+
+def test_folded_plan_with_a_broken_group_matches_the_full_model():
+    """The last block's residual add split over the sequence, the final norm replicated: that add_norm is
+    not fused (it stands for one add of four), the other three block adds still are."""
+    model, inputs = _llama4()
+    kw = dict(mesh_shape=(2,), cluster="h100-sxm", fix={"input:*": ["R"], "blocks.[*]/add#1": ["S(1)"],
+                                                       "blocks.[*]/attn_norm/rms_norm#0": ["S(1)"],
+                                                       "norm/rms_norm#0": ["R"]})
+    plans = [autopar.plan(model, inputs, fold_layers=fold, **kw) for fold in (True, False)]
+    for p in plans:
+        fused = {(f.kind, f.nodes): f.count for f in p.fusions}
+        assert ("add_norm", ("blocks.*/add#1", "norm/rms_norm#0")) not in fused
+        assert fused[("add_norm", ("blocks.*/add#1", "blocks.*/attn_norm/rms_norm#0"))] == 3
+    assert plans[0].predicted.step_time_s == pytest.approx(plans[1].predicted.step_time_s, rel=1e-12)
+    off = autopar.plan(model, inputs, fuse=False, **kw)
+    saved = sum(f.time_saved_s for f in plans[0].fusions)
+    assert off.predicted.step_time_s - plans[0].predicted.step_time_s == pytest.approx(saved, rel=1e-9)
