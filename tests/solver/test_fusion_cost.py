@@ -152,11 +152,6 @@ def test_bad_fusion_lists_are_refused(bad):
         fusion.check_fusions(bad)
 
 
-def test_fuse_option_must_be_a_bool():
-    with pytest.raises(ConfigError, match="fuse must be"):
-        autopar.plan(SwiGLU(), (x, x.clone()), mesh_shape=(2,), fuse="yes")
-
-
 def test_folded_plan_with_a_broken_group_matches_the_full_model():
     """The last block's residual add split over the sequence, the final norm replicated: that add_norm is
     not fused (it stands for one add of four), the other three block adds still are."""
