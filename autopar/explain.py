@@ -83,16 +83,18 @@ def explain(plan: Plan, model_spec: str, *, top: int = 2) -> list[NodeExplanatio
     mesh, profile = plan.mesh, plan.cluster
     links = profile.dim_links(mesh)
     keys = collect_keys(gi, mesh, profile)
-    if plan.fusions:   # cost fused ops as the planner did
-        from autopar.api import fusible_groups
-        from autopar.solver import fusion as F
-
-        F.fuse_costs(gi, keys, F.shares(gi, F.check_fusions(fusible_groups(cap))), profile, mesh.shape)
     missing = [k for k in keys if k not in plan.node_shardings]
     if missing:
         raise PlanMismatchError(f"the plan has no sharding for {missing[:3]}: it was made by another autopar or "
                                 f"for another capture; re-plan the model")
     chosen = {k: _strategy(plan.node_shardings[k], k) for k in keys}
+    if plan.fusions and all(chosen[k] in info.strategies for k, info in keys.items()):
+        from autopar.api import fusible_groups   # cost fused ops as the planner did
+        from autopar.solver import fusion as F
+
+        sh = F.shares(gi, F.check_fusions(fusible_groups(cap)))
+        F.unfuse_broken(gi, keys, sh, F.fuse_costs(gi, keys, sh, profile, mesh.shape), chosen, {}, profile,
+                        mesh.shape)
     ins: dict[str, list] = defaultdict(list)
     outs: dict[str, list] = defaultdict(list)
     for (ku, o, kv, a), m in gi.edge_classes().items():

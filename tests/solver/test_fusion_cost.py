@@ -168,3 +168,17 @@ def test_folded_plan_with_a_broken_group_matches_the_full_model():
     off = autopar.plan(model, inputs, fuse=False, **kw)
     saved = sum(f.time_saved_s for f in plans[0].fusions)
     assert off.predicted.step_time_s - plans[0].predicted.step_time_s == pytest.approx(saved, rel=1e-9)
+
+
+def test_explain_costs_fused_ops_as_the_planner():
+    from autopar.explain import explain
+    from autopar.models import build_model
+
+    model, inputs = build_model("llama-tiny", batch=2, seq=8, device="meta")
+    kw = dict(mesh_shape=(2,), cluster="h100-sxm", fix={"input:*": ["S(0)"]})
+    on, off = autopar.plan(model, inputs, fuse=True, **kw), autopar.plan(model, inputs, fuse=False, **kw)
+    assert on.node_shardings == off.node_shardings   # the same placements, so the costs differ by fusion only
+    region = ("blocks.*/mlp/silu#0", "blocks.*/mlp/mul#0")
+    cost = [sum(n.chosen.compute_s for n in explain(p, "llama-tiny") if n.key in region) for p in (on, off)]
+    (swiglu,) = [f for f in on.fusions if f.kind == "swiglu"]
+    assert cost[1] - cost[0] == pytest.approx(swiglu.time_saved_s, rel=1e-9)
