@@ -31,10 +31,10 @@ from autopar.graph import GNode, GraphIndex
 from autopar.solver import cost as C
 from autopar.solver.strategies import Strategy
 
-OUTPUT = "__output__"
+OUTPUT = "__output__"   # a consumer that is the graph's output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Share:
     """One member's part of its fused kernel: which inputs it reads, which outputs it writes."""
     kind: str
