@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "fuse"}
 _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
                "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -56,7 +56,10 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``backend`` ("auto" = HiGHS when installed, else CBC; "highs"; "cbc"), ``time_limit`` seconds,
     ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks),
     ``precision`` ("bf16" / "fp16" / "fp32" or a dict of plan.precision: compute under autocast with
-    fp32 master weights; fp16 adds dynamic loss scaling, see autopar.precision.grad_scaler).
+    fp32 master weights; fp16 adds dynamic loss scaling, see autopar.precision.grad_scaler),
+    ``fuse`` (cost the ops codegen's fuse_kernels would replace by one runtime_kernels kernel as that
+    kernel's traffic, and list them in ``plan.fusions``; default: on for a GPU cluster profile, where
+    ``apply`` on a CUDA mesh substitutes the kernels, off for ``cpu-gloo`` or a CPU-measured profile).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
@@ -73,8 +76,14 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         budget = profile.device.memory_capacity
     if pipeline is None:
         pipeline = "auto" if "pp" in mesh.dim_names else False
+    fuse = options.get("fuse")
+    if fuse is not None and not isinstance(fuse, bool):
+        raise ConfigError(f"fuse must be True, False or None (None: on for a GPU cluster), got {fuse!r}")
     if pipeline is not False:
         from autopar.pipeline import plan_pipeline
+        if fuse:
+            raise ConfigError("fuse=True is not supported with pipeline stages yet (stages are costed unfused); "
+                              "drop it or pass pipeline=False")
         if options.get("fix") or options.get("prefer"):
             raise ConfigError("fix= and prefer= are not supported with pipeline stages yet; drop them or pass "
                               "pipeline=False")
@@ -86,11 +95,26 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     cap = capture(model, example_inputs, fold_layers=options.get("fold_layers", True))
     t1 = time.perf_counter()
     from autopar.solver import plan_graph
+    fusions = fusible_groups(cap) if (default_fuse(profile) if fuse is None else fuse) else None
     out = plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
-                     prefer=options.get("prefer"),
+                     prefer=options.get("prefer"), fusions=fusions,
                      backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
                      phase_times={"capture": t1 - t0})
     return out if precision is None else dataclasses.replace(out, precision=precision)
+
+
+def default_fuse(profile: ClusterProfile) -> bool:
+    """Plan with fused kernels by default on a GPU cluster: the presets for GPUs and profiles measured
+    on CUDA (``apply`` fuses on a CUDA mesh); not on ``cpu-gloo`` or a CPU-measured profile."""
+    return not profile.device.name.lower().startswith("cpu")
+
+
+def fusible_groups(cap) -> list[dict]:
+    """The captured graph's groups of ops that codegen's fuse_kernels would run as one kernel, as the
+    planner takes them: ``[{"kind", "nodes": [fx node names, root last]}]`` (recognition only)."""
+    from autopar.codegen.fuse_kernels import find_fusions
+
+    return [{"kind": f.kind, "nodes": [n.name for n in f.members()]} for f in find_fusions(cap.program.graph_module)]
 
 
 def _precision(value) -> dict | None:

@@ -39,7 +39,7 @@ class _Phase:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autopar.api import parse_bytes
+    from autopar.api import default_fuse, fusible_groups, parse_bytes
     from autopar.capture import capture
     from autopar.mesh import MeshSpec
     from autopar.models import build_model
@@ -55,9 +55,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
     with _Phase("capture (torch.export)") as cap_phase:
         cap = capture(model, inputs, fold_layers=not args.no_fold)
+    fuse = default_fuse(profile) if args.fuse is None else args.fuse
     with _Phase("strategies + ILP"):
         plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
-                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds})
+                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
+                          fusions=fusible_groups(cap) if fuse else None)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
@@ -187,7 +189,9 @@ def cmd_emit(args: argparse.Namespace) -> int:
     if cap.fingerprint() != plan.model.fingerprint:
         raise PlanMismatchError(f"{args.model} with inputs {shapes} is not the model the plan was made for; "
                                 f"give the --model the plan was made with")
-    gm, _ = build_parallel_graph(cap, plan)
+    # as apply does: fused kernels where the module runs on CUDA
+    fuse = args.device.startswith("cuda") if args.fuse is None else args.fuse
+    gm, _ = build_parallel_graph(cap, plan, fuse=fuse)
     print(emit_source(place_factories(gm, args.device), plan, rank=args.rank), end="")
     return 0
 
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--backend", default="auto", choices=["auto", "highs", "cbc"], help="ILP solver")
     pl.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds (default 60)")
     pl.add_argument("--no-fold", action="store_true", help="capture every repeated block (slower)")
+    pl.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="cost the ops that run as one fused kernel (autopar.runtime_kernels) as that kernel's "
+                         "traffic and list them in the plan (default: on for a GPU cluster, off for cpu-gloo)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.set_defaults(func=cmd_plan)
 
@@ -273,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--rank", type=int, default=None,
                     help="note this rank's mesh coordinate in the header (the code is the same on every rank)")
     em.add_argument("--device", default="cpu", help="device for tensors the graph creates (default cpu)")
+    em.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="substitute the fused kernels (calls to autopar.runtime_kernels) as apply does on a "
+                         "CUDA mesh (default: on when --device is cuda)")
     em.set_defaults(func=cmd_emit)
     return p
 

@@ -7,8 +7,9 @@ local: its compute plus the resharding on its input edges (producers at their ch
 placements) and on its output edges (consumers at their chosen placements), times the number of
 identical nodes the key stands for. The chosen strategy is listed with the ``top`` cheapest
 alternatives and their difference; the ILP decides globally, so an alternative can be locally
-cheaper (it would force costlier choices elsewhere, or break the memory budget). Front end:
-imports the solver; plans nothing and changes nothing.
+cheaper (it would force costlier choices elsewhere, or break the memory budget). A plan made with
+fused kernels (``plan.fusions``) has its fused ops costed as the planner did (solver.fusion). Front
+end: imports the solver; plans nothing and changes nothing.
 """
 from __future__ import annotations
 
@@ -87,6 +88,13 @@ def explain(plan: Plan, model_spec: str, *, top: int = 2) -> list[NodeExplanatio
         raise PlanMismatchError(f"the plan has no sharding for {missing[:3]}: it was made by another autopar or "
                                 f"for another capture; re-plan the model")
     chosen = {k: _strategy(plan.node_shardings[k], k) for k in keys}
+    if plan.fusions and all(chosen[k] in info.strategies for k, info in keys.items()):
+        from autopar.api import fusible_groups   # cost fused ops as the planner did
+        from autopar.solver import fusion as F
+
+        sh = F.shares(gi, F.check_fusions(fusible_groups(cap)))
+        F.unfuse_broken(gi, keys, sh, F.fuse_costs(gi, keys, sh, profile, mesh.shape), chosen, {}, profile,
+                        mesh.shape)
     ins: dict[str, list] = defaultdict(list)
     outs: dict[str, list] = defaultdict(list)
     for (ku, o, kv, a), m in gi.edge_classes().items():

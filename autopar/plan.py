@@ -78,6 +78,18 @@ class LayerCost:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FusedKernel:
+    """Ops the cost model priced as one fused kernel of ``autopar.runtime_kernels`` (codegen's
+    fuse_kernels substitutes it when the module runs on CUDA, where no reshard sits between the ops)."""
+
+    kind: str                  # rms_norm | add_norm | layer_norm | bias_gelu | swiglu | rotary | cross_entropy
+    root: str                  # graph key of the node whose value the kernel returns
+    nodes: tuple[str, ...]     # graph keys of the ops whose work it does, root last
+    count: int                 # instances in the full model
+    time_saved_s: float        # forward + backward compute it saves per step (all instances), as predicted
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     mesh: MeshSpec
     cluster: ClusterProfile
@@ -93,6 +105,7 @@ class Plan:
     pipeline: dict | None = None
     precision: dict[str, str] = field(default_factory=lambda: {"param_dtype": "float32", "compute_dtype": "float32"})
     nodes_fallback: tuple[str, ...] = ()              # ops planned by the replicate fallback
+    fusions: tuple[FusedKernel, ...] = ()             # fused kernels the costs assume (empty: unfused)
     version: int = PLAN_VERSION
 
     # --- JSON ---------------------------------------------------------------------------
@@ -124,6 +137,8 @@ class Plan:
             "layers": [{"name": r.name, "count": r.count, "time_s": r.time_s, "comm_s": r.comm_s,
                         "memory_bytes": r.memory_bytes} for r in self.layers],
             "nodes_fallback": list(self.nodes_fallback),
+            "fusions": [{"kind": f.kind, "root": f.root, "nodes": list(f.nodes), "count": f.count,
+                         "time_saved_s": f.time_saved_s} for f in self.fusions],
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -228,10 +243,25 @@ class Plan:
                     optimizer_sharding={k: tuple(v) for k, v in opt.items()},
                     pipeline=_pipeline(d.get("pipeline"), mesh), precision=dict(d.get("precision", {})) or
                     {"param_dtype": "float32", "compute_dtype": "float32"},
-                    nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)), version=version)
+                    nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)),
+                    fusions=tuple(_fusion(f, f"plan.fusions[{i}]") for i, f in enumerate(_list(d, "fusions", "plan"))),
+                    version=version)
 
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def _fusion(f: Any, where: str) -> FusedKernel:
+    if not isinstance(f, dict):
+        raise PlanFormatError(f"{where}: expected an object with kind, root, nodes, count, time_saved_s")
+    nodes = _field(f, "nodes", list, where)
+    if not nodes or not all(isinstance(n, str) for n in nodes):
+        raise PlanFormatError(f"{where}.nodes: expected a non-empty list of graph keys")
+    count = _field(f, "count", int, where)
+    if count < 1:
+        raise PlanFormatError(f"{where}.count: must be >= 1, got {count}")
+    return FusedKernel(kind=_field(f, "kind", str, where), root=_field(f, "root", str, where), nodes=tuple(nodes),
+                       count=count, time_saved_s=float(_field(f, "time_saved_s", (int, float), where)))
 
 
 def _pipeline(p: Any, mesh: MeshSpec) -> dict | None:

@@ -88,10 +88,21 @@ def pipeline_lines(plan: Plan) -> list[str]:
     return ["", head, _table(["stage", "pp rank", "layers", "params", "time/mb", "memory"], rows)]
 
 
+def fusion_lines(plan: Plan) -> list[str]:
+    """The fused kernels the plan's costs assume (empty when it was planned unfused)."""
+    if not plan.fusions:
+        return []
+    rows = [[f.root, f.kind, str(len(f.nodes)), str(f.count), fmt_time(f.time_saved_s)] for f in plan.fusions]
+    total = sum(f.time_saved_s for f in plan.fusions)
+    return ["", f"fused kernels (autopar.runtime_kernels, substituted on a CUDA mesh): predicted saving "
+                f"{fmt_time(total)} per step",
+            _table(["root", "kernel", "ops", "count", "saved"], rows)]
+
+
 def render(plan: Plan) -> str:
     parts = [summary(plan), *pipeline_lines(plan), "", "parameters",
              _table(["parameter", "placement"], param_rows(plan)), "",
              "layers", _table(["module", "count", "time", "comm", "memory"],
                               [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
-                               for r in plan.layers])]
+                               for r in plan.layers]), *fusion_lines(plan)]
     return "\n".join(parts)

@@ -17,6 +17,8 @@ pattern must have no users outside it, else the pattern is left alone):
 Runs last, on the local-shard graph (after localize_shapes): a pattern only matches where no
 reshard sits between its ops, so each fused op sees the same local tensors the plain ops did.
 Applied fusions are listed in ``gm.meta["autopar_fusions"]`` as ``{"kind", "nodes"}``.
+``find_fusions`` runs the same rules without rewriting (the front end gives its result, as node
+names, to the planner, which must not import codegen, to cost the fused kernels' traffic).
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ class Fusion:
     root: fx.Node                     # the node whose value the fused op produces (output 0)
     interior: list[fx.Node] = field(default_factory=list)   # replaced nodes other than the root
     extra: fx.Node | None = None      # a replaced node whose value is the fused op's output 1
+
+    def members(self) -> list[fx.Node]:
+        """The nodes whose work the fused op does (interior, extra, root; a linear whose bias moves
+        into ``bias_gelu`` keeps its matmul and is not one)."""
+        return [*self.interior, *([self.extra] if self.extra is not None else []), self.root]
 
 
 def _users(n: fx.Node) -> list[fx.Node]:
@@ -210,6 +217,31 @@ def match_cross_entropy(node: fx.Node, rk) -> Fusion | None:
 
 
 # --- the pass ------------------------------------------------------------------------------------
+def _match(node: fx.Node, rk, local_dim) -> Fusion | None:
+    return (match_norm(node, rk) or match_rms_decomposed(node, rk, local_dim) or match_bias_gelu(node, rk)
+            or match_swiglu(node, rk) or match_rotary(node, rk) or match_cross_entropy(node, rk))
+
+
+def find_fusions(gm: fx.GraphModule, ctx_or_plan=None) -> list[Fusion]:
+    """Recognition only (the graph is not changed): the fusions ``fuse_kernels`` would apply to ``gm``,
+    tried in the same graph order, a node taking part in at most one. On the captured graph (before
+    any reshard is inserted) this is what the front end hands the planner to cost fused traffic."""
+    import autopar.runtime_kernels as rk
+
+    local_dim = _local_last_dim(ctx_or_plan)
+    taken: set[fx.Node] = set()
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in taken:
+            continue
+        fusion = _match(node, rk, local_dim)
+        if fusion is None or any(n in taken for n in fusion.members()):
+            continue                    # a node already fused away is gone in fuse_kernels too
+        taken.update(fusion.members())
+        found.append(fusion)
+    return found
+
+
 def fuse_kernels(gm: fx.GraphModule, ctx_or_plan=None) -> fx.GraphModule:
     """Requires: a graph of ATen ops (captured, or rewritten by the earlier passes on local shards);
     ``ctx_or_plan``: the ShardingContext (gives local sizes; None or a Plan: the graph is unsharded).
@@ -223,8 +255,7 @@ def fuse_kernels(gm: fx.GraphModule, ctx_or_plan=None) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node._erased or node.op != "call_function":
             continue                    # erased by an earlier fusion
-        fusion = (match_norm(node, rk) or match_rms_decomposed(node, rk, local_dim) or match_bias_gelu(node, rk)
-                  or match_swiglu(node, rk) or match_rotary(node, rk) or match_cross_entropy(node, rk))
+        fusion = _match(node, rk, local_dim)
         if fusion is not None:
             applied.append(_apply(gm, fusion))
     gm.recompile()

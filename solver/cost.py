@@ -2,7 +2,9 @@
 
 Compute: roofline ``max(flops / achieved_flops, bytes / achieved_bandwidth) + op_overhead`` where
 achieved FLOP/s rise with op size (DeviceSpec's efficiency curve); backward costs twice the
-forward FLOPs for contractions and twice the bytes for memory-bound ops; views are free.
+forward FLOPs for contractions and twice the bytes for memory-bound ops; views are free. Ops that
+run inside one fused kernel (``fused_compute_cost``) share its traffic: inputs from outside the group
+read once, values leaving it written once, one op overhead.
 
 Communication: alpha-beta per mesh dim with ring volumes, S = bytes of the full (gathered) tensor
 along that mesh dim:
@@ -87,6 +89,27 @@ def compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], pr
                   if m is not None and p is not None)
     dtype = str(node.outputs[0].dtype).removeprefix("torch.") if node.outputs[0] is not None else "float32"
     return roofline_cost(flops, nbytes, dtype, dev)
+
+
+def fused_compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], profile: ClusterProfile,
+                       mesh_shape: tuple[int, ...], *, reads: tuple[bool, ...], writes: tuple[bool, ...],
+                       launch: bool) -> OpCost:
+    """compute_cost of a memory-bound op whose work a fused kernel does (codegen's fuse_kernels): the
+    kernel reads each tensor from outside its group once and writes only the values that leave the
+    group, so this op is charged the inputs flagged in ``reads`` and the outputs flagged in ``writes``
+    (views write nothing), and only the op flagged ``launch`` pays the kernel's op overhead. Summed over
+    a group this is roofline_cost of the fused kernel's traffic; backward keeps the 2x-bytes rule.
+    Contractions and non-ops are not fused: their compute_cost is returned unchanged."""
+    if node.kind != "op" or contraction_flops(node, in_metas):
+        return compute_cost(node, strategy, in_metas, profile, mesh_shape)
+    nbytes = sum(local_bytes(m, p, mesh_shape) for m, p, r in zip(in_metas, strategy.inputs, reads) if r)
+    if node.target not in FREE_OPS:
+        nbytes += sum(local_bytes(m, p, mesh_shape) for m, p, w in zip(node.outputs, strategy.outputs, writes)
+                      if w and m is not None and p is not None)
+    dev = profile.device
+    mem_t = nbytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
+    overhead = dev.op_overhead_s if launch else 0.0
+    return OpCost(overhead + mem_t, overhead + 2 * mem_t)
 
 
 def roofline_cost(flops: float, nbytes: float, dtype: str, dev: DeviceSpec) -> OpCost:

@@ -10,8 +10,9 @@ from autopar.capture import CapturedModel
 from autopar.graph import GraphIndex, index_graph
 from autopar.mesh import MeshSpec
 from autopar.placement import format_sharding
-from autopar.plan import LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
+from autopar.plan import FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.profile import ClusterProfile
+from autopar.solver import fusion as F
 from autopar.solver import ilp
 from autopar.solver.saved import saved_tensors
 from autopar.solver.strategies import Strategy
@@ -42,9 +43,12 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                budget: float | None = None, fix: dict[str, list[str]] | None = None,
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
-               force: dict[str, Strategy] | None = None) -> Plan:
+               force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
-    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan)."""
+    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan). ``fusions``: groups of captured
+    nodes that will run as one fused kernel, ``[{"kind", "nodes": [fx node names, root last]}]`` (the
+    front end finds them with codegen's find_fusions), costed as the fused kernels' traffic
+    (solver.fusion) and listed in the plan; None or empty: every op is costed on its own."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
@@ -56,10 +60,14 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                     type(e).__name__, e)
         saved = None
     keys = ilp.collect_keys(gi, mesh, profile, fix, prefer, saved=saved)
+    shares = F.shares(gi, F.check_fusions(fusions or []))
+    unfused = F.fuse_costs(gi, keys, shares, profile, mesh.shape)
     for key, strat in (force or {}).items():
         info = keys[key]
         j = info.strategies.index(strat)
         info.strategies, info.compute, info.memory = [strat], [info.compute[j]], [info.memory[j]]
+        if key in unfused:
+            unfused[key] = [unfused[key][j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
                     time_limit=time_limit, keys=keys)
@@ -78,6 +86,9 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                     for full in _full_fqns(fqn, gi):
                         param_placements[full] = tuple(format_sharding(strat.outputs[0]))
 
+    # a group the chosen placements reshard inside is not fused by codegen: cost it unfused again
+    shares, unfused, d_compute, d_recompute = F.unfuse_broken(gi, sol.keys, shares, unfused, sol.chosen, sol.remat,
+                                                              profile, mesh.shape)
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
@@ -93,12 +104,17 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                                 memory_bytes=int(r["memory_bytes"])))
 
     tb = dict(sol.time_breakdown)
+    tb["compute_s"] += d_compute
+    tb["recompute_s"] += d_recompute
     tb.update({"offload_s": 0.0, "bubble_s": 0.0})
     mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
     checkpoint = []
     for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
         checkpoint += [f"{lst}.{i}:full" for i in range(full)]
         checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
+    fused = [FusedKernel(kind=r["kind"], root=r["root"], nodes=tuple(r["nodes"]), count=r["count"],
+                         time_saved_s=r["time_saved_s"])
+             for r in F.fusion_records(gi, sol.keys, shares, unfused, sol.chosen, profile, mesh.shape)]
     t3 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"index": t1 - t0, "strategies": t2 - t1, "build_ilp": sol.build_s, "solve": sol.solve_s,
@@ -116,7 +132,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
-        checkpoint=tuple(checkpoint),
+        checkpoint=tuple(checkpoint), fusions=tuple(fused),
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 

@@ -204,3 +204,29 @@ def test_show_explain_errors(tiny_plan, capsys):
     assert "give --model" in _error_line(capsys, ["show", str(path), "--explain"])
     assert "not the model the plan was made for" in _error_line(
         capsys, ["show", str(path), "--explain", "--model", "llama-tiny"])
+
+
+def test_fused_plan_show_and_emit(tmp_path, capsys):
+    """``plan --fuse`` lists the fused kernels (cpu-gloo plans unfused by default), ``show`` prints them,
+    ``emit --fuse`` writes them as autopar.runtime_kernels calls; without --fuse emit has none."""
+    small = ["--model", "llama-tiny", "--batch", "2", "--seq", "8", "--mesh", "2", "--cluster", "cpu-gloo"]
+    assert main(["plan", *small, "--out", str(tmp_path / "plain.json")]) == 0
+    assert Plan.from_json(tmp_path / "plain.json").fusions == ()
+    path = tmp_path / "fused.json"
+    assert main(["plan", *small, "--fuse", "--out", str(path)]) == 0
+    plan = Plan.from_json(path)
+    assert {f.kind for f in plan.fusions} == {"rms_norm", "add_norm", "rotary", "swiglu", "cross_entropy"}
+    capsys.readouterr()
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, ln in enumerate(out) if ln.startswith("fused kernels"))
+    assert out[head + 1].split() == ["root", "kernel", "ops", "count", "saved"]
+    assert out[head + 3 + [f.root for f in plan.fusions].index("blocks.*/mlp/mul#0")].split()[:4] == \
+        ["blocks.*/mlp/mul#0", "swiglu", "2", "2"]
+    assert main(["emit", str(path), "--model", "llama-tiny", "--fuse"]) == 0
+    src = capsys.readouterr().out
+    compile(src, "fused.py", "exec")
+    assert src.count(" = autopar.runtime_kernels.swiglu(") == 2 and src.count(" = autopar.runtime_kernels.rotary(") == 4
+    assert "# Fused kernels (fuse_kernels pass): rms_norm x1, rotary x4, add_norm x4, swiglu x2, cross_entropy x1;" in src
+    assert main(["emit", str(path), "--model", "llama-tiny"]) == 0
+    assert "runtime_kernels" not in capsys.readouterr().out

@@ -7,7 +7,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from autopar.errors import AutoparError, PlanFormatError
 from autopar.mesh import MeshSpec
-from autopar.plan import SCHEMA_PATH, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
+from autopar.plan import SCHEMA_PATH, FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.profile import PRESETS
 
 QKV = "blocks.0.attn.qkv.weight"
@@ -42,6 +42,8 @@ def _plan(**changes) -> Plan:
                               "plan": None}]},
         precision={"param_dtype": "float32", "compute_dtype": "bfloat16"},
         nodes_fallback=("root/cumsum#0",),
+        fusions=(FusedKernel(kind="swiglu", root="blocks.*/mlp/mul#0", nodes=("blocks.*/mlp/silu#0", "blocks.*/mlp/mul#0"),
+                             count=12, time_saved_s=1.5e-4),),
     )
     fields.update(changes)
     return Plan(**fields)
@@ -61,7 +63,8 @@ def test_round_trip_text_and_file(tmp_path):
     path = tmp_path / "plan.json"
     plan.to_json(path)
     assert Plan.from_json(path) == plan and Plan.from_json(str(path)) == plan
-    minimal = _plan(layers=(), checkpoint=(), offload=(), optimizer_sharding={}, pipeline=None, nodes_fallback=())
+    minimal = _plan(layers=(), checkpoint=(), offload=(), optimizer_sharding={}, pipeline=None, nodes_fallback=(),
+                    fusions=())
     assert Plan.from_json(minimal.to_json()) == minimal
 
 
@@ -96,6 +99,8 @@ def _errors(schema, d) -> list[str]:
     (("cluster", "intra_node", "collectives", "all_reduce", "beta"), 0, "cluster/intra_node/collectives/all_reduce"),
     (("predicted", "peak_memory_bytes"), -1, "predicted/peak_memory_bytes"),
     (("solver", "optimal"), "yes", "solver/optimal"),
+    (("fusions", 0, "count"), 0, "fusions/0/count"),
+    (("fusions", 0, "nodes"), [], "fusions/0/nodes"),
     (("surprise",), 1, ""),
 ])
 def test_schema_rejects(schema, path, value, where):
@@ -212,3 +217,21 @@ def test_dict_is_a_copy():
     before = copy.deepcopy(d)
     d["param_placements"][QKV][0] = "S(1)"
     assert plan.to_dict() == before
+
+
+@pytest.mark.parametrize("change,where", [
+    ({"count": 0}, r"plan\.fusions\[0\]\.count: must be >= 1"),
+    ({"nodes": []}, r"plan\.fusions\[0\]\.nodes: expected a non-empty list"),
+    ({"kind": None}, r"plan\.fusions\[0\]\.kind: expected str"),
+])
+def test_bad_fusion_record_is_named(change, where):
+    d = _plan().to_dict()
+    d["fusions"][0].update(change)
+    with pytest.raises(PlanFormatError, match=where):
+        _load(d)
+
+
+def test_plan_without_fusions_field_loads_unfused():
+    d = _plan().to_dict()
+    del d["fusions"]
+    assert _load(d).fusions == ()

@@ -25,10 +25,10 @@ FIX = {"input:*": ["S(0)", "R"],
        "blocks.*/attn.proj/linear#0": ["S(0)", "P(sum)"], "blocks.*/mlp.proj/linear#0": ["S(0)", "P(sum)"]}
 
 
-def emitted() -> str:
+def emitted(fuse: bool = False) -> str:
     model, inputs = build_model("gpt-tiny", batch=8, seq=16, device="meta")
     plan = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("dp", "tp"), cluster="h100-sxm", fix=FIX)
-    gm, _ = build_parallel_graph(capture(model, inputs, fold_layers=False), plan)
+    gm, _ = build_parallel_graph(capture(model, inputs, fold_layers=False), plan, fuse=fuse)
     return emit_source(place_factories(gm, "cpu"), plan)
 
 
@@ -48,6 +48,19 @@ def test_emitted_code_compiles_and_shows_the_plan():
     # column-parallel QKV keeps its output split over tp; row-parallel proj yields a partial sum reduced after
     assert "'S(0) R', 'S(0) S(2)'" in src or "'S(0) S(2)'" in src
     assert "P(sum)" in src
+
+
+def test_fused_emit_replaces_the_golden_ops_by_kernel_calls():
+    """`autopar emit --fuse` of the same plan: each LayerNorm and GELU of the golden is a runtime_kernels call."""
+    src, golden = emitted(fuse=True), GOLDEN.read_text()
+    compile(src, "rewritten_fused.py", "exec")
+    n_norm, n_gelu = golden.count("torch.ops.aten.layer_norm.default("), golden.count("torch.ops.aten.gelu.default(")
+    assert n_norm == 5 and n_gelu == 2
+    assert src.count(" = autopar.runtime_kernels.layer_norm(") == n_norm
+    assert src.count(" = autopar.runtime_kernels.bias_gelu(") == n_gelu
+    assert "torch.ops.aten.layer_norm" not in src and "torch.ops.aten.gelu" not in src
+    assert f"# Fused kernels (fuse_kernels pass): layer_norm x{n_norm}, bias_gelu x{n_gelu}" in src
+    assert "import autopar.runtime_kernels" in src.splitlines()
 
 
 if __name__ == "__main__":
