@@ -30,7 +30,6 @@ only; it never captures or runs a model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 from autopar.errors import ConfigError
