@@ -75,12 +75,10 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         pipeline = "auto" if "pp" in mesh.dim_names else False
     if pipeline is not False:
         from autopar.pipeline import plan_pipeline
-        if options.get("fix") or options.get("prefer"):
-            raise ConfigError("fix= and prefer= are not supported with pipeline stages yet; drop them or pass "
-                              "pipeline=False")
         return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=options.get("nodes"),
                              backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                             fold_layers=options.get("fold_layers", True))
+                             fold_layers=options.get("fold_layers", True), fix=options.get("fix"),
+                             prefer=options.get("prefer"))
     precision = _precision(options.get("precision"))
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, fold_layers=options.get("fold_layers", True))

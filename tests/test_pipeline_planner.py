@@ -149,3 +149,38 @@ def test_pipelined_plan_json_schema_and_table(tiny):
     broken["pipeline"]["stages"][1]["pp_rank"] = 0
     with pytest.raises(autopar.PlanFormatError, match=r"plan.pipeline.stages\[1\]"):
         Plan.from_dict(broken)
+
+
+# --- fix= / prefer= with stages ------------------------------------------------------------------------
+
+def test_fix_and_prefer_apply_to_every_stage(tiny):
+    """Placements are written for the whole mesh (R on pp); keys are the model's, shared by identical
+    stages (``blocks.*/...``): the pinned weight is column-split on tp in both stages."""
+    model, inputs = tiny
+    plan = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("pp", "tp"), cluster="cpu-gloo",
+                        pipeline={"schedule": "gpipe", "microbatches": 2},
+                        fix={"param:blocks.*.mlp.fc.weight": ["R", "S(0)"]},
+                        prefer={"blocks.*/attn.qkv/linear#0": ["R", "S(2)"]})
+    for i in range(2):
+        assert plan.param_placements[f"blocks.{i}.mlp.fc.weight"] == ("R", "S(0)")
+    for st in plan.pipeline["stages"]:
+        shardings = st["plan"]["node_shardings"]
+        assert shardings["param:blocks.*.mlp.fc.weight"]["outputs"] == [["S(0)"]]
+        assert shardings["blocks.*/attn.qkv/linear#0"]["outputs"] == [["S(2)"]]
+    # without the pins the cpu-gloo plan of this tiny model keeps everything replicated
+    free = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("pp", "tp"), cluster="cpu-gloo",
+                        pipeline={"schedule": "gpipe", "microbatches": 2})
+    assert free.param_placements["blocks.0.mlp.fc.weight"] == ("R", "R")
+
+
+def test_fix_with_stages_bad_input(tiny):
+    model, inputs = tiny
+    kw = dict(mesh_shape=(2, 2), mesh_dim_names=("pp", "tp"), cluster="cpu-gloo",
+              pipeline={"schedule": "gpipe", "microbatches": 2})
+    with pytest.raises(ConfigError, match="places the 'pp' mesh dim as S\\(0\\).*write 'R' there"):
+        autopar.plan(model, inputs, fix={"param:wte.weight": ["S(0)", "R"]}, **kw)
+    with pytest.raises(autopar.AutoparError, match="has 1 placements for the mesh \\['pp', 'tp'\\]"):
+        autopar.plan(model, inputs, fix={"param:wte.weight": ["R"]}, **kw)
+    with pytest.raises(ConfigError, match="\\['param:nothing.*'\\] match no input, parameter or graph key of any "
+                                          "pipeline stage"):
+        autopar.plan(model, inputs, fix={"param:nothing.*": ["R", "R"]}, **kw)
