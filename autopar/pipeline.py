@@ -530,7 +530,8 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
     when it has a ``pp`` dim, ``pipeline`` as in autopar.plan) and ranked by predicted step time.
 
     Returns ``(mesh, predicted step time or None, note)`` fastest first; a layout that does not fit the
-    memory budget gets None and the reason. Only the inter-op decision is made for pipelined layouts
+    memory budget gets None and the reason; the note of a layout without a pipeline says whether its
+    ILP was solved to proven optimality (else its time is an upper bound on that layout's best plan). Only the inter-op decision is made for pipelined layouts
     (no per-stage plans): enough to choose, e.g., whether the pipeline or TP crosses the nodes.
     """
     from autopar.api import parse_bytes, plan as plan_fn
@@ -554,7 +555,8 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
                 p = plan_fn(model, example_inputs, mesh_shape=shape, mesh_dim_names=names, cluster=profile,
                             memory_budget=budget, nodes=nodes, backend=backend, time_limit=time_limit,
                             pipeline=False)
-                out.append((mesh, p.predicted.step_time_s, "no pipeline"))
+                proven = "optimal" if p.solver.optimal else "not proven optimal (time limit): an upper bound"
+                out.append((mesh, p.predicted.step_time_s, f"no pipeline, {proven}"))
         except InfeasiblePlanError as e:
             out.append((mesh, None, str(e).split(";")[0]))
     return sorted(out, key=lambda r: (r[1] is None, r[1] or 0.0))
