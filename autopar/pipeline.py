@@ -190,6 +190,7 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
     from autopar.solver import plan_graph
     from autopar.solver.pipeline import matching_patterns
 
+    split_mesh(mesh, profile, nodes)   # a mesh without a pp dim fails here, before the patterns are read
     fix, prefer = sub_mesh_patterns(fix, mesh, "fix"), sub_mesh_patterns(prefer, mesh, "prefer")
     t0 = time.perf_counter()
     part, layer_list, _ = choose_partition(model, example_inputs, mesh, profile, budget, pipeline, nodes=nodes,
