@@ -201,8 +201,11 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
     a, k = microbatch_inputs(example_inputs, part.microbatches)
     cap = capture(model, _as_inputs(a, k), fold_layers=False)
     stages = split_stages(cap, layer_list, [list(s) for s in part.stages])
-    scaps = [capture(st.module, stage_example_inputs(st)) for st in stages]
-    patterns = [matching_patterns(index_graph(c), fix, prefer) for c in scaps]
+    # stage graphs: planned on the sub-mesh, and where fix= / prefer= are looked up (a pp-only mesh needs
+    # them for that alone)
+    scaps = [capture(st.module, stage_example_inputs(st)) if sub is not None or fix or prefer else None
+             for st in stages]
+    patterns = [matching_patterns(index_graph(c), fix, prefer) if c is not None else ({}, {}) for c in scaps]
     used = {pat for f, pr in patterns for pat in (*f, *pr)}
     unused = [pat for pat in (*fix, *prefer) if pat not in used]
     if unused:
@@ -532,8 +535,9 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
 
     Returns ``(mesh, predicted step time or None, note)`` fastest first; a layout that does not fit the
     memory budget gets None and the reason; the note of a layout without a pipeline says whether its
-    ILP was solved to proven optimality (else its time is an upper bound on that layout's best plan). Only the inter-op decision is made for pipelined layouts
-    (no per-stage plans): enough to choose, e.g., whether the pipeline or TP crosses the nodes.
+    ILP was solved to proven optimality (else its time is an upper bound on that layout's best plan).
+    Only the inter-op decision is made for pipelined layouts (no per-stage plans): enough to choose,
+    e.g., whether the pipeline, DP or TP crosses the nodes.
     """
     from autopar.api import parse_bytes, plan as plan_fn
     from autopar.errors import InfeasiblePlanError
