@@ -333,7 +333,8 @@ class ShardingILP:
         z_b >= F - F_max (1 - beta_b), z_b >= 0 (F <= F_max; at most log2(N) + 1 bits)."""
         if not comm:
             return []
-        f = pulp.lpSum(fwd / n * var for _, fwd, var in comm)
+        f = self._var(f"rf{gidx}", lowBound=0)   # one dense row defines F; the bit rows stay sparse
+        self.prob += f == pulp.lpSum(fwd / n * var for _, fwd, var in comm), f"rf{gidx}"
         per_edge: dict[int, float] = defaultdict(float)
         for e, fwd, _ in comm:
             per_edge[e] = max(per_edge[e], fwd / n)
