@@ -534,7 +534,8 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
     when it has a ``pp`` dim, ``pipeline`` as in autopar.plan) and ranked by predicted step time.
 
     Returns ``(mesh, predicted step time or None, note)`` fastest first; a layout that does not fit the
-    memory budget gets None and the reason; the note of a layout without a pipeline says whether its
+    memory budget (or whose ILP found no plan within ``time_limit``) gets None and the reason; the note of
+    a layout without a pipeline says whether its
     ILP was solved to proven optimality (else its time is an upper bound on that layout's best plan).
     Only the inter-op decision is made for pipelined layouts (no per-stage plans): enough to choose,
     e.g., whether the pipeline, DP or TP crosses the nodes.
@@ -564,4 +565,6 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
                 out.append((mesh, p.predicted.step_time_s, f"no pipeline, {proven}"))
         except InfeasiblePlanError as e:
             out.append((mesh, None, str(e).split(";")[0]))
+        except ShardingError as e:     # not solved in time: unknown, not infeasible
+            out.append((mesh, None, str(e)))
     return sorted(out, key=lambda r: (r[1] is None, r[1] or 0.0))

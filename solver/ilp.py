@@ -547,6 +547,9 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
         ilp.prob.solve(solver)
     t2 = time.perf_counter()
     status = pulp.LpStatus[ilp.prob.status]
+    if ilp.prob.status == pulp.LpStatusNotSolved:   # e.g. the time limit ran out before any plan: not infeasible
+        raise ShardingError(f"the sharding ILP found no plan within its time limit of {time_limit:g} s (status "
+                            f"{status}); raise time_limit / --time-limit")
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
             need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat)
