@@ -84,12 +84,13 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         if fuse:
             raise ConfigError("fuse=True is not supported with pipeline stages yet (stages are costed unfused); "
                               "drop it or pass pipeline=False")
-        if options.get("fix") or options.get("prefer"):
-            raise ConfigError("fix= and prefer= are not supported with pipeline stages yet; drop them or pass "
-                              "pipeline=False")
+        if options.get("precision") not in (None, "fp32", "float32"):
+            raise ConfigError("precision= is not supported with pipeline stages yet (stages run in fp32); "
+                              "drop it or pass pipeline=False")
         return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=options.get("nodes"),
                              backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                             fold_layers=options.get("fold_layers", True))
+                             fold_layers=options.get("fold_layers", True), fix=options.get("fix"),
+                             prefer=options.get("prefer"))
     precision = _precision(options.get("precision"))
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, fold_layers=options.get("fold_layers", True))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.capture import ExampleInputs, _foldable_lists, capture, normalize_inputs
-from autopar.errors import ConfigError, MeshError, PlanMismatchError
+from autopar.errors import ConfigError, MeshError, PlanMismatchError, ShardingError
 from autopar.mesh import MeshSpec
 from autopar.plan import ModelInfo, Plan, Predicted, SolverStats
 from autopar.profile import ClusterProfile
@@ -65,6 +65,28 @@ def split_mesh(mesh: MeshSpec, profile: ClusterProfile, nodes: int | None):
     return p, sub, sub_profile, links[k]
 
 
+def sub_mesh_patterns(patterns: dict | None, mesh: MeshSpec, what: str) -> dict:
+    """``fix`` / ``prefer`` placements given for the whole mesh -> the same for the non-pp sub-mesh each
+    stage is planned on. The ``pp`` entry must be ``R``: a stage holds its tensors whole along ``pp``."""
+    from autopar.placement import Replicate, parse_sharding
+
+    k = mesh.dim_names.index(PP_DIM)
+    out = {}
+    for pat, sh in (patterns or {}).items():
+        if isinstance(sh, str) or not isinstance(sh, (list, tuple)):
+            raise ConfigError(f"{what}[{pat!r}] must be a list of placements, one per mesh dim "
+                              f"{list(mesh.dim_names)} (e.g. {['R'] * mesh.ndim}), got {sh!r}")
+        parsed = parse_sharding(list(sh), field=f"{what}[{pat!r}]")
+        if len(parsed) != mesh.ndim:
+            raise ShardingError(f"{what}[{pat!r}]: {list(sh)} has {len(parsed)} placements for the mesh "
+                                f"{list(mesh.dim_names)}; give one per mesh dim, 'R' for {PP_DIM!r}")
+        if not isinstance(parsed[k], Replicate):
+            raise ConfigError(f"{what}[{pat!r}] places the {PP_DIM!r} mesh dim as {sh[k]}: pipeline stages hold "
+                              f"their tensors whole along {PP_DIM!r}; write 'R' there")
+        out[pat] = [x for d, x in enumerate(sh) if d != k]
+    return out
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     sizes = {t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0}
     if len(sizes) != 1:
@@ -91,8 +113,10 @@ def _as_inputs(args: tuple, kwargs: dict) -> ExampleInputs:
 
 def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                      budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
-                     time_limit: float = 60.0, fold_layers: bool = True):
-    """The inter-op decision alone: (Partition, layer list, UnitCosts per micro-batch count)."""
+                     time_limit: float = 60.0, fold_layers: bool = True, fix: dict | None = None,
+                     prefer: dict | None = None):
+    """The inter-op decision alone: (Partition, layer list, UnitCosts per micro-batch count). ``fix`` /
+    ``prefer`` are sub-mesh placements (``sub_mesh_patterns``)."""
     from autopar.solver.pipeline import PipelineConfig, search, unit_costs
 
     cfg = PipelineConfig.parse(pipeline)
@@ -142,7 +166,9 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
             from autopar.solver.pipeline import TIGHTEN_FACTOR
             bound = budget * p * TIGHTEN_FACTOR ** tighten if budget is not None else None
             cache[(m, tighten)] = unit_costs(caps[m], layer_list, cost_mesh, cost_profile, cost_links, budget=bound,
-                                             backend=backend, time_limit=time_limit)
+                                             backend=backend, time_limit=time_limit,
+                                             fix=fix if sub is not None else None,
+                                             prefer=prefer if sub is not None else None)
         return cache[(m, tighten)]
 
     part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link)
@@ -151,29 +177,52 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
 
 def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                   budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
-                  time_limit: float = 60.0, fold_layers: bool = True, phase_times: dict | None = None) -> Plan:
-    """A Plan with stages: the partition, then each stage's intra-op plan on the sub-mesh."""
-    from autopar.codegen.split_stages import split_stages
-    from autopar.solver import plan_graph
+                  time_limit: float = 60.0, fold_layers: bool = True, phase_times: dict | None = None,
+                  fix: dict | None = None, prefer: dict | None = None) -> Plan:
+    """A Plan with stages: the partition, then each stage's intra-op plan on the sub-mesh.
 
+    ``fix`` / ``prefer`` (placements for the whole mesh, ``R`` on ``pp``) apply to every stage and to the
+    unit costs the partition is chosen from; keys are shared by identical stages (``blocks.*/...``), a
+    stage's inputs are ``input:<name>`` with the names of ``pipeline.stages[i].inputs``. A pattern that
+    matches nothing in any stage is an error."""
+    from autopar.codegen.split_stages import split_stages
+    from autopar.graph import index_graph
+    from autopar.solver import plan_graph
+    from autopar.solver.pipeline import matching_patterns
+
+    split_mesh(mesh, profile, nodes)   # a mesh without a pp dim fails here, before the patterns are read
+    fix, prefer = sub_mesh_patterns(fix, mesh, "fix"), sub_mesh_patterns(prefer, mesh, "prefer")
     t0 = time.perf_counter()
     part, layer_list, _ = choose_partition(model, example_inputs, mesh, profile, budget, pipeline, nodes=nodes,
-                                           backend=backend, time_limit=time_limit, fold_layers=fold_layers)
+                                           backend=backend, time_limit=time_limit, fold_layers=fold_layers,
+                                           fix=fix, prefer=prefer)
     t1 = time.perf_counter()
     p, sub, sub_profile, _ = split_mesh(mesh, profile, nodes)
     a, k = microbatch_inputs(example_inputs, part.microbatches)
     cap = capture(model, _as_inputs(a, k), fold_layers=False)
     stages = split_stages(cap, layer_list, [list(s) for s in part.stages])
+    # stage graphs: planned on the sub-mesh, and where fix= / prefer= are looked up (a pp-only mesh needs
+    # them for that alone)
+    scaps = [capture(st.module, stage_example_inputs(st)) if sub is not None or fix or prefer else None
+             for st in stages]
+    patterns = [matching_patterns(index_graph(c), fix, prefer) if c is not None else ({}, {}) for c in scaps]
+    used = {pat for f, pr in patterns for pat in (*f, *pr)}
+    unused = [pat for pat in (*fix, *prefer) if pat not in used]
+    if unused:
+        raise ConfigError(f"placement pattern(s) {unused} match no input, parameter or graph key of any pipeline "
+                          f"stage (or an earlier pattern takes them); keys look like 'input:idx', "
+                          f"'param:blocks.0.attn.qkv.weight', 'blocks.*/attn.qkv/linear#0' (see the stages' "
+                          f"node_shardings; a later stage's inputs are named in pipeline.stages[i].inputs)")
     stage_plans: list[Plan | None] = []
-    for st in stages:
+    for st, scap, (sfix, sprefer) in zip(stages, scaps, patterns):
         if sub is None:
             stage_plans.append(None)
             continue
-        scap = capture(st.module, stage_example_inputs(st))
         # the stage ILP sees one micro-batch's activations: leave room for the others in flight
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
-                                      backend=backend, time_limit=time_limit))
+                                      fix=sfix or None, prefer=sprefer or None, backend=backend,
+                                      time_limit=time_limit))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
@@ -485,8 +534,11 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
     when it has a ``pp`` dim, ``pipeline`` as in autopar.plan) and ranked by predicted step time.
 
     Returns ``(mesh, predicted step time or None, note)`` fastest first; a layout that does not fit the
-    memory budget gets None and the reason. Only the inter-op decision is made for pipelined layouts
-    (no per-stage plans): enough to choose, e.g., whether the pipeline or TP crosses the nodes.
+    memory budget (or whose ILP found no plan within ``time_limit``) gets None and the reason; the note of
+    a layout without a pipeline says whether its
+    ILP was solved to proven optimality (else its time is an upper bound on that layout's best plan).
+    Only the inter-op decision is made for pipelined layouts (no per-stage plans): enough to choose,
+    e.g., whether the pipeline, DP or TP crosses the nodes.
     """
     from autopar.api import parse_bytes, plan as plan_fn
     from autopar.errors import InfeasiblePlanError
@@ -509,7 +561,10 @@ def plan_layouts(model: nn.Module, example_inputs: ExampleInputs, layouts: list[
                 p = plan_fn(model, example_inputs, mesh_shape=shape, mesh_dim_names=names, cluster=profile,
                             memory_budget=budget, nodes=nodes, backend=backend, time_limit=time_limit,
                             pipeline=False)
-                out.append((mesh, p.predicted.step_time_s, "no pipeline"))
+                proven = "optimal" if p.solver.optimal else "not proven optimal (time limit): an upper bound"
+                out.append((mesh, p.predicted.step_time_s, f"no pipeline, {proven}"))
         except InfeasiblePlanError as e:
             out.append((mesh, None, str(e).split(";")[0]))
+        except ShardingError as e:     # not solved in time: unknown, not infeasible
+            out.append((mesh, None, str(e)))
     return sorted(out, key=lambda r: (r[1] is None, r[1] or 0.0))

@@ -1,11 +1,22 @@
-"""Pipeline step time on gloo against the number of micro-batches, next to the planner's prediction.
+"""Pipeline step time on gloo against the number of micro-batches, next to the bubble model.
 
-Two CPU processes form a mesh ``("pp",)`` of 2; a 4-block GPT (d_model 256, batch 16 x 64 tokens) is
-planned with ``pipeline={"schedule": S, "microbatches": m}`` for each m and schedule, applied, and
-``autopar.forward_backward`` steps are timed (median of ``--steps`` after one warm-up). Printed and
-written to benchmarks/results/pipeline.json with the predicted step time and bubble fraction of each
-plan and the machine. Measured and predicted times are both expected to fall as m grows (the bubble
-(p-1)/(m+p-1) shrinks) until per-micro-batch overheads dominate. Not a test.
+Two CPU processes form a mesh ``("pp",)`` of 2, each pinned to its own core with one thread, so the
+stages really run side by side. The model is the example GPT, compute-heavy enough that a
+micro-batch's matmuls dominate its fixed costs (schedule, send/recv, per-op overhead) even at the
+largest count: by default 4 blocks of d_model 512 (2 per stage), batch 16 x 128 tokens, about 150
+GFLOP per step. For every schedule and micro-batch count m the model is planned with
+``pipeline={"schedule": S, "microbatches": m}`` and applied; then ``autopar.forward_backward`` steps
+are timed in rounds that alternate the configurations (so a slow drift of the host hits all of them
+alike), the step time of a round being the slower rank's; the median over all steps is reported.
+Each rank's CPU time over the step's wall time is its busy fraction: gloo waits block, so on an idle
+machine 1 - busy is the time a stage sat in the bubble (or waited for the other stage).
+
+With balanced stages of full-batch time t a step takes (m + p - 1) t / m: relative to the smallest m
+the step time should fall like ((m + 1) / m) / ((m0 + 1) / m0) for p = 2 (33 % from m = 2 to m = 16).
+The table shows measured and analytic ratios side by side, with the plan's predicted step time and
+bubble. Printed and written to benchmarks/results/pipeline.json with the machine and the load average
+before and after (run it on an otherwise idle machine: other processes on the two cores stretch the
+stages unevenly). Not a test.
 """
 from __future__ import annotations
 
@@ -22,15 +33,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine  # noqa: E402
+from _common import exit_worker, free_port, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
-GPT = dict(n_layer=4, d_model=256, n_head=4, vocab_size=512, max_seq_len=64)
-BATCH, SEQ = 16, 64
 
 
-def _worker(rank: int, world: int, port: int, ms: list[int], schedules: list[str], steps: int, q) -> None:
+def _cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _pin(rank: int) -> None:
+    """This rank on its own core (the stages must not share one), when the host has two."""
+    cpus = _cpus()
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[rank]})
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cfg["pin"]:
+        _pin(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -41,69 +63,126 @@ def _worker(rank: int, world: int, port: int, ms: list[int], schedules: list[str
         gpt = load_example_module("gpt")
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
         gen = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, GPT["vocab_size"], (BATCH, SEQ), generator=gen)
-        inputs = {"idx": idx, "labels": torch.randint(0, GPT["vocab_size"], (BATCH, SEQ), generator=gen)}
-        rows = []
-        for sched in schedules:
-            for m in ms:
+        shape = (cfg["batch"], cfg["seq"])
+        inputs = {"idx": torch.randint(0, cfg["gpt"]["vocab_size"], shape, generator=gen),
+                  "labels": torch.randint(0, cfg["gpt"]["vocab_size"], shape, generator=gen)}
+        runs = {}
+        for sched in cfg["schedules"]:
+            for m in cfg["microbatches"]:
                 torch.manual_seed(0)
-                model = gpt.GPT(gpt.GPTConfig(**GPT))
+                model = gpt.GPT(gpt.GPTConfig(**cfg["gpt"]))
                 pm = autopar.parallelize(model, mesh, inputs, cluster="cpu-gloo",
                                          pipeline={"schedule": sched, "microbatches": m})
-                autopar.forward_backward(pm, inputs)   # warm-up (builds the schedule)
-                times = []
-                for _ in range(steps):
+                for _ in range(cfg["warmup"]):   # builds the schedule, warms the allocator
+                    _step(pm, inputs)
+                runs[(sched, m)] = pm
+        samples = {k: [] for k in runs}
+        busy = {k: [] for k in runs}     # per step, per rank: CPU seconds / step seconds
+        for _ in range(cfg["rounds"]):
+            for key, pm in runs.items():
+                for _ in range(cfg["steps"]):
                     dist.barrier()
-                    t0 = time.perf_counter()
-                    autopar.forward_backward(pm, inputs)
-                    times.append(time.perf_counter() - t0)
-                    for p in pm.parameters():
-                        p.grad = None
-                t = torch.tensor([statistics.median(times)])
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                rows.append({"schedule": sched, "microbatches": m, "measured_s": float(t),
+                    wall, cpu = _step(pm, inputs)
+                    t = torch.tensor([wall], dtype=torch.float64)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the slower stage is the step time
+                    cpus = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+                    dist.all_gather(cpus, torch.tensor([cpu], dtype=torch.float64))
+                    samples[key].append(float(t))
+                    busy[key].append([float(c) / float(t) for c in cpus])
+        if rank == 0:
+            rows = []
+            for (sched, m), pm in runs.items():
+                rows.append({"schedule": sched, "microbatches": m, "measured_s": statistics.median(samples[(sched, m)]),
+                             "samples_s": samples[(sched, m)],
+                             "busy_fraction_per_rank": [statistics.median(b[r] for b in busy[(sched, m)])
+                                                        for r in range(world)],
                              "predicted_s": pm.plan.predicted.step_time_s,
                              "predicted_bubble_fraction": pm.plan.pipeline["predicted_bubble_fraction"],
-                             "analytic_bubble_fraction": (world - 1) / (m + world - 1)})
-        if rank == 0:
-            q.put({"rows": rows})
-    except Exception as e:  # noqa: BLE001 - reported to the parent
-        q.put({"error": f"rank {rank}: {type(e).__name__}: {e}"})
-    finally:
-        dist.destroy_process_group()
+                             "analytic_bubble_fraction": (world - 1) / (m + world - 1),
+                             "stages": [st["layers"] for st in pm.plan.pipeline["stages"]]})
+            out_q.put({"rows": rows})
+    except Exception:
+        import traceback
+        out_q.put({"error": f"rank {rank}: {traceback.format_exc()}"})
+    exit_worker(out_q)
+
+
+def _step(pm, inputs) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one forward_backward."""
+    import autopar
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    autopar.forward_backward(pm, inputs)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for p in pm.parameters():
+        p.grad = None
+    return wall, cpu
+
+
+def _relative(rows: list[dict]) -> None:
+    """Measured and analytic step time relative to the smallest micro-batch count of each schedule."""
+    for sched in {r["schedule"] for r in rows}:
+        mine = [r for r in rows if r["schedule"] == sched]
+        base = min(mine, key=lambda r: r["microbatches"])
+        m0 = base["microbatches"]
+        for r in mine:
+            m = r["microbatches"]
+            r["measured_vs_smallest_m"] = r["measured_s"] / base["measured_s"]
+            r["analytic_vs_smallest_m"] = ((m + 1) / m) / ((m0 + 1) / m0)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--microbatches", default="1,2,4,8,16", help="comma-separated micro-batch counts")
+    ap.add_argument("--microbatches", default="2,4,8,16", help="comma-separated micro-batch counts (>= 2)")
     ap.add_argument("--schedules", default="gpipe,1f1b")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all configurations (median of all steps)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin each rank to its own core")
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     ms = [int(x) for x in args.microbatches.split(",")]
-    schedules = args.schedules.split(",")
+    if min(ms) < 2 or any(args.batch % m for m in ms):
+        ap.error(f"micro-batch counts must be >= 2 (one per stage) and divide --batch {args.batch}")
+    cfg = {"gpt": dict(n_layer=args.layers, d_model=args.d_model, n_head=args.heads, vocab_size=args.vocab,
+                       max_seq_len=args.seq),
+           "batch": args.batch, "seq": args.seq, "microbatches": ms, "schedules": args.schedules.split(","),
+           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "pin": not args.no_pin}
+    load_start = list(os.getloadavg())
     port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, ms, schedules, args.steps, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, cfg, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = q.get(timeout=1800)
+    res = q.get(timeout=3600)
     for p in procs:
         p.join(60)
     if "error" in res:
         print(res["error"], file=sys.stderr)
         return 1
-    print(f"{'schedule':9s} {'m':>3s} {'measured':>10s} {'predicted':>10s} {'bubble (pred)':>13s} {'analytic':>9s}")
+    _relative(res["rows"])
+    print(f"{'schedule':9s} {'m':>3s} {'measured':>10s} {'vs min m':>9s} {'analytic':>9s} {'predicted':>10s} "
+          f"{'bubble (pred)':>13s} {'busy r0/r1':>11s}")
     for r in res["rows"]:
-        print(f"{r['schedule']:9s} {r['microbatches']:3d} {r['measured_s'] * 1e3:8.1f}ms {r['predicted_s'] * 1e3:8.2f}ms "
-              f"{r['predicted_bubble_fraction']:13.3f} {r['analytic_bubble_fraction']:9.3f}")
-    res["config"] = {"gpt": GPT, "batch": BATCH, "seq": SEQ, "mesh": {"pp": 2}, "steps": args.steps,
-                     "cluster": "cpu-gloo"}
-    res["machine"] = machine()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+        b0, b1 = r["busy_fraction_per_rank"]
+        print(f"{r['schedule']:9s} {r['microbatches']:3d} {r['measured_s'] * 1e3:8.1f}ms "
+              f"{r['measured_vs_smallest_m']:9.3f} {r['analytic_vs_smallest_m']:9.3f} {r['predicted_s'] * 1e3:8.1f}ms "
+              f"{r['predicted_bubble_fraction']:13.3f} {b0:5.2f}/{b1:4.2f}")
+    pinned = _cpus()[:2] if cfg["pin"] and len(_cpus()) >= 2 else []
+    res["config"] = {**cfg, "mesh": {"pp": 2}, "cluster": "cpu-gloo", "pinned_cpus": pinned}
+    res["machine"] = machine(load_average_start=load_start, load_average_end=list(os.getloadavg()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -29,7 +29,8 @@ Constraints
      G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
      kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
   Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
-  selectively / recomputed fully; their forward time joins the objective (category "recompute").
+  selectively / recomputed fully; their forward time, compute and the collectives inside the block
+  (a ZeRO-3 parameter's all-gather among them), joins the objective (category "recompute").
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
 other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
@@ -202,7 +203,7 @@ class ShardingILP:
         self.edge_terms: dict[str, list] = defaultdict(list)     # consumer key -> [(coef, var)]
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
         self.merge_trivial = True
-        self._cost_cache: dict[tuple, float] = {}
+        self._cost_cache: dict[tuple, C.OpCost] = {}
 
     # -- variables ---------------------------------------------------------------------------
     def add_node_vars(self) -> None:
@@ -253,6 +254,15 @@ class ShardingILP:
             return None
         return node.layer[0]
 
+    def _opens_block(self, node: GNode) -> bool:
+        """The block's first op: collectives inserted before it run outside its checkpoint region."""
+        if not hasattr(self, "_block_first"):
+            self._block_first: dict[tuple, int] = {}
+            for n in self.gi.nodes.values():
+                if n.kind == "op" and n.layer is not None:
+                    self._block_first.setdefault(n.layer, self._pos(n))
+        return self._block_first.get(node.layer) == self._pos(node)
+
     def _pos(self, node: GNode) -> int:
         if not hasattr(self, "_positions"):
             self._positions = {name: i for i, name in enumerate(self.gi.nodes)}
@@ -269,6 +279,11 @@ class ShardingILP:
           kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
                    + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
           time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
+                   + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
+                   (both modes re-run the block's forward collectives, a ZeRO-3 parameter's all-gather
+                   included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
+                   priced on an x stands for y; collectives before the block's first op are outside its
+                   checkpoint region)
           T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
         T_g (one block re-materialized in backward) and the kept boundaries join the recompute row."""
         for gidx, (g, t) in enumerate(self.blocks.items()):
@@ -300,6 +315,7 @@ class ShardingILP:
                         rtime.append((n * fwd[j], v["full"][j]))
                         if not contraction:
                             rtime.append((n * fwd[j], v["sel"][j]))
+            rtime += self._recomputed_comm(gidx, n, cnt, t.get("comm", []))
             u = self._var(f"u{gidx}", cat="Binary")
             self.prob += n * u >= cnt["sel"] + cnt["full"], f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)
@@ -309,6 +325,28 @@ class ShardingILP:
             self.mem_terms["recompute"] += [(1.0, tr)] + boundary
             self.time_terms["recompute"] += rtime
             self._remat_vars[g] = (cnt, tr, a_block)
+
+    def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
+        """Time terms for the forward collectives recomputed blocks run again: F (c_sel + c_full) with
+        F = sum_e sum_{p,q} T^fwd y / N one block's forward collectives. The product of the integer
+        count and F is exact with the count in binary, c_sel + c_full = sum_b 2^b beta_b, and
+        z_b >= F - F_max (1 - beta_b), z_b >= 0 (F <= F_max; at most log2(N) + 1 bits)."""
+        if not comm:
+            return []
+        f = self._var(f"rf{gidx}", lowBound=0)   # one dense row defines F; the bit rows stay sparse
+        self.prob += f == pulp.lpSum(fwd / n * var for _, fwd, var in comm), f"rf{gidx}"
+        per_edge: dict[int, float] = defaultdict(float)
+        for e, fwd, _ in comm:
+            per_edge[e] = max(per_edge[e], fwd / n)
+        f_max = sum(per_edge.values())
+        bits = [self._var(f"rb{gidx}_{b}", cat="Binary") for b in range(n.bit_length())]
+        self.prob += pulp.lpSum(2 ** b * x for b, x in enumerate(bits)) == cnt["sel"] + cnt["full"], f"rb{gidx}"
+        out = []
+        for b, beta in enumerate(bits):
+            z = self._var(f"rz{gidx}_{b}", lowBound=0)
+            self.prob += z >= f - f_max * (1 - beta), f"rz{gidx}_{b}"
+            out.append((2.0 ** b, z))
+        return out
 
     def settle_remat(self) -> None:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
@@ -373,22 +411,22 @@ class ShardingILP:
                 c = self._cost_cache.get(ck)
                 if c is None:
                     c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links,
-                                                           param=is_param).total
+                                                           param=is_param)
                 mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
-                return mult * c, mult * mem
+                return mult * c.total, mult * mem, mult * c.fwd_s
 
             xu = self.x[ku]
             xv = self.x.get(kv)
             if a == 0 and self.merged.get(kv) == (ku, o):  # follower: its input placement is the producer's
                 for q, qidx in qgroups.items():
-                    t, mem = coef(q[0], q)
+                    t, mem, fwd = coef(q[0], q)
                     for j in qidx:
-                        self._add_edge_term(kv, t, mem, xv[j])
+                        self._add_edge_term(kv, t, mem, xv[j], fwd, ei)
                 continue
             if len(pgroups) == 1 or len(qgroups) == 1:  # no y needed: the cost rides on one side's x
                 for p, pidx in pgroups.items():
                     for q, qidx in qgroups.items():
-                        t, mem = coef(p, q)
+                        t, mem, fwd = coef(p, q)
                         if not (t or mem):
                             continue
                         if len(pgroups) == 1:
@@ -396,14 +434,15 @@ class ShardingILP:
                         else:
                             vars_ = [xu[j] for j in pidx]
                         for var in vars_:
-                            self._add_edge_term(kv, t, mem, var)
+                            self._add_edge_term(kv, t, mem, var, fwd, ei)
                 continue
             ys = {}
             for pi, p in enumerate(pgroups):
                 for qi, q in enumerate(qgroups):
                     y = self._var(f"y{ei}_{pi}_{qi}", lowBound=0)
                     ys[(p, q)] = y
-                    self._add_edge_term(kv, *coef(p, q), y)
+                    t, mem, fwd = coef(p, q)
+                    self._add_edge_term(kv, t, mem, y, fwd, ei)
             for pi, (p, pidx) in enumerate(pgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):
@@ -414,10 +453,15 @@ class ShardingILP:
             return self.prob.add_variable(name, **kw)
         return pulp.LpVariable(name, **kw)
 
-    def _add_edge_term(self, consumer: str, t: float, mem: float, var) -> None:
+    def _add_edge_term(self, consumer: str, t: float, mem: float, var, fwd: float = 0.0, edge: int = -1) -> None:
         if t:
             self.time_terms["comm"].append((t, var))
             self.edge_terms[consumer].append((t, var))
+        if fwd and var is not None and consumer in self.keys:
+            group = self._block_group(self.keys[consumer])
+            if group is not None and not self._opens_block(self.keys[consumer].node):
+                # a recomputed block runs this collective again in backward (see add_remat_vars)
+                self.blocks[group]["comm"].append((edge, fwd, var))
         if mem:
             self.mem_terms["activations"].append((mem, var))
 
@@ -503,6 +547,9 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
         ilp.prob.solve(solver)
     t2 = time.perf_counter()
     status = pulp.LpStatus[ilp.prob.status]
+    if ilp.prob.status == pulp.LpStatusNotSolved:   # e.g. the time limit ran out before any plan: not infeasible
+        raise ShardingError(f"the sharding ILP found no plan within its time limit of {time_limit:g} s (status "
+                            f"{status}); raise time_limit / --time-limit")
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
             need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat)

@@ -136,19 +136,34 @@ class PipelineConfig:
 # ------------------------------------------------------------------------------------------ unit costs
 
 
+def matching_patterns(gi, fix: dict | None, prefer: dict | None) -> tuple[dict, dict]:
+    """The ``fix`` / ``prefer`` patterns that take some graph key of ``gi``, first pattern winning as in
+    ilp.collect_keys: a stage (or the whole-model graph the unit costs come from) gets only those, and a
+    pattern that takes no key of any stage is an error for the caller to raise."""
+    used: set[str] = set()
+    for key, members in gi.by_key().items():
+        node = members[0]
+        if ilp._match_fix(key, node, fix or {}, used) is None and node.kind == "op" and prefer:
+            ilp._match_fix(key, node, prefer, used)
+    return ({k: v for k, v in (fix or {}).items() if k in used},
+            {k: v for k, v in (prefer or {}).items() if k in used})
+
+
 def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: ClusterProfile,
                links: tuple[LinkSpec, ...], *, budget: float | None = None, backend: str = "auto",
-               time_limit: float = 60.0) -> UnitCosts:
+               time_limit: float = 60.0, fix: dict | None = None, prefer: dict | None = None) -> UnitCosts:
     """Solve the intra-op ILP for ``cap`` (captured at one micro-batch) on the sub-mesh and split its
     chosen costs into prefix / one block / suffix. ``budget`` bounds the whole model's memory on one
     sub-mesh (the caller passes p x the device budget: each of p stages gets one device's); the DP
-    then checks every stage, in-flight activations included, against the device budget."""
+    then checks every stage, in-flight activations included, against the device budget. ``fix`` /
+    ``prefer`` (sub-mesh placements) pin what they match in this graph (see matching_patterns)."""
     gi = index_graph(cap)
     if layer_list not in gi.layer_counts:
         raise ConfigError(f"{layer_list!r} is not a list of repeated blocks in this model; found "
                           f"{sorted(gi.layer_counts) or 'none'}")
     n = gi.layer_counts[layer_list]
-    keys = ilp.collect_keys(gi, mesh, profile, None, None)
+    fix, prefer = matching_patterns(gi, fix, prefer)
+    keys = ilp.collect_keys(gi, mesh, profile, fix or None, prefer or None)
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys)
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]

@@ -5,7 +5,8 @@ Cases (shared pools ``dist2`` / ``dist4``): pp=2 on 2 ranks, pp=2 x tp=2 and pp=
 with GPipe and 1F1B, for the tiny GPT (tied embedding / LM head on different stages: their gradients
 are summed over the pp group) and LLaMA, plus interleaved 1F1B with 2 virtual stages per rank on a
 4-block GPT. The 4-rank GPT cases get a memory budget below the replicated stage footprint, so the
-stage plans shard parameters (checked) and the stages run DTensor parameters on the sub-mesh.
+stage plans shard parameters (checked) and the stages run DTensor parameters on the sub-mesh; the
+LLaMA pp2 x tp2 case pins a weight with ``fix=`` (checked sharded in every stage).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 from pipeline_check import check_pipeline_step
 
 SHARDING = {"cluster": "h100-sxm", "memory_budget": 1_000_000}
+# fix= on a pipelined plan: the pinned weight is column-split over tp in every stage
+PINNED = {"fix": {"param:blocks.*.mlp.up_proj.weight": ["R", "S(0)"]}}
 
 CASES = {
     # id: (pool, model, mesh, dim names, pipeline, options)
@@ -26,7 +29,7 @@ CASES = {
     "gpt-pp2xdp2-gpipe": ("dist4", "gpt-tiny", (2, 2), ("pp", "dp"), {"schedule": "gpipe", "microbatches": 2},
                           SHARDING),
     "llama-pp2xtp2-gpipe": ("dist4", "llama-tiny", (2, 2), ("pp", "tp"), {"schedule": "gpipe", "microbatches": 2},
-                            None),
+                            PINNED),
     "llama-pp2xdp2-1f1b": ("dist4", "llama-tiny", (2, 2), ("pp", "dp"), {"schedule": "1f1b", "microbatches": 2},
                            None),
 }
@@ -53,5 +56,8 @@ def test_pipeline_matches_single_device(case, request):
         held |= set(res["fqns"])
         if options is SHARDING:
             assert res["sharded"], f"rank {rank}: the memory budget should make the stage plans shard parameters"
+        if options is PINNED:
+            pinned = {n for n in res["fqns"] if n.endswith("mlp.up_proj.weight")}
+            assert pinned and pinned <= set(res["sharded"]), f"rank {rank}: fix= not applied to its stage"
     # together the ranks hold every parameter of the model (tied ones under one name)
     assert held == {n for n in results[0]["ref_fqns"] if n != "lm_head.weight" or "lm_head.weight" in held}

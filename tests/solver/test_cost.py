@@ -107,8 +107,9 @@ def test_zero3_edge_costs_one_dp_all_reduce_of_volume():
     """A parameter stored S(0) (ZeRO-3 / FSDP) read replicated by a batch-split op: all-gather forward,
     reduce-scatter of the Partial gradient backward -- together the volume of one DP all-reduce.
 
-    Not modelled yet: FSDP frees the gathered weight after forward and gathers it again in backward
-    (another (n-1)/n*S, i.e. 1.5x a DP all-reduce); cost v0 counts the forward gather once.
+    autopar's runtime keeps the gathered weight for backward (autograd saves it; the ILP charges its
+    memory), so a step gathers once; a recomputed block gathers again in backward, which the ILP's
+    recompute term charges (tests/solver/test_zero3_pricing.py).
     """
     z3 = C.edge_cost(META, (S0,), (R,), (True,), MESH4, (LINK,))
     assert z3.fwd_s == pytest.approx(ring("all_gather", 4))
