@@ -157,6 +157,8 @@ CASES = [
          "fuse must be True, False or None"),
     Case("fuse with pipeline stages", lambda t, p: _gpt(mesh_dim_names=("pp",), fuse=True), ConfigError,
          "fuse=True is not supported with pipeline stages yet"),
+    Case("precision with pipeline stages", lambda t, p: _gpt(mesh_dim_names=("pp",), precision="bf16"), ConfigError,
+         "precision= is not supported with pipeline stages yet"),
     Case("fusion record without nodes",
          lambda t, p: autopar.Plan.from_json(_edited(lambda d: d.update(fusions=[{"kind": "swiglu"}]))),
          PlanFormatError, "plan.fusions[0].nodes: missing field"),
