@@ -60,9 +60,26 @@ def summary(plan: Plan) -> str:
              f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})",
              f"solver {s.backend} {s.status}{'' if s.optimal else ' (not proven optimal)'}: "
              f"{s.num_variables} variables, {s.num_constraints} constraints; {phases}"]
+    decisions = memory_decisions(plan)
+    if decisions != "none":
+        lines.append(f"memory decisions: {decisions}")
     if plan.nodes_fallback:
         lines.append(f"replicate fallback (no sharding rule): {', '.join(plan.nodes_fallback)}")
     return "\n".join(lines)
+
+
+def memory_decisions(plan: Plan) -> str:
+    """One line: recomputed and offloaded blocks, optimizer on the host (``none`` without any)."""
+    parts = []
+    for mode in ("full", "selective"):
+        names = [c.rsplit(":", 1)[0] for c in plan.checkpoint if c.endswith(f":{mode}")]
+        if names:
+            parts.append(f"recompute {mode} {_span(names)}")
+    if plan.offload:
+        parts.append(f"offload activations {_span(list(plan.offload))}")
+    if plan.optimizer_offload:
+        parts.append("optimizer on host")
+    return "; ".join(parts) or "none"
 
 
 def _span(names: list[str]) -> str:

@@ -93,12 +93,17 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                                 memory_bytes=int(r["memory_bytes"])))
 
     tb = dict(sol.time_breakdown)
-    tb.update({"offload_s": 0.0, "bubble_s": 0.0})
+    tb.setdefault("offload_s", 0.0)
+    tb["bubble_s"] = 0.0
     mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
-    checkpoint = []
+    if sol.host_bytes:
+        mb["host"] = int(sol.host_bytes)   # offloaded bytes in host memory (not part of the device peak)
+    checkpoint, offload = [], []
     for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
         checkpoint += [f"{lst}.{i}:full" for i in range(full)]
         checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
+        first = full + selective                                 # the next ones offload their activations
+        offload += [f"{lst}.{i}" for i in range(first, first + sol.offload.get(lst, 0))]
     t3 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"index": t1 - t0, "strategies": t2 - t1, "build_ilp": sol.build_s, "solve": sol.solve_s,
@@ -116,7 +121,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
-        checkpoint=tuple(checkpoint),
+        checkpoint=tuple(checkpoint), offload=tuple(offload), optimizer_offload=sol.optimizer_offload,
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 
