@@ -1,0 +1,47 @@
+"""Worker function (module level, run in the gloo pools) for the optimizer-offload check.
+
+``check_host_optimizer`` plans a model on rank 0 (shared as JSON), sets ``optimizer_offload`` in the
+plan (the planner never chooses it on cpu-gloo, where the host is the device), applies it, takes the
+optimizer the plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one measured
+AdamW step against the single-device model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import autopar
+from autopar import memory
+from autopar.models import build_model
+from autopar.offload_optimizer import HostOptimizer, make_optimizer
+from memory_check import _err, _full, shared_plan
+
+
+def check_host_optimizer(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], batch: int = 4,
+                         seq: int = 16) -> dict:
+    torch.manual_seed(0)
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    mesh = init_device_mesh("cpu", mesh_shape)
+    plan = dataclasses.replace(shared_plan(model, inputs, mesh_shape), optimizer_offload=True)
+    ref = copy.deepcopy(model)
+    ref(**inputs).backward()
+    torch.optim.AdamW(ref.parameters(), lr=1e-3).step()
+    ref_params = dict(ref.named_parameters())
+    pm = autopar.apply(copy.deepcopy(model), plan, mesh)
+    opt = make_optimizer(pm, torch.optim.AdamW, lr=1e-3)
+    with memory.track(pm, opt) as t:
+        pm(**inputs).backward()
+        opt.step()
+    locals_ = {id(getattr(p, "_local_tensor", p).untyped_storage()) for p in pm.parameters()}
+    states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return {"is_host_optimizer": isinstance(opt, HostOptimizer),
+            "errors": {n: _err(_full(p.detach()), ref_params[n]) for n, p in pm.named_parameters()},
+            "state_devices": sorted({str(v.device) for v in states}),
+            "num_states": len(states),
+            "states_share_param_storage": any(id(v.untyped_storage()) in locals_ for v in states),
+            "memory": t.report.to_dict(),
+            "local_param_bytes": sum(getattr(p, "_local_tensor", p).nbytes for p in pm.parameters()),
+            "num_params": len(list(pm.parameters()))}
