@@ -84,13 +84,14 @@ def add_optimizer_offload(ilp, link: HostLink) -> None:
     z = ilp._var("opt_offload", cat="Binary")
     o_dev = ilp._var("opt_device", lowBound=0)
     u_o = _upper(ilp, state["optimizer"])
-    ilp.prob += o_dev >= pulp.lpSum(c * v for c, v in opt) - u_o * z, "opt_offload_mem"
+    mib = float(2 ** 20)   # o_dev in MiB like the memory rows (byte-sized values misled HiGHS presolve)
+    ilp.prob += o_dev >= pulp.lpSum(c / mib * v for c, v in opt) - u_o / mib * z, "opt_offload_mem"
     secs = ([(c / link.bandwidth, v) for c, v in state["params"] + state["grads"]]
             + [(c / ADAM_STATE_BYTES_PER_ELEMENT * ADAM_BYTES_MOVED_PER_ELEMENT / link.cpu_step_bandwidth, v)
                for c, v in state["optimizer"]])
     t_opt = ilp._var("opt_offload_time", lowBound=0)
     ilp.prob += t_opt >= pulp.lpSum(c * v for c, v in secs) - _upper(ilp, secs) * (1 - z), "opt_offload_time"
-    ilp.mem_terms["optimizer"] = [(1.0, o_dev)]
+    ilp.mem_terms["optimizer"] = [(mib, o_dev)]
     ilp.time_terms["offload"].append((1.0, t_opt))
     ilp.opt_offload = (z, o_dev, t_opt, state, secs)
 
@@ -119,6 +120,6 @@ def settle_optimizer_offload(ilp, value) -> dict[str, float]:
     z, o_dev, t_opt, state, secs = ilp.opt_offload
     on = value(z) > 0.5
     total = {cat: sum(c * value(v) for c, v in terms) for cat, terms in state.items()}
-    o_dev.varValue = 0.0 if on else total["optimizer"]
+    o_dev.varValue = 0.0 if on else total["optimizer"] / 2 ** 20
     t_opt.varValue = sum(c * value(v) for c, v in secs) if on else 0.0
     return {"offloaded": float(on), "host_bytes": sum(total.values()) if on else 0.0}
