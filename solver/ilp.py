@@ -535,12 +535,25 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
             need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, host)
+            if need < budget * (1 - 1e-3) and name == "highs":
+                # a plan of peak `need` fits the budget: HiGHS erred (its presolve did once); CBC decides
+                log.warning("HiGHS found no plan within %s although one of %s exists; solving with CBC",
+                            _fmt_bytes(budget), _fmt_bytes(need))
+                cbc, name = _solver("cbc", time_limit)
+                ilp.prob.solve(cbc)
+                t2, status = time.perf_counter(), pulp.LpStatus[ilp.prob.status]
+        if ilp.prob.status != pulp.LpStatusOptimal and budget is not None and need < budget * (1 - 1e-3):
+            raise ShardingError(f"the ILP solver found no plan within {_fmt_bytes(budget)} although a plan of "
+                                f"{_fmt_bytes(need)} exists (status {status}); try a longer time limit or "
+                                f"backend='cbc' / --backend cbc")
+        if budget is not None and ilp.prob.status != pulp.LpStatusOptimal:
             considered = "recompute and offload are" if host is not None else "recompute is"
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
                 f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; {considered} "
                 f"already considered)", min_feasible_bytes=int(math.ceil(need)))
-        raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
+        if ilp.prob.status != pulp.LpStatusOptimal:
+            raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
     optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
     ilp.settle_remat()
     opt_off = O.settle_optimizer_offload(ilp, _value)

@@ -84,3 +84,22 @@ def test_smallest_budgets_move_the_optimizer_to_the_host(gpt, free_peak):
     with pytest.raises(autopar.InfeasiblePlanError) as ej:
         _plan(gpt, "cpu-gloo", int(need * 1.01) + 1)
     assert ej.value.min_feasible_bytes > need
+
+
+class _WrongSolver:
+    """Stands in for a HiGHS run that wrongly reports infeasible (as its presolve once did)."""
+
+    def actualSolve(self, lp, **kwargs):
+        lp.assignStatus(-1)   # pulp.LpStatusInfeasible
+        return -1
+
+
+def test_a_wrong_infeasible_answer_is_solved_again_with_cbc(gpt, monkeypatch, caplog):
+    real = ilp._solver
+    monkeypatch.setattr(ilp, "_solver", lambda backend, tl: (_WrongSolver(), "highs") if backend != "cbc"
+                        else real(backend, tl))
+    # a plan of 1 byte "exists" (the min-memory solve would meet the wrong solver too)
+    monkeypatch.setattr(ilp, "_min_memory", lambda *a, **k: 1.0)
+    p = _plan(gpt, "cpu-gloo", 64 << 20)
+    assert p.solver.backend == "cbc" and p.solver.status == "Optimal"
+    assert "HiGHS found no plan" in caplog.text
