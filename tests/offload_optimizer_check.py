@@ -1,23 +1,25 @@
-"""Worker function (module level, run in the gloo pools) for the optimizer-offload check.
+"""Worker function (module level, run in the gloo pools) for the offload check.
 
-``check_host_optimizer`` plans a model on rank 0 (shared as JSON), sets ``optimizer_offload`` in the
-plan (the planner never chooses it on cpu-gloo, where the host is the device), applies it, takes the
-optimizer the plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one measured
-AdamW step against the single-device model.
+``check_host_optimizer`` plans a model on rank 0 for the h100-sxm preset at just above (0.1 %) its smallest
+feasible budget, where the ILP moves activations and the optimizer to the host (on cpu-gloo, where
+the host is the device, it never offers that), shares the plan as JSON, applies it on the CPU ranks,
+takes the optimizer the plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one
+measured AdamW step against the single-device model.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import autopar
 from autopar import memory
 from autopar.models import build_model
 from autopar.offload_optimizer import HostOptimizer, make_optimizer
-from memory_check import _err, _full, shared_plan
+from autopar.plan import Plan
+from memory_check import _err, _full
 
 
 def check_host_optimizer(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], batch: int = 4,
@@ -25,7 +27,16 @@ def check_host_optimizer(rank: int, world: int, spec: str, mesh_shape: tuple[int
     torch.manual_seed(0)
     model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
     mesh = init_device_mesh("cpu", mesh_shape)
-    plan = dataclasses.replace(shared_plan(model, inputs, mesh_shape), optimizer_offload=True)
+    text = [None]
+    if dist.get_rank() == 0:
+        def at(budget):
+            return autopar.plan(model, inputs, mesh_shape=mesh_shape, cluster="h100-sxm", memory_budget=budget)
+        try:
+            at(1)
+        except autopar.InfeasiblePlanError as e:
+            text = [at(int(e.min_feasible_bytes * 1.001) + 1).to_json()]
+    dist.broadcast_object_list(text, src=0)
+    plan = Plan.from_json(text[0])
     ref = copy.deepcopy(model)
     ref(**inputs).backward()
     torch.optim.AdamW(ref.parameters(), lr=1e-3).step()
@@ -37,7 +48,8 @@ def check_host_optimizer(rank: int, world: int, spec: str, mesh_shape: tuple[int
         opt.step()
     locals_ = {id(getattr(p, "_local_tensor", p).untyped_storage()) for p in pm.parameters()}
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    return {"is_host_optimizer": isinstance(opt, HostOptimizer),
+    return {"is_host_optimizer": isinstance(opt, HostOptimizer), "offload": plan.offload,
+            "checkpoint": plan.checkpoint, "regions": [n for n, _ in pm.graph_module.named_children()],
             "errors": {n: _err(_full(p.detach()), ref_params[n]) for n, p in pm.named_parameters()},
             "state_devices": sorted({str(v.device) for v in states}),
             "num_states": len(states),

@@ -83,10 +83,12 @@ def test_bad_inputs_say_what_to_do():
         HostOptimizer(m.parameters()).step(lambda: 0.0)
 
 
-def test_parallel_module_with_optimizer_offload(dist2):
-    results = dist2.run(check_host_optimizer, "gpt-tiny", (2,))
+def test_ilp_chosen_offload_runs_on_two_ranks(dist2):
+    """End to end: the ILP's offload decisions (h100-sxm, tightest budget) applied on 2 gloo ranks."""
+    results = dist2.run(check_host_optimizer, "gpt-tiny", (2,), 8, 32)
     for rank, r in enumerate(results):
-        assert r["is_host_optimizer"]
+        assert r["is_host_optimizer"] and r["offload"], r["offload"]
+        assert any(n.startswith("offload") for n in r["regions"]), r["regions"]
         bad = {n: e for n, e in r["errors"].items() if e > 0}
         assert not bad, f"rank {rank}: parameters after one step differ from one device: {bad}"
         assert r["state_devices"] == ["cpu"] and r["num_states"] == 3 * r["num_params"]
