@@ -51,13 +51,14 @@ def summary(plan: Plan) -> str:
     p, s = plan.predicted, plan.solver
     mesh = " x ".join(f"{n}={k}" for n, k in zip(plan.mesh.dim_names, plan.mesh.shape))
     tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in p.time_breakdown.items() if v)
-    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.memory_breakdown.items())
+    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.memory_breakdown.items() if k != "host")
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phase_times_s.items())
     folded = "".join(f" ({k}: {v} blocks, planned once)" for k, v in plan.model.folded_layers.items())
     lines = [f"plan v{plan.version}  mesh {mesh}  cluster {plan.cluster.name}  model {plan.model.fingerprint}"
              f"  {plan.model.num_parameters / 1e6:.1f}M params{folded}",
              f"predicted step time {fmt_time(p.step_time_s)}  ({tb or 'no cost'})",
-             f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})",
+             f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})"
+             + (f"; offloaded to host {fmt_bytes(p.memory_breakdown['host'])}" if p.memory_breakdown.get("host") else ""),
              f"solver {s.backend} {s.status}{'' if s.optimal else ' (not proven optimal)'}: "
              f"{s.num_variables} variables, {s.num_constraints} constraints; {phases}"]
     decisions = memory_decisions(plan)

@@ -42,9 +42,10 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                budget: float | None = None, fix: dict[str, list[str]] | None = None,
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
-               force: dict[str, Strategy] | None = None) -> Plan:
+               force: dict[str, Strategy] | None = None, offload: bool = True) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
-    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan)."""
+    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan); ``offload=False`` keeps
+    activations and optimizer states on the device (pipeline stages)."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
@@ -62,7 +63,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         info.strategies, info.compute, info.memory = [strat], [info.compute[j]], [info.memory[j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys)
+                    time_limit=time_limit, keys=keys, offload=offload)
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()

@@ -74,7 +74,8 @@ def test_more_microbatches_less_bubble_and_1f1b_when_memory_is_short():
 
 def test_two_node_preset_pipelines_across_nodes_and_tp_inside():
     """400M-parameter Llama, 2 nodes x 8 H100 with a slow (2 GB/s) inter-node link, 1 GB per device:
-    it does not fit one node with TP alone; of the 16-device layouts the planner predicts the pipeline
+    8 devices with TP alone fit only by offloading activations and optimizer states to the host (the ILP
+    does so on h100-sxm), slower than the pipeline; of the 16-device layouts the planner predicts the pipeline
     across the nodes (pp outer) with TP inside each node fastest, ahead of TP across the nodes with the
     pipeline inside a node, and of TP over all 16 devices."""
     from autopar.pipeline import plan_layouts
@@ -94,7 +95,7 @@ def test_two_node_preset_pipelines_across_nodes_and_tp_inside():
     assert slow.dim_links(best[0], 2) == (slow.inter_node, slow.intra_node)   # pp crosses nodes, tp does not
     assert all(r[1] is None or r[1] > best[1] for r in rest)
     one_node = next(r for r in ranked if r[0].shape == (8,))
-    assert one_node[1] is None and "no plan fits" in one_node[2]
+    assert one_node[1] is not None and one_node[1] > best[1]
 
 
 # --- bad input -------------------------------------------------------------------------------------

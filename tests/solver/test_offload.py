@@ -103,3 +103,13 @@ def test_a_wrong_infeasible_answer_is_solved_again_with_cbc(gpt, monkeypatch, ca
     p = _plan(gpt, "cpu-gloo", 64 << 20)
     assert p.solver.backend == "cbc" and p.solver.status == "Optimal"
     assert "HiGHS found no plan" in caplog.text
+
+
+def test_show_names_the_memory_decisions(gpt, free_peak):
+    from autopar.report import summary
+
+    p = _plan(gpt, "h100-sxm", int(0.5 * free_peak))
+    text = summary(p)
+    assert f"memory decisions: offload activations {p.offload[0]}" in text, text
+    assert "; offloaded to host " in text and "host" not in text.split("(")[2].split(")")[0]
+    assert "memory decisions" not in summary(_plan(gpt, "h100-sxm"))
