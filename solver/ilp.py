@@ -321,11 +321,12 @@ class ShardingILP:
                             rtime.append((n * fwd[j], v["sel"][j]))
             u = self._var(f"u{gidx}", cat="Binary")
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
-            tr = self._var(f"remat_peak_{gidx}", lowBound=0)
+            tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
             bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
-            self.prob += tr >= pulp.lpSum(c * x for c, x in a_block) - bound * (1 - u), f"remat_peak_{gidx}"
+            self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
+                f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
-            self.mem_terms["recompute"] += [(1.0, tr)] + boundary
+            self.mem_terms["recompute"] += [(_UNIT, tr)] + boundary
             self.time_terms["recompute"] += rtime
             if off:
                 O.add_block_offload(self, gidx, n, off, self.host)
@@ -336,7 +337,7 @@ class ShardingILP:
         recompute row does not bind; reports read it)."""
         for g, (cnt, tr, a_block) in self._remat_vars.items():
             some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
-            tr.varValue = sum(c * _value(x) for c, x in a_block) if some else 0.0
+            tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
 
     def remat_counts(self) -> dict[str, tuple[int, int]]:
         return {g: (round(_value(cnt["full"])), round(_value(cnt["sel"]))) for g, (cnt, _, _) in self._remat_vars.items()}
@@ -554,9 +555,23 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                 f"already considered)", min_feasible_bytes=int(math.ceil(need)))
         if ilp.prob.status != pulp.LpStatusOptimal:
             raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
-    optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
     ilp.settle_remat()
     opt_off = O.settle_optimizer_offload(ilp, _value)
+    over = _over_budget(ilp, budget)
+    if over and name == "highs":
+        # HiGHS has returned (at its time limit) an incumbent that breaks a memory row: CBC decides
+        log.warning("HiGHS's plan breaks the %s memory row (%s over %s); solving with CBC", over[0],
+                    _fmt_bytes(over[1]), _fmt_bytes(budget))
+        cbc, name = _solver("cbc", time_limit)
+        ilp.prob.solve(cbc)
+        t2, status = time.perf_counter(), pulp.LpStatus[ilp.prob.status]
+        ilp.settle_remat()
+        opt_off = O.settle_optimizer_offload(ilp, _value)
+        over = _over_budget(ilp, budget) if ilp.prob.status == pulp.LpStatusOptimal else ("every", math.inf)
+    if over:
+        raise ShardingError(f"the ILP solver returned a plan over the {_fmt_bytes(budget)} budget (the {over[0]} "
+                            f"memory row by {_fmt_bytes(over[1])}); try a longer time limit or another backend")
+    optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
     chosen = {}
     for key, xs in ilp.x.items():
         j = max(range(len(xs)), key=lambda i: _value(xs[i]))
@@ -579,6 +594,17 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                                                                                    "blocks"))},
                     edge_time=et, peak_bytes=peak, remat=remat_counts, offload=ilp.offload_counts(),
                     optimizer_offload=bool(opt_off["offloaded"]), host_bytes=host_bytes)
+
+
+def _over_budget(ilp: ShardingILP, budget: float | None) -> tuple[str, float] | None:
+    """The first memory row the solution breaks (beyond the solver's tolerance) and by how many bytes."""
+    if budget is None:
+        return None
+    for row, expr in ilp.memory_exprs().items():
+        excess = float(pulp.value(expr) or 0.0) - budget
+        if excess > 1e-4 * budget + _UNIT * 1e-3:
+            return row, excess
+    return None
 
 
 def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,

@@ -113,3 +113,21 @@ def test_show_names_the_memory_decisions(gpt, free_peak):
     assert f"memory decisions: offload activations {p.offload[0]}" in text, text
     assert "; offloaded to host " in text and "host" not in text.split("(")[2].split(")")[0]
     assert "memory decisions" not in summary(_plan(gpt, "h100-sxm"))
+
+
+def test_a_solution_over_budget_is_caught(gpt):
+    """The post-solve check that guards against a solver incumbent breaking a memory row (HiGHS at its
+    time limit once returned one 184 MiB over on llama3-8b)."""
+    model, inputs = gpt
+    cap = capture(model, inputs)
+    gi = index_graph(cap)
+    mesh, prof = MeshSpec.make((2,)), PRESETS["cpu-gloo"]
+    keys = ilp.collect_keys(gi, mesh, prof, saved=saved_tensors(cap.program.graph_module))
+    m = ilp.ShardingILP(gi, keys, mesh, prof.dim_links(mesh), 1 << 40, remat=True)
+    m.build()
+    m.prob.solve(ilp._solver("auto", 60)[0])
+    m.settle_remat()
+    peak = max(e.value() for e in m.memory_exprs().values())
+    assert ilp._over_budget(m, 1 << 40) is None and ilp._over_budget(m, peak) is None
+    row, excess = ilp._over_budget(m, 0.5 * peak)
+    assert row in m.memory_exprs() and excess >= 0.5 * peak - 1
