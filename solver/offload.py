@@ -3,7 +3,9 @@
 Both are rows and variables added to ``solver.ilp.ShardingILP`` (this file holds their cost model and
 their part of the model; the ILP's docstring writes them in math). Offload is offered only where the
 host is not the device (``ClusterProfile.host_is_device``: on ``cpu-gloo`` "host memory" is the same
-memory, so offloading frees nothing and costs copies). Units: seconds, bytes. Must not import codegen.
+memory, so offloading frees nothing and costs copies). Host memory is not a constraint (its bytes
+are reported as the plan's ``memory_breakdown.host``). Units: seconds, bytes (memory variables in
+MiB like the ILP's rows). Must not import codegen.
 
 Activation offload (per repeated-block list g of N blocks, a fourth mode "off" next to keep /
 selective / full recompute, count c_off): an offloaded block keeps nothing on the device; in forward
@@ -13,7 +15,8 @@ backward), and each tensor copy pays one launch (``op_overhead_s``) that does no
     W^fwd_g >= c_off (a_block / bw - f_block),  W^bwd_g >= c_off (a_block / bw - b_block),  W >= 0
     time    += W^fwd_g + W^bwd_g + c_off 2 n_tensors op_overhead_s
 (exact for the products with the strategy choice through the mode fractions v_{k,s,off} of
-add_remat_vars, and for the max() because W is minimized).
+add_remat_vars, and for the max() because W is minimized). In backward one offloaded block is back on
+the device at a time: the recompute row's T_g counts it like a recomputed block.
 
 Optimizer offload (ZeRO-Offload style, one binary z for the model, runtime in
 ``autopar.offload_optimizer``): AdamW states and the fp32 master copy live in host memory and the
