@@ -8,6 +8,7 @@ offload is never offered; every plan stays within its budget.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 
@@ -47,6 +48,11 @@ def test_memory_to_spare_offloads_nothing(gpt):
 def test_host_is_device_offers_no_offload():
     assert PRESETS["cpu-gloo"].host_is_device and host_link(PRESETS["cpu-gloo"]) is None
     assert not PRESETS["h100-sxm"].host_is_device and host_link(PRESETS["h100-sxm"]).bandwidth == 64e9
+    # a profile `autopar profile` measured on gloo names its device "cpu (<model>, N thread(s) per rank)"
+    cpu = PRESETS["cpu-gloo"].device
+    measured = dataclasses.replace(PRESETS["h100-sxm"], device=dataclasses.replace(
+        cpu, name="cpu (AMD EPYC 7B13, 1 thread(s) per rank)"))
+    assert measured.host_is_device and host_link(measured) is None
 
 
 def test_tight_budget_offloads_where_recompute_costs_more(gpt, free_peak):
