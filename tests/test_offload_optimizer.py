@@ -97,3 +97,9 @@ def test_ilp_chosen_offload_runs_on_two_ranks(dist2):
         assert mem["final"]["optimizer"] == 0
         # host: masters + gradient copies + two AdamW states (this rank's shards) + step counters
         assert mem["final"]["host"] == 4 * r["local_param_bytes"] + 4 * r["num_params"]
+
+
+def test_checkpoint_refuses_a_host_optimizer_with_the_fix(tmp_path):
+    m, _ = _mlp()
+    with pytest.raises(ConfigError, match="optimizer=None and keep optimizer.state_dict"):
+        autopar.save(tmp_path / "ckpt", m, HostOptimizer(m.parameters()))
