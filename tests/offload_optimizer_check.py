@@ -1,17 +1,17 @@
 """Worker function (module level, run in the gloo pools) for the offload check.
 
-``check_host_optimizer`` plans a model on rank 0 for the h100-sxm preset at just above (0.1 %) its smallest
-feasible budget, where the ILP moves activations and the optimizer to the host (on cpu-gloo, where
-the host is the device, it never offers that), shares the plan as JSON, applies it on the CPU ranks,
-takes the optimizer the plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one
-measured AdamW step against the single-device model.
+``tight_plan`` plans a model for the h100-sxm preset at just above (0.1 %) its smallest feasible
+budget, where the ILP moves activations and the optimizer to the host (on cpu-gloo, where the host is
+the device, it never offers that); the test process solves it (not rank 0, whose peer would spin in
+gloo meanwhile) and ``check_host_optimizer`` applies the JSON on the CPU ranks, takes the optimizer the
+plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one measured AdamW step against
+the single-device model.
 """
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import autopar
@@ -22,21 +22,23 @@ from autopar.plan import Plan
 from memory_check import _err, _full
 
 
-def check_host_optimizer(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], batch: int = 4,
-                         seq: int = 16) -> dict:
+def tight_plan(spec: str, mesh_shape: tuple[int, ...], batch: int, seq: int) -> str:
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="meta")
+
+    def at(budget):
+        return autopar.plan(model, inputs, mesh_shape=mesh_shape, cluster="h100-sxm", memory_budget=budget)
+    try:
+        at(1)
+    except autopar.InfeasiblePlanError as e:
+        return at(int(e.min_feasible_bytes * 1.001) + 1).to_json()
+    raise AssertionError("a 1-byte budget cannot be feasible")
+
+
+def check_host_optimizer(rank: int, world: int, spec: str, plan_json: str, batch: int, seq: int) -> dict:
     torch.manual_seed(0)
     model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
-    mesh = init_device_mesh("cpu", mesh_shape)
-    text = [None]
-    if dist.get_rank() == 0:
-        def at(budget):
-            return autopar.plan(model, inputs, mesh_shape=mesh_shape, cluster="h100-sxm", memory_budget=budget)
-        try:
-            at(1)
-        except autopar.InfeasiblePlanError as e:
-            text = [at(int(e.min_feasible_bytes * 1.001) + 1).to_json()]
-    dist.broadcast_object_list(text, src=0)
-    plan = Plan.from_json(text[0])
+    plan = Plan.from_json(plan_json)
+    mesh = init_device_mesh("cpu", plan.mesh.shape)
     ref = copy.deepcopy(model)
     ref(**inputs).backward()
     torch.optim.AdamW(ref.parameters(), lr=1e-3).step()

@@ -17,7 +17,7 @@ import autopar
 from autopar import memory
 from autopar.errors import ConfigError
 from autopar.offload_optimizer import HostOptimizer, make_optimizer
-from offload_optimizer_check import check_host_optimizer
+from offload_optimizer_check import check_host_optimizer, tight_plan
 
 
 def _mlp() -> tuple[nn.Module, int]:
@@ -85,7 +85,8 @@ def test_bad_inputs_say_what_to_do():
 
 def test_ilp_chosen_offload_runs_on_two_ranks(dist2):
     """End to end: the ILP's offload decisions (h100-sxm, tightest budget) applied on 2 gloo ranks."""
-    results = dist2.run(check_host_optimizer, "gpt-tiny", (2,), 8, 32)
+    plan_json = tight_plan("gpt-tiny", (2,), 8, 32)
+    results = dist2.run(check_host_optimizer, "gpt-tiny", plan_json, 8, 32)
     for rank, r in enumerate(results):
         assert r["is_host_optimizer"] and r["offload"], r["offload"]
         assert any(n.startswith("offload") for n in r["regions"]), r["regions"]
