@@ -60,7 +60,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _sweep(args, cap, mesh, profile, budget)
     with _Phase("strategies + ILP"):
         plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
-                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds})
+                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
+                          offload=not args.no_offload)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
@@ -73,7 +74,7 @@ def _sweep(args: argparse.Namespace, cap, mesh, profile, budget: int) -> int:
 
     with _Phase(f"memory sweep ({args.sweep_points} budgets)"):
         points = sweep_memory(cap, mesh, profile, top_budget=budget, points=args.sweep_points, nodes=args.nodes,
-                              backend=args.backend, time_limit=args.time_limit, progress=lambda m: None)
+                              backend=args.backend, time_limit=args.time_limit, offload=not args.no_offload)
     mesh_text = "x".join(map(str, mesh.shape))
     print(f"time-memory sweep: {args.model} batch {args.batch} x {args.seq}, mesh {mesh_text}, cluster {profile.name}")
     print(render_sweep(points))
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--backend", default="auto", choices=["auto", "highs", "cbc"], help="ILP solver")
     pl.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds (default 60)")
     pl.add_argument("--no-fold", action="store_true", help="capture every repeated block (slower)")
+    pl.add_argument("--no-offload", action="store_true",
+                    help="keep activations and optimizer states on the device (by default the ILP may move them to "
+                         "host memory where the host is not the device)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.add_argument("--sweep-memory", action="store_true",
                     help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "

@@ -137,3 +137,13 @@ def test_a_solution_over_budget_is_caught(gpt):
     assert ilp._over_budget(m, 1 << 40) is None and ilp._over_budget(m, peak) is None
     row, excess = ilp._over_budget(m, 0.5 * peak)
     assert row in m.memory_exprs() and excess >= 0.5 * peak - 1
+
+
+def test_offload_can_be_switched_off(gpt, free_peak):
+    budget = int(0.5 * free_peak)
+    model, inputs = gpt
+    p = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", memory_budget=budget, offload=False)
+    assert p.offload == () and not p.optimizer_offload and p.predicted.peak_memory_bytes <= budget
+    assert p.predicted.step_time_s > _plan(gpt, "h100-sxm", budget).predicted.step_time_s
+    with pytest.raises(autopar.ConfigError, match="offload must be True or False"):
+        autopar.plan(model, inputs, mesh_shape=(2,), offload="no")
