@@ -11,7 +11,6 @@ a PNG with matplotlib (the optional ``plot`` extra). Front end: calls the solver
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from autopar.mesh import MeshSpec
 from autopar.plan import Plan
 from autopar.profile import ClusterProfile
 from autopar.report import fmt_bytes, fmt_time, memory_decisions
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +36,7 @@ class SweepPoint:
 def sweep_memory(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, top_budget: int, points: int = 6,
                  progress: Callable[[str], None] | None = None, **plan_options) -> list[SweepPoint]:
     """Plans of ``cap`` at ``points`` budgets from ``top_budget`` down to the smallest feasible one (budget
-    descending). ``plan_options`` go to solver.plan_graph (nodes, backend, time_limit)."""
+    descending). ``plan_options`` go to solver.plan_graph (nodes, backend, time_limit, offload)."""
     from autopar.solver import plan_graph
 
     if not isinstance(points, int) or points < 2:
