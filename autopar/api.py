@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "fuse"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "fuse", "offload"}
 _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
                "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -59,7 +59,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     fp32 master weights; fp16 adds dynamic loss scaling, see autopar.precision.grad_scaler),
     ``fuse`` (cost the ops codegen's fuse_kernels would replace by one runtime_kernels kernel as that
     kernel's traffic, and list them in ``plan.fusions``; default: on for a GPU cluster profile, where
-    ``apply`` on a CUDA mesh substitutes the kernels, off for ``cpu-gloo`` or a CPU-measured profile).
+    ``apply`` on a CUDA mesh substitutes the kernels, off for ``cpu-gloo`` or a CPU-measured profile),
+    ``offload`` (default True: the ILP may move activations and optimizer states to host memory where
+    the host is not the device; False keeps everything on the device, e.g. when host memory is short).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
@@ -100,7 +102,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     out = plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
                      prefer=options.get("prefer"), fusions=fusions,
                      backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                     phase_times={"capture": t1 - t0})
+                     phase_times={"capture": t1 - t0}, offload=_offload_option(options.get("offload", True)))
     return out if precision is None else dataclasses.replace(out, precision=precision)
 
 
@@ -116,6 +118,12 @@ def fusible_groups(cap) -> list[dict]:
     from autopar.codegen.fuse_kernels import find_fusions
 
     return [{"kind": f.kind, "nodes": [n.name for n in f.members()]} for f in find_fusions(cap.program.graph_module)]
+
+
+def _offload_option(value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"offload must be True or False, got {value!r}")
+    return value
 
 
 def _precision(value) -> dict | None:

@@ -167,6 +167,11 @@ def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
     if optimizer is None:
         return {"model": get_model_state_dict(module)}
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"autopar.save/load checkpoint a torch.optim.Optimizer through DCP; a "
+                          f"{type(optimizer).__name__} (optimizer offload) is not supported there yet: pass "
+                          f"optimizer=None and keep optimizer.state_dict() per rank with torch.save, or plan "
+                          f"without optimizer offload")
     msd, osd = get_state_dict(module, optimizer)
     return {"model": msd, "optim": osd}
 

@@ -51,19 +51,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = load_cluster(args.cluster)
     budget = parse_bytes(args.memory) if args.memory else profile.device.memory_capacity
     profile.dim_links(mesh, args.nodes)  # validate the topology before any work
+    _check_sweep_args(args)
     with _Phase(f"build {args.model} on meta"):
         model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
     with _Phase("capture (torch.export)") as cap_phase:
         cap = capture(model, inputs, fold_layers=not args.no_fold)
+    if args.sweep_memory:
+        return _sweep(args, cap, mesh, profile, budget)
     fuse = default_fuse(profile) if args.fuse is None else args.fuse
     with _Phase("strategies + ILP"):
         plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
                           time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
-                          fusions=fusible_groups(cap) if fuse else None)
+                          fusions=fusible_groups(cap) if fuse else None, offload=not args.no_offload)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
     return 0
+
+
+def _sweep(args: argparse.Namespace, cap, mesh, profile, budget: int) -> int:
+    """``plan --sweep-memory``: the time-memory frontier as a table (stdout) and optionally a PNG."""
+    from autopar.sweep import plot, render_sweep, sweep_memory
+
+    with _Phase(f"memory sweep ({args.sweep_points} budgets)"):
+        points = sweep_memory(cap, mesh, profile, top_budget=budget, points=args.sweep_points, nodes=args.nodes,
+                              backend=args.backend, time_limit=args.time_limit, offload=not args.no_offload)
+    mesh_text = "x".join(map(str, mesh.shape))
+    print(f"time-memory sweep: {args.model} batch {args.batch} x {args.seq}, mesh {mesh_text}, cluster {profile.name}")
+    print(render_sweep(points))
+    if args.sweep_out:
+        plot(points, args.sweep_out, title=f"{args.model} on {mesh_text} {profile.name}")
+        _status(f"wrote {args.sweep_out}")
+    return 0
+
+
+def _check_sweep_args(args: argparse.Namespace) -> None:
+    from autopar.errors import ConfigError
+
+    if not args.sweep_memory:
+        if args.sweep_out:
+            raise ConfigError("--sweep-out plots a memory sweep: add --sweep-memory")
+        return
+    if args.sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be at least 2 (the top budget and the smallest feasible one), "
+                          f"got {args.sweep_points}")
+    if args.sweep_out and not str(args.sweep_out).lower().endswith(".png"):
+        raise ConfigError(f"--sweep-out writes a PNG; give a path ending in .png, got {args.sweep_out!r}")
+    if args.sweep_out:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--sweep-out needs matplotlib: pip install 'autopar[plot]' (or matplotlib>=3.7)") from None
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -222,7 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                     help="cost the ops that run as one fused kernel (autopar.runtime_kernels) as that kernel's "
                          "traffic and list them in the plan (default: on for a GPU cluster, off for cpu-gloo)")
+    pl.add_argument("--no-offload", action="store_true",
+                    help="keep activations and optimizer states on the device (by default the ILP may move them to "
+                         "host memory where the host is not the device)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    pl.add_argument("--sweep-memory", action="store_true",
+                    help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "
+                         "down to the smallest feasible one and print the time-memory Pareto frontier (no plan "
+                         "file is written)")
+    pl.add_argument("--sweep-points", type=int, default=6, help="with --sweep-memory: budgets solved (default 6)")
+    pl.add_argument("--sweep-out", default=None,
+                    help="with --sweep-memory: also plot the frontier to this PNG (needs matplotlib: autopar[plot])")
     pl.set_defaults(func=cmd_plan)
 
     sh = sub.add_parser("show", help="print a plan's tables", epilog=EPILOG)

@@ -10,8 +10,9 @@ never reads RSS or allocator counters. Categories:
   buffers, and the activations a checkpointed region recomputes in backward: autopar's regions run
   their body without module hooks, so MemTracker cannot tell recompute from backward) and tensors
   passed in with ``track(..., extra)``;
-- ``host``: activations offloaded to host memory (``codegen.offload_activations``). On CUDA they are
-  pinned CPU tensors. On CPU the "host" copy is an ordinary CPU tensor like everything else; by
+- ``host``: activations offloaded to host memory (``codegen.offload_activations``) and an offloaded
+  optimizer's master weights, gradient copies and states (``autopar.offload_optimizer``; pass it as
+  the optimizer: anything with ``host_tensors()`` is counted that way). On CUDA they are pinned CPU tensors. On CPU the "host" copy is an ordinary CPU tensor like everything else; by
   convention it is made inside :func:`host_allocations` and accounted as host, not device, so that
   the measurement shows what a device would hold. ``peak_bytes`` never includes host bytes.
 
@@ -82,6 +83,13 @@ class _Tracker(MemTracker):
         else:
             super()._track(reftype, t)
 
+    def _update_and_maybe_create_winfos(self, t: torch.Tensor, reftype, update_existing: bool = False):
+        # the optimizer-step hook files every torch optimizer's states as OPT: a host optimizer's stay host
+        if self.host_depth or any(st in self._host_storages for st in get_untyped_storages(t)):
+            self.track_host(t)
+            return set()
+        return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
     def track_host(self, t: torch.Tensor) -> None:
         for st in get_untyped_storages(t):
             if st in self._host_storages:
@@ -125,9 +133,10 @@ class Tracker:
                  *extra: torch.Tensor, device: torch.device | str | None = None) -> None:
         if module is not None and not isinstance(module, nn.Module):
             raise ConfigError(f"track(module, ...): expected an nn.Module, got {type(module).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"track(module, optimizer): expected a torch.optim.Optimizer, got "
-                              f"{type(optimizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and \
+                not callable(getattr(optimizer, "host_tensors", None)):
+            raise ConfigError(f"track(module, optimizer): expected a torch.optim.Optimizer (or an "
+                              f"autopar.offload_optimizer.HostOptimizer), got {type(optimizer).__name__}")
         self.module, self.optimizer, self.extra = module, optimizer, extra
         self.device = torch.device(device) if device is not None else _module_device(module)
         self._mt: _Tracker | None = None
@@ -138,7 +147,11 @@ class Tracker:
         if self._mt is not None:
             raise ConfigError("a memory tracker measures one step; make a new autopar.memory.track(...) per step")
         self._mt = mt = _Tracker(self.device)
-        mt.track_external(*(x for x in (self.module, self.optimizer) if x is not None), *self.extra)
+        host_opt = self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer)
+        for t in self.optimizer.host_tensors() if host_opt else ():
+            mt.track_host(t)
+        mt.track_external(*(x for x in (self.module, None if host_opt else self.optimizer) if x is not None),
+                          *self.extra)
         if self.module is not None:
             self._hooks = self._hook_local_grads(mt, self.module)
         mt._update_peak_stats(None)   # the state before the step counts (params, optimizer states)

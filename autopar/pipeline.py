@@ -222,7 +222,7 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
                                       fix=sfix or None, prefer=sprefer or None, backend=backend,
-                                      time_limit=time_limit))
+                                      time_limit=time_limit, offload=False))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})

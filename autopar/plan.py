@@ -102,6 +102,7 @@ class Plan:
     checkpoint: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
     optimizer_sharding: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    optimizer_offload: bool = False    # optimizer states, fp32 master weights and the step on the host CPU
     pipeline: dict | None = None
     precision: dict[str, str] = field(default_factory=lambda: {"param_dtype": "float32", "compute_dtype": "float32"})
     nodes_fallback: tuple[str, ...] = ()              # ops planned by the replicate fallback
@@ -124,6 +125,7 @@ class Plan:
             "checkpoint": list(self.checkpoint),
             "offload": list(self.offload),
             "optimizer_sharding": {k: list(v) for k, v in self.optimizer_sharding.items()},
+            "optimizer_offload": self.optimizer_offload,
             "pipeline": self.pipeline,
             "precision": dict(self.precision),
             "predicted": {"step_time_s": self.predicted.step_time_s,
@@ -237,10 +239,13 @@ class Plan:
             raise PlanFormatError("plan.optimizer_sharding: expected an object of FQN -> placements")
         for k, v in opt.items():
             parse_sharding(v, field=f"plan.optimizer_sharding[{k!r}]")
+        opt_offload = d.get("optimizer_offload", False)
+        if not isinstance(opt_offload, bool):
+            raise PlanFormatError(f"plan.optimizer_offload: expected true or false, got {opt_offload!r:.60}")
         return Plan(mesh=mesh, cluster=cluster, model=model, param_placements=params, node_shardings=nodes,
                     predicted=predicted, solver=solver, layers=tuple(layers),
                     checkpoint=tuple(_list(d, "checkpoint", "plan", str)), offload=tuple(_list(d, "offload", "plan", str)),
-                    optimizer_sharding={k: tuple(v) for k, v in opt.items()},
+                    optimizer_sharding={k: tuple(v) for k, v in opt.items()}, optimizer_offload=opt_offload,
                     pipeline=_pipeline(d.get("pipeline"), mesh), precision=dict(d.get("precision", {})) or
                     {"param_dtype": "float32", "compute_dtype": "float32"},
                     nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)),

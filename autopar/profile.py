@@ -109,6 +109,12 @@ class ClusterProfile:
             raise ClusterProfileError(f"mesh_dim_links has {len(self.mesh_dim_links)} entries for a mesh of "
                                       f"{len(self.mesh_shape)} dims {self.mesh_shape}; give one per mesh dim")
 
+    @property
+    def host_is_device(self) -> bool:
+        """The device is the host CPU (``cpu-gloo``, a profile measured on gloo): "offloading" to host
+        memory frees nothing there, so the planner does not offer activation or optimizer offload."""
+        return self.device.name.split(" ", 1)[0].lower() == "cpu"
+
     def dim_links(self, mesh: MeshSpec, nodes: int | None = None) -> tuple[LinkSpec, ...]:
         """The link each mesh dim communicates over (measured per dim when the profile has them).
 

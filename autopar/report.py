@@ -51,18 +51,36 @@ def summary(plan: Plan) -> str:
     p, s = plan.predicted, plan.solver
     mesh = " x ".join(f"{n}={k}" for n, k in zip(plan.mesh.dim_names, plan.mesh.shape))
     tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in p.time_breakdown.items() if v)
-    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.memory_breakdown.items())
+    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.memory_breakdown.items() if k != "host")
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phase_times_s.items())
     folded = "".join(f" ({k}: {v} blocks, planned once)" for k, v in plan.model.folded_layers.items())
     lines = [f"plan v{plan.version}  mesh {mesh}  cluster {plan.cluster.name}  model {plan.model.fingerprint}"
              f"  {plan.model.num_parameters / 1e6:.1f}M params{folded}",
              f"predicted step time {fmt_time(p.step_time_s)}  ({tb or 'no cost'})",
-             f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})",
+             f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})"
+             + (f"; offloaded to host {fmt_bytes(p.memory_breakdown['host'])}" if p.memory_breakdown.get("host") else ""),
              f"solver {s.backend} {s.status}{'' if s.optimal else ' (not proven optimal)'}: "
              f"{s.num_variables} variables, {s.num_constraints} constraints; {phases}"]
+    decisions = memory_decisions(plan)
+    if decisions != "none":
+        lines.append(f"memory decisions: {decisions}")
     if plan.nodes_fallback:
         lines.append(f"replicate fallback (no sharding rule): {', '.join(plan.nodes_fallback)}")
     return "\n".join(lines)
+
+
+def memory_decisions(plan: Plan) -> str:
+    """One line: recomputed and offloaded blocks, optimizer on the host (``none`` without any)."""
+    parts = []
+    for mode in ("full", "selective"):
+        names = [c.rsplit(":", 1)[0] for c in plan.checkpoint if c.endswith(f":{mode}")]
+        if names:
+            parts.append(f"recompute {mode} {_span(names)}")
+    if plan.offload:
+        parts.append(f"offload activations {_span(list(plan.offload))}")
+    if plan.optimizer_offload:
+        parts.append("optimizer on host")
+    return "; ".join(parts) or "none"
 
 
 def _span(names: list[str]) -> str:

@@ -31,6 +31,11 @@ Constraints
   Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
   selectively / recomputed fully; their forward time, compute and the collectives inside the block
   (a ZeRO-3 parameter's all-gather among them), joins the objective (category "recompute").
+  Offload (solver/offload.py, only where the host is not the device): a fourth count per block list,
+  blocks whose saved activations go to host memory (their copies' time beyond the block's compute
+  joins the objective, category "offload"; add_block_offload), and one binary for optimizer states
+  on the host (O_dev >= O - U z replaces O in the rows; grads down, params up and the CPU step join
+  the objective; add_optimizer_offload).
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
 other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
@@ -59,6 +64,7 @@ from autopar.mesh import MeshSpec
 from autopar.placement import Placement, Replicate, Shard, parse_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
+from autopar.solver import offload as O
 from autopar.solver.saved import Saved
 from autopar.solver.strategies import Strategy, strategies_for
 from autopar.solver.strategies.base import in_meta
@@ -98,6 +104,9 @@ class Solution:
     edge_time: dict[str, float]         # consumer key -> resharding seconds (for tables)
     peak_bytes: float = 0.0             # max over the memory rows
     remat: dict[str, tuple[int, int]] = field(default_factory=dict)   # block list -> (full, selective) counts
+    offload: dict[str, int] = field(default_factory=dict)   # block list -> blocks whose activations go to host
+    optimizer_offload: bool = False                          # optimizer states and step on the host
+    host_bytes: float = 0.0                                  # offloaded bytes in host memory per rank
 
 
 def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
@@ -187,10 +196,14 @@ class ShardingILP:
     """Builds and solves the ILP of the module docstring."""
 
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
-                 budget: float | None, remat: bool = False) -> None:
+                 budget: float | None, remat: bool = False, host: O.HostLink | None = None) -> None:
         self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
         # recompute decisions only where memory is constrained (with memory to spare they cost time only)
         self.remat = remat and budget is not None and bool(gi.shared_lists)
+        # offload (solver.offload) only to a host that is not the device, and where memory is constrained
+        self.host = host if budget is not None else None
+        self.modes = _MODES + (("off",) if self.host is not None else ())
+        self.opt_offload = None
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
         self._last: dict[str, int] = {}
         self._remat_vars: dict[str, tuple] = {}
@@ -237,9 +250,10 @@ class ShardingILP:
         act = [per_block * m.get("activations", 0.0) for m in info.memory]
         fwd = [per_block * c.fwd_s for c in info.compute]
         contraction = C.contraction_flops(info.node, info.in_metas) > 0
+        bwd = [per_block * c.bwd_s for c in info.compute]
         terms = self.blocks[group]
         if any(act) or any(fwd):
-            terms["keys"].append((xs, act, fwd, contraction))
+            terms["keys"].append((xs, act, fwd, contraction, bwd))
         out = info.node.outputs[0] if info.node.outputs else None
         pos = self._pos(info.node)
         if out is not None and out.dtype.is_floating_point and pos > self._last.get(group, -1):
@@ -285,21 +299,24 @@ class ShardingILP:
                    priced on an x stands for y; collectives before the block's first op are outside its
                    checkpoint region)
           T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
-        T_g (one block re-materialized in backward) and the kept boundaries join the recompute row."""
+        T_g (one block re-materialized in backward) and the kept boundaries join the recompute row.
+        With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
+        activations go to host memory and come back, one block at a time, in backward) joins the counts;
+        its time is solver.offload.add_block_offload's."""
         for gidx, (g, t) in enumerate(self.blocks.items()):
             n = self.gi.layer_counts[g]
-            cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in _MODES}
+            cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in self.modes}
             self.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
-            kept, rtime, boundary, a_block = [], [], [], []
+            kept, rtime, boundary, a_block, off = [], [], [], [], []
             recorded = list(t.get("keys", []))
             boundary_entry = t.get("boundary", [])
-            for ki, (xs, act, fwd, contraction) in enumerate(recorded + [(b[0], b[1], None, None)
-                                                                       for b in boundary_entry]):
+            for ki, (xs, act, fwd, contraction, bwd) in enumerate(recorded + [(b[0], b[1], None, None, None)
+                                                                            for b in boundary_entry]):
                 is_boundary = fwd is None
-                v = {m: [self._var(f"v{gidx}_{ki}_{j}_{m}", lowBound=0) for j in range(len(xs))] for m in _MODES}
+                v = {m: [self._var(f"v{gidx}_{ki}_{j}_{m}", lowBound=0) for j in range(len(xs))] for m in self.modes}
                 for j in range(len(xs)):
-                    self.prob += pulp.lpSum(v[m][j] for m in _MODES) == xs[j], f"vx{gidx}_{ki}_{j}"
-                for m in _MODES:
+                    self.prob += pulp.lpSum(v[m][j] for m in self.modes) == xs[j], f"vx{gidx}_{ki}_{j}"
+                for m in self.modes:
                     self.prob += n * pulp.lpSum(v[m]) == cnt[m], f"vc{gidx}_{ki}_{m}"
                 for j in range(len(xs)):
                     if is_boundary:
@@ -311,19 +328,24 @@ class ShardingILP:
                         kept.append((n * act[j], v["keep"][j]))
                         if contraction:
                             kept.append((n * act[j], v["sel"][j]))
+                    if "off" in v:
+                        off.append((act[j], fwd[j], bwd[j], v["off"][j]))
                     if fwd[j]:
                         rtime.append((n * fwd[j], v["full"][j]))
                         if not contraction:
                             rtime.append((n * fwd[j], v["sel"][j]))
             rtime += self._recomputed_comm(gidx, n, cnt, t.get("comm", []))
             u = self._var(f"u{gidx}", cat="Binary")
-            self.prob += n * u >= cnt["sel"] + cnt["full"], f"remat_any_{gidx}"
-            tr = self._var(f"remat_peak_{gidx}", lowBound=0)
-            bound = sum(max(act) for _, act, _, _ in recorded if act) + 1.0
-            self.prob += tr >= pulp.lpSum(c * x for c, x in a_block) - bound * (1 - u), f"remat_peak_{gidx}"
+            self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
+            tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
+            bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
+            self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
+                f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
-            self.mem_terms["recompute"] += [(1.0, tr)] + boundary
+            self.mem_terms["recompute"] += [(_UNIT, tr)] + boundary
             self.time_terms["recompute"] += rtime
+            if off:
+                O.add_block_offload(self, gidx, n, off, self.host)
             self._remat_vars[g] = (cnt, tr, a_block)
 
     def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
@@ -352,11 +374,14 @@ class ShardingILP:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
         recompute row does not bind; reports read it)."""
         for g, (cnt, tr, a_block) in self._remat_vars.items():
-            some = round(_value(cnt["sel"])) + round(_value(cnt["full"])) > 0
-            tr.varValue = sum(c * _value(x) for c, x in a_block) if some else 0.0
+            some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
+            tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
 
     def remat_counts(self) -> dict[str, tuple[int, int]]:
         return {g: (round(_value(cnt["full"])), round(_value(cnt["sel"]))) for g, (cnt, _, _) in self._remat_vars.items()}
+
+    def offload_counts(self) -> dict[str, int]:
+        return {g: round(_value(cnt["off"])) for g, (cnt, _, _) in self._remat_vars.items() if "off" in cnt}
 
     def _follow_exprs(self, info: KeyInfo, producer: set[tuple[str, int]]):
         """Trivial ops merged into the op they follow: a one-input op whose strategies are one per
@@ -495,6 +520,8 @@ class ShardingILP:
         self.add_edge_vars()
         if self.remat:
             self.add_remat_vars()
+        if self.host is not None:
+            O.add_optimizer_offload(self, self.host)
         self.add_memory_row()
         self.add_objective()
 
@@ -536,10 +563,13 @@ def _value(v) -> float:
 
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
-          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True) -> Solution:
+          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True,
+          offload: bool = True) -> Solution:
+    """``offload``: offer activation and optimizer offload (solver.offload; never where the host is the device)."""
     t0 = time.perf_counter()
     keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
-    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat)
+    host = O.host_link(profile) if offload else None
+    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, host=host)
     ilp.build()
     t1 = time.perf_counter()
     solver, name = _solver(backend, time_limit)
@@ -552,14 +582,43 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                             f"{status}); raise time_limit / --time-limit")
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
-            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat)
+            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, host)
+            if need < budget * (1 - 1e-3) and name == "highs":
+                # a plan of peak `need` fits the budget: HiGHS erred (its presolve did once); CBC decides
+                log.warning("HiGHS found no plan within %s although one of %s exists; solving with CBC",
+                            _fmt_bytes(budget), _fmt_bytes(need))
+                cbc, name = _solver("cbc", time_limit)
+                ilp.prob.solve(cbc)
+                t2, status = time.perf_counter(), pulp.LpStatus[ilp.prob.status]
+        if ilp.prob.status != pulp.LpStatusOptimal and budget is not None and need < budget * (1 - 1e-3):
+            raise ShardingError(f"the ILP solver found no plan within {_fmt_bytes(budget)} although a plan of "
+                                f"{_fmt_bytes(need)} exists (status {status}); try a longer time limit or "
+                                f"backend='cbc' / --backend cbc")
+        if budget is not None and ilp.prob.status != pulp.LpStatusOptimal:
+            considered = "recompute and offload are" if host is not None else "recompute is"
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
-                f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; recompute is "
+                f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; {considered} "
                 f"already considered)", min_feasible_bytes=int(math.ceil(need)))
-        raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
-    optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
+        if ilp.prob.status != pulp.LpStatusOptimal:
+            raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
     ilp.settle_remat()
+    opt_off = O.settle_optimizer_offload(ilp, _value)
+    over = _over_budget(ilp, budget)
+    if over and name == "highs":
+        # HiGHS has returned (at its time limit) an incumbent that breaks a memory row: CBC decides
+        log.warning("HiGHS's plan breaks the %s memory row (%s over %s); solving with CBC", over[0],
+                    _fmt_bytes(over[1]), _fmt_bytes(budget))
+        cbc, name = _solver("cbc", time_limit)
+        ilp.prob.solve(cbc)
+        t2, status = time.perf_counter(), pulp.LpStatus[ilp.prob.status]
+        ilp.settle_remat()
+        opt_off = O.settle_optimizer_offload(ilp, _value)
+        over = _over_budget(ilp, budget) if ilp.prob.status == pulp.LpStatusOptimal else ("every", math.inf)
+    if over:
+        raise ShardingError(f"the ILP solver returned a plan over the {_fmt_bytes(budget)} budget (the {over[0]} "
+                            f"memory row by {_fmt_bytes(over[1])}); try a longer time limit or another backend")
+    optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
     chosen = {}
     for key, xs in ilp.x.items():
         j = max(range(len(xs)), key=lambda i: _value(xs[i]))
@@ -569,26 +628,42 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     et = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.edge_terms.items()}
     peak = max(float(pulp.value(e) or 0.0) for e in ilp.memory_exprs().values())
     remat_counts = ilp.remat_counts()
+    host_bytes = mb.get("host", 0.0) + opt_off["host_bytes"]
     return Solution(chosen=chosen, keys=keys, status=status, optimal=optimal,
                     objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=name,
                     num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
                     build_s=t1 - t0, solve_s=t2 - t1,
                     time_breakdown={"compute_s": tb.get("compute", 0.0), "comm_s": tb.get("comm", 0.0),
-                                    "recompute_s": tb.get("recompute", 0.0)},
+                                    "recompute_s": tb.get("recompute", 0.0), "offload_s": tb.get("offload", 0.0)},
                     memory_breakdown={"params": mb.get("params", 0.0), "grads": mb.get("grads", 0.0),
                                       "optimizer": mb.get("optimizer", 0.0),
                                       "activations": sum(mb.get(k, 0.0) for k in ("activations", "activations_after",
                                                                                    "blocks"))},
-                    edge_time=et, peak_bytes=peak, remat=remat_counts)
+                    edge_time=et, peak_bytes=peak, remat=remat_counts, offload=ilp.offload_counts(),
+                    optimizer_offload=bool(opt_off["offloaded"]), host_bytes=host_bytes)
 
 
-def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True) -> float:
-    """The smallest peak (max over the memory rows) any plan reaches, recompute included."""
-    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat)
+def _over_budget(ilp: ShardingILP, budget: float | None) -> tuple[str, float] | None:
+    """The first memory row the solution breaks (beyond the solver's tolerance) and by how many bytes."""
+    if budget is None:
+        return None
+    for row, expr in ilp.memory_exprs().items():
+        excess = float(pulp.value(expr) or 0.0) - budget
+        if excess > 1e-4 * budget + _UNIT * 1e-3:
+            return row, excess
+    return None
+
+
+def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
+                host: O.HostLink | None = None) -> float:
+    """The smallest peak (max over the memory rows) any plan reaches, recompute and offload included."""
+    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, host=host)
     ilp.add_node_vars()
     ilp.add_edge_vars()
     if ilp.remat:
         ilp.add_remat_vars()
+    if ilp.host is not None:
+        O.add_optimizer_offload(ilp, ilp.host)
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
         ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"

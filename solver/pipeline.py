@@ -164,7 +164,9 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     n = gi.layer_counts[layer_list]
     fix, prefer = matching_patterns(gi, fix, prefer)
     keys = ilp.collect_keys(gi, mesh, profile, fix or None, prefer or None)
-    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys)
+    # offload is not planned with pipeline stages (the stage DP does not account host memory)
+    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys,
+                    offload=False)
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)

@@ -43,12 +43,14 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                budget: float | None = None, fix: dict[str, list[str]] | None = None,
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
-               force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None) -> Plan:
+               force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None,
+               offload: bool = True) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
     tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan). ``fusions``: groups of captured
     nodes that will run as one fused kernel, ``[{"kind", "nodes": [fx node names, root last]}]`` (the
     front end finds them with codegen's find_fusions), costed as the fused kernels' traffic
-    (solver.fusion) and listed in the plan; None or empty: every op is costed on its own."""
+    (solver.fusion) and listed in the plan; None or empty: every op is costed on its own.
+    ``offload=False`` keeps activations and optimizer states on the device (pipeline stages)."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
@@ -70,7 +72,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             unfused[key] = [unfused[key][j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys)
+                    time_limit=time_limit, keys=keys, offload=offload)
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()
@@ -106,12 +108,17 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     tb = dict(sol.time_breakdown)
     tb["compute_s"] += d_compute
     tb["recompute_s"] += d_recompute
-    tb.update({"offload_s": 0.0, "bubble_s": 0.0})
+    tb.setdefault("offload_s", 0.0)
+    tb["bubble_s"] = 0.0
     mb = {k: int(v) for k, v in sol.memory_breakdown.items()}
-    checkpoint = []
+    if sol.host_bytes:
+        mb["host"] = int(sol.host_bytes)   # offloaded bytes in host memory (not part of the device peak)
+    checkpoint, offload = [], []
     for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
         checkpoint += [f"{lst}.{i}:full" for i in range(full)]
         checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
+        first = full + selective                                 # the next ones offload their activations
+        offload += [f"{lst}.{i}" for i in range(first, first + sol.offload.get(lst, 0))]
     fused = [FusedKernel(kind=r["kind"], root=r["root"], nodes=tuple(r["nodes"]), count=r["count"],
                          time_saved_s=r["time_saved_s"])
              for r in F.fusion_records(gi, sol.keys, shares, unfused, sol.chosen, profile, mesh.shape)]
@@ -132,7 +139,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
-        checkpoint=tuple(checkpoint), fusions=tuple(fused),
+        checkpoint=tuple(checkpoint), offload=tuple(offload), optimizer_offload=sol.optimizer_offload,
+        fusions=tuple(fused),
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 

@@ -115,7 +115,8 @@ def test_two_nodes_on_ethernet_pipeline_crosses_nodes_tp_inside():
     tp16 = times[((16,), ("tp",))]
     assert tp16[1] is None or tp16[1] > dp_tp[1]
     one_node = times[((8,), ("tp",))]
-    assert one_node[1] is None and "no plan fits" in one_node[2]     # TP alone on one node does not fit
+    # TP alone on one node fits only by moving activations / optimizer states to the host, if at all
+    assert one_node[1] is None or one_node[1] > best[1], one_node
     # the analytic traffic of the docstring: ZeRO-3's parameter volume dwarfs the pipeline's activations
     psi_tp_rank = 4 * sum(p.numel() for p in model.parameters()) / 8
     boundary = 8 * 2048 * cfg.d_model * 4

@@ -35,6 +35,7 @@ def _plan(**changes) -> Plan:
         checkpoint=("blocks.*/mlp/gelu#0",),
         offload=("blocks.*/attn/scaled_dot_product_attention#0",),
         optimizer_sharding={QKV: ("S(0)", "S(0)")},
+        optimizer_offload=True,
         pipeline={"pp_dim": "dp", "layer_list": "blocks", "schedule": "1f1b", "microbatches": 4, "virtual_stages": 1,
                   "predicted_bubble_fraction": 0.2,
                   "stages": [{"index": 0, "pp_rank": 0, "layers": ["blocks.0"], "params": ["wte.weight"], "plan": None},
@@ -94,6 +95,7 @@ def _errors(schema, d) -> list[str]:
     (("node_shardings", "root/cross_entropy#0", "outputs"), [["Shard(0)", "R"]],
      "node_shardings/root/cross_entropy#0/outputs/0"),
     (("optimizer_sharding", QKV), ["S(0)", "ZeRO"], f"optimizer_sharding/{QKV}/1"),
+    (("optimizer_offload",), "yes", "optimizer_offload"),
     (("mesh", "shape"), [2, 0], "mesh/shape/1"),
     (("cluster", "host_bandwidth"), 0, "cluster/host_bandwidth"),
     (("cluster", "intra_node", "collectives", "all_reduce", "beta"), 0, "cluster/intra_node/collectives/all_reduce"),
@@ -169,6 +171,14 @@ def test_missing_cluster_field_is_named():
     d = _plan().to_dict()
     del d["cluster"]["device"]
     with pytest.raises(AutoparError, match=r"plan\.cluster: missing field 'device'"):
+        _load(d)
+
+
+def test_optimizer_offload_must_be_a_bool():
+    d = _plan().to_dict()
+    assert d["optimizer_offload"] is True and _load(d).optimizer_offload is True
+    d["optimizer_offload"] = "cpu"
+    with pytest.raises(PlanFormatError, match=r"plan\.optimizer_offload: expected true or false, got 'cpu'"):
         _load(d)
 
 
