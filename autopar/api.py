@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "recompute", "zero"}
 _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
                "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -57,6 +57,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``nodes`` (how many nodes the mesh spans), ``fold_layers`` (capture 2 of N identical blocks),
     ``precision`` ("bf16" / "fp16" / "fp32" or a dict of plan.precision: compute under autocast with
     fp32 master weights; fp16 adds dynamic loss scaling, see autopar.precision.grad_scaler).
+    Memory decisions are the solver's unless told: ``recompute`` ("none" / "selective" / "full": every
+    repeated block), ``zero`` (0 none, 1 optimizer states sharded over each parameter's replicated mesh
+    dims, 2 gradients too, wherever a tensor dim divides; ZeRO-3 is ``fix={"param:*": [...]}``).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
@@ -89,7 +92,8 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     out = plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
                      prefer=options.get("prefer"),
                      backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                     phase_times={"capture": t1 - t0})
+                     phase_times={"capture": t1 - t0}, recompute=options.get("recompute"),
+                     zero=options.get("zero"))
     return out if precision is None else dataclasses.replace(out, precision=precision)
 
 

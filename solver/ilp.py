@@ -55,7 +55,7 @@ import pulp
 from autopar.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.graph import GNode, GraphIndex, TensorMeta
 from autopar.mesh import MeshSpec
-from autopar.placement import Placement, Replicate, Shard, parse_sharding
+from autopar.placement import Partial, Placement, Replicate, Shard, parse_sharding, zero_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
 from autopar.solver.saved import Saved
@@ -97,6 +97,7 @@ class Solution:
     edge_time: dict[str, float]         # consumer key -> resharding seconds (for tables)
     peak_bytes: float = 0.0             # max over the memory rows
     remat: dict[str, tuple[int, int]] = field(default_factory=dict)   # block list -> (full, selective) counts
+    zero: dict[str, tuple[int, tuple]] = field(default_factory=dict)  # param key -> (ZeRO stage, state placements)
 
 
 def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
@@ -186,10 +187,21 @@ class ShardingILP:
     """Builds and solves the ILP of the module docstring."""
 
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
-                 budget: float | None, remat: bool = False) -> None:
+                 budget: float | None, remat: bool = False, recompute: str | None = None,
+                 zero: int | None = None) -> None:
         self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
-        # recompute decisions only where memory is constrained (with memory to spare they cost time only)
-        self.remat = remat and budget is not None and bool(gi.shared_lists)
+        if recompute not in (None, "none", "selective", "full"):
+            raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective' or 'full' (every repeated block), "
+                              f"or None to let the solver decide")
+        if zero not in (None, 0, 1, 2):
+            raise ConfigError(f"zero={zero!r}: give 0, 1 (optimizer states sharded) or 2 (gradients too), or None "
+                              f"to let the solver decide (ZeRO-3 is parameters sharded: fix={{'param:*': ...}})")
+        self.recompute, self.zero = recompute, zero
+        # recompute decisions only where memory is constrained (with memory to spare they cost time only),
+        # or where they are told
+        self.remat = bool(gi.shared_lists) and recompute != "none" and (
+            recompute is not None or (remat and budget is not None))
+        self._zero_vars: dict[str, list[tuple[int, tuple, pulp.LpVariable, pulp.LpVariable | None]]] = {}
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
         self._last: dict[str, int] = {}
         self._remat_vars: dict[str, tuple] = {}
@@ -275,6 +287,8 @@ class ShardingILP:
             n = self.gi.layer_counts[g]
             cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in _MODES}
             self.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
+            if self.recompute is not None:   # told: every block of the list in that mode
+                self.prob += cnt[{"selective": "sel", "full": "full"}[self.recompute]] == n, f"remat_told_{gidx}"
             kept, rtime, boundary, a_block = [], [], [], []
             recorded = list(t.get("keys", []))
             boundary_entry = t.get("boundary", [])
@@ -309,6 +323,58 @@ class ShardingILP:
             self.mem_terms["recompute"] += [(1.0, tr)] + boundary
             self.time_terms["recompute"] += rtime
             self._remat_vars[g] = (cnt, tr, a_block)
+
+    def add_zero_vars(self) -> None:
+        """ZeRO-1/2 per parameter key k and placement s with a ZeRO sharding z(s) (placement.zero_sharding:
+        its replicated mesh dims, n_s ways): binaries w1_{k,s} + w2_{k,s} <= x_{k,s}. Per rank they take
+        (1 - 1/n_s) of the optimizer state (w1, w2) and of the gradient (w2) off the memory rows, and add
+        to the objective the all-gather of the stepped parameter, AG(z(s) -> s), for both, and for ZeRO-2
+        the reduce-scatter of the gradient that replaces its bucketed all-reduce,
+        max(0, RS(P -> z(s)) - AR_bucketed(P -> s)) (the all-reduce stays priced on the edges).
+        Decided per key: identical repeated blocks share it, as they share placements; a per-parameter
+        choice lets the solver shard just enough of the optimizer state. ``zero`` given: w_zero = x."""
+        if self.zero == 0:
+            return
+        for i, (key, info) in enumerate(self.keys.items()):
+            if info.node.kind != "param" or key in self.merged:
+                continue
+            meta = info.node.outputs[0]
+            rows = []
+            for j, s in enumerate(info.strategies):
+                sh = s.outputs[0]
+                zs = zero_sharding(meta.shape, sh, self.mesh.shape)
+                if zs is None:
+                    continue
+                ways = C._shard_factor(zs, self.mesh.shape) // C._shard_factor(sh, self.mesh.shape)
+                mem = info.memory[j]
+                partial = tuple(Partial("sum") if a != b else a for a, b in zip(sh, zs))
+                ag = C.transition_time(meta, zs, sh, self.mesh.shape, self.links)
+                rs = C.transition_time(meta, partial, zs, self.mesh.shape, self.links)
+                ar = C.transition_time(meta, partial, sh, self.mesh.shape, self.links, C.GRAD_BUCKET_BYTES)
+                w1 = self._var(f"z1_{i}_{j}", cat="Binary")
+                w2 = self._var(f"z2_{i}_{j}", cat="Binary")
+                self.prob += w1 + w2 <= self.x[key][j], f"zero_{i}_{j}"
+                if self.zero is not None:
+                    self.prob += (w1 if self.zero == 1 else w2) == self.x[key][j], f"zero_told_{i}_{j}"
+                keep = 1.0 - 1.0 / ways
+                self.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
+                                                (-info.mult * keep * mem["optimizer"], w2)]
+                self.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
+                self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + max(0.0, rs - ar)), w2)]
+                rows.append((j, zs, w1, w2))
+            if rows:
+                self._zero_vars[key] = rows
+
+    def zero_choice(self) -> dict[str, tuple[int, tuple]]:
+        """After solving: param key -> (ZeRO stage, ZeRO sharding) where ZeRO was chosen."""
+        out = {}
+        for key, rows in self._zero_vars.items():
+            for j, zs, w1, w2 in rows:
+                if _value(w1) > 0.5:
+                    out[key] = (1, zs)
+                elif _value(w2) > 0.5:
+                    out[key] = (2, zs)
+        return out
 
     def settle_remat(self) -> None:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
@@ -451,6 +517,7 @@ class ShardingILP:
         self.add_edge_vars()
         if self.remat:
             self.add_remat_vars()
+        self.add_zero_vars()
         self.add_memory_row()
         self.add_objective()
 
@@ -492,10 +559,11 @@ def _value(v) -> float:
 
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
-          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True) -> Solution:
+          time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True,
+          recompute: str | None = None, zero: int | None = None) -> Solution:
     t0 = time.perf_counter()
     keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
-    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat)
+    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, recompute=recompute, zero=zero)
     ilp.build()
     t1 = time.perf_counter()
     solver, name = _solver(backend, time_limit)
@@ -505,7 +573,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     status = pulp.LpStatus[ilp.prob.status]
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
-            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat)
+            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, recompute, zero)
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
                 f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; recompute is "
@@ -522,6 +590,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     et = {k: sum(c * _value(v) for c, v in terms) for k, terms in ilp.edge_terms.items()}
     peak = max(float(pulp.value(e) or 0.0) for e in ilp.memory_exprs().values())
     remat_counts = ilp.remat_counts()
+    zero_choice = ilp.zero_choice()
     return Solution(chosen=chosen, keys=keys, status=status, optimal=optimal,
                     objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=name,
                     num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
@@ -532,16 +601,18 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                                       "optimizer": mb.get("optimizer", 0.0),
                                       "activations": sum(mb.get(k, 0.0) for k in ("activations", "activations_after",
                                                                                    "blocks"))},
-                    edge_time=et, peak_bytes=peak, remat=remat_counts)
+                    edge_time=et, peak_bytes=peak, remat=remat_counts, zero=zero_choice)
 
 
-def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True) -> float:
-    """The smallest peak (max over the memory rows) any plan reaches, recompute included."""
-    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat)
+def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True, recompute: str | None = None,
+                zero: int | None = None) -> float:
+    """The smallest peak (max over the memory rows) any plan reaches, recompute and ZeRO included."""
+    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero)
     ilp.add_node_vars()
     ilp.add_edge_vars()
     if ilp.remat:
         ilp.add_remat_vars()
+    ilp.add_zero_vars()
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
         ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"

@@ -42,9 +42,11 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                budget: float | None = None, fix: dict[str, list[str]] | None = None,
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
-               force: dict[str, Strategy] | None = None) -> Plan:
+               force: dict[str, Strategy] | None = None, recompute: str | None = None,
+               zero: int | None = None) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
-    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan)."""
+    tools); ``fix``/``prefer`` pin placements by glob, ``recompute`` / ``zero`` the memory decisions
+    (see autopar.plan)."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
@@ -62,7 +64,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         info.strategies, info.compute, info.memory = [strat], [info.compute[j]], [info.memory[j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys)
+                    time_limit=time_limit, keys=keys, recompute=recompute, zero=zero)
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()
@@ -77,6 +79,16 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                 for fqn in member.fqns:
                     for full in _full_fqns(fqn, gi):
                         param_placements[full] = tuple(format_sharding(strat.outputs[0]))
+
+    optimizer_sharding: dict[str, tuple[str, ...]] = {}
+    gradient_sharding: dict[str, tuple[str, ...]] = {}
+    for key, (stage, zs) in sol.zero.items():
+        for member in members[key]:
+            for fqn in member.fqns:
+                for full in _full_fqns(fqn, gi):
+                    optimizer_sharding[full] = tuple(format_sharding(zs))
+                    if stage == 2:
+                        gradient_sharding[full] = tuple(format_sharding(zs))
 
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, strat in sol.chosen.items():
@@ -116,7 +128,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                            num_variables=sol.num_variables, num_constraints=sol.num_constraints,
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
-        checkpoint=tuple(checkpoint),
+        checkpoint=tuple(checkpoint), optimizer_sharding=optimizer_sharding, gradient_sharding=gradient_sharding,
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 
