@@ -28,22 +28,33 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _zero(plan: Plan, fqn: str) -> str:
+    """``ZeRO-2 S(0)``: the ZeRO stage of a parameter and where its optimizer state lives ("-": none)."""
+    zs = plan.optimizer_sharding.get(fqn)
+    if zs is None:
+        return "-"
+    return f"ZeRO-{2 if fqn in plan.gradient_sharding else 1} {' '.join(zs)}"
+
+
 def param_rows(plan: Plan) -> list[list[str]]:
-    """Parameters with layer indices collapsed: ``blocks.{0..31}.attn.q_proj.weight``."""
-    groups: OrderedDict[tuple[str, tuple[str, ...]], list[int]] = OrderedDict()
+    """Parameters with layer indices collapsed: ``blocks.{0..31}.attn.q_proj.weight``; a ZeRO column
+    when the plan shards optimizer states."""
+    with_zero = bool(plan.optimizer_sharding)
+    groups: OrderedDict[tuple[str, tuple[str, ...], str], list[int]] = OrderedDict()
     for fqn, pl in plan.param_placements.items():
+        z = _zero(plan, fqn) if with_zero else ""
         m = re.match(r"^(.*?\.)(\d+)(\..*)$", fqn)
         if m:
-            groups.setdefault((f"{m.group(1)}{{}}{m.group(3)}", pl), []).append(int(m.group(2)))
+            groups.setdefault((f"{m.group(1)}{{}}{m.group(3)}", pl, z), []).append(int(m.group(2)))
         else:
-            groups.setdefault((fqn, pl), []).append(-1)
+            groups.setdefault((fqn, pl, z), []).append(-1)
     rows = []
-    for (name, pl), idx in groups.items():
+    for (name, pl, z), idx in groups.items():
         if idx != [-1]:
             idx = sorted(idx)
             span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
             name = name.format(span)
-        rows.append([name, " ".join(pl)])
+        rows.append([name, " ".join(pl)] + ([z] if with_zero else []))
     return rows
 
 
@@ -60,6 +71,12 @@ def summary(plan: Plan) -> str:
              f"predicted peak memory per device {fmt_bytes(p.peak_memory_bytes)}  ({mb})",
              f"solver {s.backend} {s.status}{'' if s.optimal else ' (not proven optimal)'}: "
              f"{s.num_variables} variables, {s.num_constraints} constraints; {phases}"]
+    if plan.checkpoint or plan.optimizer_sharding:
+        modes = [c.rsplit(":", 1)[1] for c in plan.checkpoint]
+        rec = ", ".join(f"{m} x{modes.count(m)}" for m in dict.fromkeys(modes)) or "none"
+        z2 = len(plan.gradient_sharding)
+        lines.append(f"memory decisions: recompute {rec}; ZeRO-1 {len(plan.optimizer_sharding) - z2} params, "
+                     f"ZeRO-2 {z2} params")
     if plan.nodes_fallback:
         lines.append(f"replicate fallback (no sharding rule): {', '.join(plan.nodes_fallback)}")
     return "\n".join(lines)
@@ -90,7 +107,8 @@ def pipeline_lines(plan: Plan) -> list[str]:
 
 def render(plan: Plan) -> str:
     parts = [summary(plan), *pipeline_lines(plan), "", "parameters",
-             _table(["parameter", "placement"], param_rows(plan)), "",
+             _table(["parameter", "placement"] + (["optimizer state"] if plan.optimizer_sharding else []),
+                    param_rows(plan)), "",
              "layers", _table(["module", "count", "time", "comm", "memory"],
                               [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
                                for r in plan.layers])]

@@ -21,15 +21,22 @@ Constraints
   sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
   memory rows, one per peak of a training step (memory_exprs, add_memory_row; in MiB):
-    backward start:  P + O + A_rest + sum_g kept_g + G_edges  <= budget
-    optimizer step:  P + O + Grad                              <= budget
-    recompute:       P + O + Grad + A_before + sum_g (N_g B_g + T_g) <= budget   (when blocks recompute)
+    backward start:  P + O + A_rest + sum_g kept_g + G_edges + G_out  <= budget
+    end of backward / optimizer step:  P + O + Grad + Grad_buckets     <= budget
+    recompute:       P + O + A_before + sum_g T_g + H              <= budget   (when blocks recompute)
+                     H >= sum_g kept_g,  H >= Grad   (add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
      A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
      G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
+     G_out: the first gradient of backward (the loss's input, e.g. the logits) (add_backward_start_grad);
+     Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
+     O and Grad less the ZeRO-1/2 shares (add_zero_vars);
      kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
   Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
   selectively / recomputed fully; their forward time joins the objective (category "recompute").
+  ZeRO-1/2 (add_zero_vars): per parameter key and placement, binaries w1 + w2 <= x for optimizer
+  states (and gradients) sharded over the parameter's replicated mesh dims; their all-gather (and
+  reduce-scatter) joins the objective (category "comm"). ZeRO-3 is a sharded parameter placement.
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
 other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
@@ -242,6 +249,52 @@ class ShardingILP:
                     after = cat == "activations" and self.remat and self._pos(info.node) > self._blocks_end
                     self.mem_terms["activations_after" if after else cat].append((info.mult * b, xs[j]))
 
+    def add_backward_start_grad(self) -> None:
+        """The gradient backward creates first (e.g. of the logits, from the loss) is live at the backward
+        start with every kept activation: per strategy of the graph output's producer, the local bytes of
+        its largest floating-point input (category "backward_grad", backward-start row)."""
+        for ref in self.gi.output_refs:
+            node = self.gi.nodes[ref.src]
+            out = node.outputs[ref.out] if node.outputs else None
+            if node.kind != "op" or out is None or not out.dtype.is_floating_point or len(out.shape) > 0:
+                continue   # only a scalar loss starts backward
+            info = self.keys[node.key]
+            for j, s in enumerate(info.strategies):
+                b = max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
+                         if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
+                if b:
+                    self.mem_terms["backward_grad"].append((b, self.x[node.key][j]))
+
+    def add_recompute_hold(self) -> None:
+        """H (MiB) >= what every block keeps and H >= every gradient: the recompute row's stand-in for
+        max_i (kept by blocks before i + gradients after i), which moves from gradients (first block
+        recomputed) to kept activations (last). Call after add_zero_vars (ZeRO-2 shrinks gradients)."""
+        if not self._remat_vars:
+            return
+        hold = self._var("recompute_hold", lowBound=0)
+        self.prob += hold >= self._mem(("blocks",)) * (1 / _UNIT), "hold_kept"
+        self.prob += hold >= self._mem(("grads",)) * (1 / _UNIT), "hold_grads"
+        self.mem_terms["recompute_hold"].append((_UNIT, hold))
+
+    def settle_hold(self) -> None:
+        """After solving: H at its bound (reports read it; the solver may leave it higher where it does not bind)."""
+        for c, v in self.mem_terms.get("recompute_hold", []):
+            v.varValue = max(float(pulp.value(self._mem(("blocks",))) or 0.0),
+                             float(pulp.value(self._mem(("grads",))) or 0.0)) / _UNIT
+
+    def add_grad_buckets(self) -> None:
+        """At the end of backward the bucketed reducer (autopar.grad_sync) holds a flat copy of every
+        data-parallel gradient it all-reduced until it writes the sums back: per parameter key and
+        placement with a replicated mesh dim of size > 1 (where its gradient is a partial sum when the
+        batch is split there), its gradient bytes again (category "grad_buckets", step row); ZeRO-2
+        parameters reduce-scatter instead (add_zero_vars takes them off)."""
+        for key, info in self.keys.items():
+            if info.node.kind != "param":
+                continue
+            for j, s in enumerate(info.strategies):
+                if any(isinstance(p, Replicate) and n > 1 for p, n in zip(s.outputs[0], self.mesh.shape)):
+                    self.mem_terms["grad_buckets"].append((info.mult * info.memory[j]["grads"], self.x[key][j]))
+
     def _record_block_key(self, group: str, info: KeyInfo, xs) -> None:
         """Per strategy: bytes one block keeps and forward seconds one block spends for this key."""
         per_block = info.mult / self.gi.layer_counts[group]
@@ -320,7 +373,7 @@ class ShardingILP:
             bound = sum(max(act) for _, act, _, _ in recorded if act) + 1.0
             self.prob += tr >= pulp.lpSum(c * x for c, x in a_block) - bound * (1 - u), f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
-            self.mem_terms["recompute"] += [(1.0, tr)] + boundary
+            self.mem_terms["recompute"].append((1.0, tr))
             self.time_terms["recompute"] += rtime
             self._remat_vars[g] = (cnt, tr, a_block)
 
@@ -329,8 +382,9 @@ class ShardingILP:
         its replicated mesh dims, n_s ways): binaries w1_{k,s} + w2_{k,s} <= x_{k,s}. Per rank they take
         (1 - 1/n_s) of the optimizer state (w1, w2) and of the gradient (w2) off the memory rows, and add
         to the objective the all-gather of the stepped parameter, AG(z(s) -> s), for both, and for ZeRO-2
-        the reduce-scatter of the gradient that replaces its bucketed all-reduce,
-        max(0, RS(P -> z(s)) - AR_bucketed(P -> s)) (the all-reduce stays priced on the edges).
+        the reduce-scatter RS(P -> z(s)) its hook runs inside backward, in full: the all-reduce it
+        replaces overlapped backward in the bucketed reducer (autopar.grad_sync), so dropping it saves
+        little step time; the edges keep pricing it (an upper bound for ZeRO-2's step time).
         Decided per key: identical repeated blocks share it, as they share placements; a per-parameter
         choice lets the solver shard just enough of the optimizer state. ``zero`` given: w_zero = x."""
         if self.zero == 0:
@@ -350,7 +404,6 @@ class ShardingILP:
                 partial = tuple(Partial("sum") if a != b else a for a, b in zip(sh, zs))
                 ag = C.transition_time(meta, zs, sh, self.mesh.shape, self.links)
                 rs = C.transition_time(meta, partial, zs, self.mesh.shape, self.links)
-                ar = C.transition_time(meta, partial, sh, self.mesh.shape, self.links, C.GRAD_BUCKET_BYTES)
                 w1 = self._var(f"z1_{i}_{j}", cat="Binary")
                 w2 = self._var(f"z2_{i}_{j}", cat="Binary")
                 self.prob += w1 + w2 <= self.x[key][j], f"zero_{i}_{j}"
@@ -360,7 +413,8 @@ class ShardingILP:
                 self.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
                                                 (-info.mult * keep * mem["optimizer"], w2)]
                 self.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
-                self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + max(0.0, rs - ar)), w2)]
+                self.mem_terms["grad_buckets"].append((-info.mult * mem["grads"], w2))
+                self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + rs), w2)]
                 rows.append((j, zs, w1, w2))
             if rows:
                 self._zero_vars[key] = rows
@@ -495,12 +549,14 @@ class ShardingILP:
         backward start, where every kept activation is live and no gradient exists yet
         (``zero_grad(set_to_none=True)``), and the optimizer step, where every gradient is live and
         the activations are freed. In between, blocks free activations as their gradients appear."""
-        rows = {"backward": self._mem(("params", "optimizer", "activations", "activations_after", "blocks")),
-                "step": self._mem(("params", "optimizer", "grads"))}
+        rows = {"backward": self._mem(("params", "optimizer", "activations", "activations_after", "blocks",
+                                       "backward_grad")),
+                "step": self._mem(("params", "optimizer", "grads", "grad_buckets"))}
         if self._remat_vars:
             # while a recomputed block runs its backward, the layers after the blocks are done (their
-            # activations freed) and gradients have appeared (all of them counted: an upper bound)
-            rows["recompute"] = self._mem(("params", "optimizer", "grads", "activations", "recompute"))
+            # activations freed); the blocks before it still hold what they kept (selective: matmul outputs)
+            # and the gradients of those after it have appeared: H >= kept, H >= Grad (add_recompute_hold)
+            rows["recompute"] = self._mem(("params", "optimizer", "activations", "recompute", "recompute_hold"))
         return rows
 
     def add_memory_row(self) -> None:
@@ -515,9 +571,12 @@ class ShardingILP:
     def build(self) -> None:
         self.add_node_vars()
         self.add_edge_vars()
+        self.add_backward_start_grad()
+        self.add_grad_buckets()
         if self.remat:
             self.add_remat_vars()
         self.add_zero_vars()
+        self.add_recompute_hold()
         self.add_memory_row()
         self.add_objective()
 
@@ -576,11 +635,12 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
             need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, recompute, zero)
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
-                f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; recompute is "
-                f"already considered)", min_feasible_bytes=int(math.ceil(need)))
+                f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; recompute and "
+                f"ZeRO are already considered)", min_feasible_bytes=int(math.ceil(need)))
         raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
     optimal = getattr(ilp.prob, "sol_status", pulp.LpSolutionOptimal) == pulp.LpSolutionOptimal
     ilp.settle_remat()
+    ilp.settle_hold()
     chosen = {}
     for key, xs in ilp.x.items():
         j = max(range(len(xs)), key=lambda i: _value(xs[i]))
@@ -600,7 +660,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                     memory_breakdown={"params": mb.get("params", 0.0), "grads": mb.get("grads", 0.0),
                                       "optimizer": mb.get("optimizer", 0.0),
                                       "activations": sum(mb.get(k, 0.0) for k in ("activations", "activations_after",
-                                                                                   "blocks"))},
+                                                                                   "blocks", "backward_grad"))},
                     edge_time=et, peak_bytes=peak, remat=remat_counts, zero=zero_choice)
 
 
@@ -610,9 +670,12 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True, 
     ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero)
     ilp.add_node_vars()
     ilp.add_edge_vars()
+    ilp.add_backward_start_grad()
+    ilp.add_grad_buckets()
     if ilp.remat:
         ilp.add_remat_vars()
     ilp.add_zero_vars()
+    ilp.add_recompute_hold()
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
         ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"
