@@ -57,7 +57,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cap = capture(model, inputs, fold_layers=not args.no_fold)
     with _Phase("strategies + ILP"):
         plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
-                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds})
+                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
+                          recompute=args.recompute, zero=args.zero)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--backend", default="auto", choices=["auto", "highs", "cbc"], help="ILP solver")
     pl.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds (default 60)")
     pl.add_argument("--no-fold", action="store_true", help="capture every repeated block (slower)")
+    pl.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
+                    help="recompute every repeated block this way (default: the solver decides)")
+    pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
+                    help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.set_defaults(func=cmd_plan)
 

@@ -89,7 +89,7 @@ def _measure(pm, inputs) -> dict:
     return t.report.to_dict()
 
 
-def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> None:
+def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q, only: tuple[str, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -103,6 +103,8 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
             torch.manual_seed(0)
             model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
             for name, plan, replaced in _plans(model, inputs, world):
+                if only and name not in only:
+                    continue
                 row = {"model": spec, "world": world, "plan": name, "replaced": replaced}
                 if isinstance(plan, dict):
                     rows.append({**row, "error": plan["error"]})
@@ -127,13 +129,13 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
     exit_worker(out_q)
 
 
-def run_world(world: int, batch: int, seq: int, timeout: float) -> list[dict]:
+def run_world(world: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = ()) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q, only)) for r in range(world)]
     for p in procs:
         p.start()
     res = q.get(timeout=timeout)
@@ -169,11 +171,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--rows", default="", help="comma-separated rows to measure (default all; a partial run "
+                                                 "does not write the results file)")
     args = ap.parse_args(argv)
     t0 = time.time()
     rows = []
     for world in (int(w) for w in args.worlds.split(",")):
-        rows += run_world(world, args.batch, args.seq, args.timeout)
+        rows += run_world(world, args.batch, args.seq, args.timeout, tuple(r for r in args.rows.split(",") if r))
     rows = [_summarize(r) if "measured" in r else r for r in rows]
     print(f"{'model':10s} {'ranks':>5s} {'plan':9s} {'pred MiB':>8s} {'meas MiB':>8s} {'err':>7s}  "
           f"{'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'other':>7s} {'host':>7s}  decisions")
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
            "config": {"models": list(MODELS), "batch": args.batch, "seq": args.seq, "worlds": args.worlds,
                       "cluster": "cpu-gloo", "optimizer": "AdamW(lr=1e-4)", "step": "forward+backward+step"},
            "wall_s": time.time() - t0, "machine": machine()}
+    if args.rows:
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS}")
