@@ -172,8 +172,9 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
         scap = capture(st.module, stage_example_inputs(st))
         # the stage ILP sees one micro-batch's activations: leave room for the others in flight
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
+        # zero=0: pipeline stages step their parameters with a plain optimizer (no ZeRO shards at run time yet)
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
-                                      backend=backend, time_limit=time_limit))
+                                      backend=backend, time_limit=time_limit, zero=0))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})

@@ -19,12 +19,14 @@ optimizer a user builds with :func:`optimizer` steps the shards. Imports autopar
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from autopar.errors import ConfigError, PlanMismatchError
 from autopar.placement import Sharding, parse_sharding, zero_sharding
@@ -57,7 +59,9 @@ class ZeroShards:
             self.params[fqn] = p
             self.shards[fqn] = self._make_shard(p, want)
             self.stage[fqn] = 2 if fqn in plan.gradient_sharding else 1
-        self._hooks = []
+        self._hooks = [_register_refusal(self)] if self.params else []
+        self._ids = {id(p) for p in self.params.values()}
+        self.inner: torch.optim.Optimizer | None = None
         for fqn, stage in self.stage.items():
             if stage == 2:
                 p = self.params[fqn]
@@ -73,6 +77,17 @@ class ZeroShards:
             if new != old:   # a ZeRO dim: this rank's chunk of the tensor dim it shards
                 view = view.chunk(self.mesh.shape[i], dim=new.dim)[coord[i]]
         return DTensor.from_local(view, self.mesh, sharding, shape=p.shape, stride=p.stride(), run_check=False)
+
+    def _refuse_plain_optimizer(self, opt: torch.optim.Optimizer, args, kwargs) -> None:
+        """A torch optimizer stepping ZeRO parameters directly would miss the ZeRO-2 gradients (held by the
+        shards) and keep whole optimizer states: refuse it, saying what to use."""
+        if opt is self.inner:
+            return
+        if any(id(p) in self._ids for g in opt.param_groups for p in g["params"]):
+            raise ConfigError(f"this module's plan shards optimizer states (ZeRO, plan.optimizer_sharding: "
+                              f"{len(self.params)} parameters); build its optimizer with "
+                              f"autopar.zero.optimizer(module, {type(opt).__name__}, ...) instead of "
+                              f"{type(opt).__name__}(module.parameters()), or plan with zero=0")
 
     def _reduce_scatter(self, fqn: str, arriving: Sharding, local: torch.Tensor) -> None:
         """Post-accumulate hook of a ZeRO-2 parameter's local leaf: its (partial) gradient becomes this
@@ -110,6 +125,20 @@ class ZeroShards:
             h.remove()
 
 
+def _register_refusal(zero: ZeroShards):
+    """A global optimizer pre-hook calling ``zero._refuse_plain_optimizer`` while ``zero`` lives (a weak
+    reference: the hook must not keep a module alive; once it is gone the hook does nothing -- it cannot
+    remove itself while torch iterates the hooks -- until ``ZeroShards.remove``)."""
+    ref = weakref.WeakMethod(zero._refuse_plain_optimizer)
+
+    def hook(opt, args, kwargs):
+        method = ref()
+        if method is not None:
+            method(opt, args, kwargs)
+
+    return register_optimizer_step_pre_hook(hook)
+
+
 class ZeroOptimizer:
     """A torch optimizer over the ZeRO shards (and the other parameters as they are). ``step()`` takes
     ZeRO-1 gradients' shards, steps the inner optimizer, all-gathers the stepped parameters.
@@ -125,6 +154,7 @@ class ZeroOptimizer:
         by_id = {id(p): fqn for fqn, p in zero.params.items()}
         params = [zero.shards[by_id[id(p)]] if id(p) in by_id else p for p in module.parameters()]
         self.optimizer = optimizer_class(params, **kwargs)
+        zero.inner = self.optimizer
 
     @property
     def param_groups(self) -> list[dict]:

@@ -27,8 +27,7 @@ Constraints
                      H >= sum_g kept_g,  H >= Grad   (add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
      A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
-     G_edges: gathered parameter copies an op keeps for backward, and the growth of a saved activation a
-     matmul / attention keeps in its own (e.g. gathered) placement (sum_e m_e sum y G_{e,p,q});
+     G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
      G_out: the first gradient of backward (the loss's input, e.g. the logits) (add_backward_start_grad);
      Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
      O and Grad less the ZeRO-1/2 shares (add_zero_vars);
@@ -86,7 +85,6 @@ class KeyInfo:
     in_metas: list[TensorMeta]
     compute: list[C.OpCost] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)
-    saved_outputs: frozenset[int] = frozenset()   # outputs autograd keeps for backward (solver.saved)
 
 
 @dataclass
@@ -167,9 +165,8 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 target = parse_sharding(list(soft), field=f"prefer[{key!r}]")
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
-        rec = saved.get(node.name) if saved is not None else None
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
-                       fallback=fallback, in_metas=in_metas, saved_outputs=rec.outputs if rec else frozenset())
+                       fallback=fallback, in_metas=in_metas)
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
@@ -489,10 +486,6 @@ class ShardingILP:
                     inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
                     qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
             keeps = u.node.kind == "param" and kv != OUTPUT and _keeps_param_copy(self.keys[kv].node)
-            # a matmul / attention keeps the input it computed with: a saved activation it reshards is kept
-            # in the consumer's placement, not the producer's (counted there by saved_bytes)
-            keeps_act = (u.node.kind != "param" and kv != OUTPUT and o in u.saved_outputs and
-                         C.contraction_flops(self.keys[kv].node, self.keys[kv].in_metas) > 0)
 
             def coef(p, q):
                 is_param = u.node.kind == "param"
@@ -501,11 +494,7 @@ class ShardingILP:
                 if c is None:
                     c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links,
                                                            param=is_param).total
-                mem = 0.0
-                if keeps and p != q[0]:
-                    mem = C.local_bytes(meta, q[0], self.mesh.shape)
-                elif keeps_act and p != q[0]:
-                    mem = max(0.0, C.local_bytes(meta, q[0], self.mesh.shape) - C.local_bytes(meta, p, self.mesh.shape))
+                mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
                 return mult * c, mult * mem
 
             xu = self.x[ku]

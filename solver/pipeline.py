@@ -149,7 +149,8 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
                           f"{sorted(gi.layer_counts) or 'none'}")
     n = gi.layer_counts[layer_list]
     keys = ilp.collect_keys(gi, mesh, profile, None, None)
-    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys)
+    sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys,
+                    zero=0)   # as the stage plans (autopar.pipeline): no ZeRO in pipeline stages yet
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)

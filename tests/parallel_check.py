@@ -47,12 +47,12 @@ def check_training_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
     loss.backward()
     ref_loss.backward()
     ref_params = dict(ref.named_parameters())
-    for name, p in pm.named_parameters():
-        out["errors"][f"grad:{name}"] = _err(p.grad.full_tensor(), ref_params[name].grad)
+    for name, g in autopar.zero.full_grads(pm):   # param.grad, or the ZeRO-2 shard's where the plan has one
+        out["errors"][f"grad:{name}"] = _err(g.full_tensor(), ref_params[name].grad)
     # lr 1e-3: some gradients are analytically zero (the key bias: softmax is shift invariant) and hold only
     # rounding noise (~1e-11); Adam's first step normalizes them to ~lr*noise/eps, so a large lr would compare noise.
-    for m in (pm, ref):
-        torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+    autopar.zero.optimizer(pm, torch.optim.AdamW, lr=1e-3).step()   # AdamW itself when the plan has no ZeRO
+    torch.optim.AdamW(ref.parameters(), lr=1e-3).step()
     for name, p in pm.named_parameters():
         out["errors"][f"param:{name}"] = _err(p.detach().full_tensor(), ref_params[name].detach())
     out["placements_are_dtensors"] = all(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
@@ -138,11 +138,11 @@ def check_hf_training_step(rank: int, world: int, arch: str, mesh_shape: tuple[i
     res["loss"].backward()
     ref_res["loss"].backward()
     ref_params = dict(ref.named_parameters())
-    for name, p in pm.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    for name, g in autopar.zero.full_grads(pm):
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
         out["errors"][f"grad:{name}"] = _err(g, ref_params[name].grad)
-    for m in (pm, ref):
-        torch.optim.AdamW(m.parameters(), lr=1e-3, eps=adam_eps).step()
+    autopar.zero.optimizer(pm, torch.optim.AdamW, lr=1e-3, eps=adam_eps).step()
+    torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=adam_eps).step()
     for name, p in pm.named_parameters():
         full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
         out["errors"][f"param:{name}"] = _err(full, ref_params[name].detach())
@@ -210,6 +210,11 @@ def check_zero_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...
     for name, p in pm.named_parameters():
         out["errors"][f"param:{name}"] = _err(p.detach().full_tensor(), ref_params[name].detach())
     out.update(_structure(pm, ref))
+    try:                                          # a plain torch optimizer would skip the ZeRO shards: refused
+        torch.optim.AdamW(pm.parameters(), lr=1e-3).step()
+        out["plain_optimizer_error"] = None
+    except autopar.ConfigError as e:
+        out["plain_optimizer_error"] = str(e)
     # what the plan says each rank holds: AdamW's two states (plus a 4-byte step counter) and, for ZeRO-2,
     # the gradient, of each parameter's local tensor divided by its ZeRO ways
     from autopar.placement import zero_sharding

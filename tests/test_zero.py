@@ -36,6 +36,7 @@ def test_zero_step_matches_single_device_and_shards_memory(request, model, mesh,
     assert_step_result(results, fix, case=case)
     for rank, r in enumerate(results):
         assert r["optimizer_type"] == "ZeroOptimizer"
+        assert "autopar.zero.optimizer(module, AdamW" in (r["plain_optimizer_error"] or ""), r["plain_optimizer_error"]
         # every parameter that has a ZeRO sharding gets it (tied weights: under each of their names)
         assert r["zero_able"] and set(r["zero_able"]) <= set(r["optimizer_sharding"]) <= set(r["fqns"])
         assert set(r["gradient_sharding"]) == (set(r["optimizer_sharding"]) if zero == 2 else set())
