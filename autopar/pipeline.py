@@ -469,9 +469,8 @@ def _sync_tied_grads(pm: PipelineModule, base: dict[str, torch.Tensor | None]) -
         if g is None:
             continue
         if hasattr(g, "_local_tensor"):
-            pl = pm.plan.param_placements[fqn]
-            sharding = " ".join(x for d, x in zip(pm.plan.mesh.dim_names, pl) if d != PP_DIM)
-            g._local_tensor.copy_(local_chunk(total, sharding, pm.submesh))
+            # this stage's own placements: the stages holding a tied weight may place it differently
+            g._local_tensor.copy_(local_chunk(total, tuple(g.placements), pm.submesh))
         else:
             g.copy_(total)
 
