@@ -14,11 +14,12 @@ from autopar.pipeline import forward_backward
 from autopar.checkpoint import load, save
 from autopar.config import init_distributed
 from autopar.faults import guard_step
-from autopar import memory, precision
+from autopar import memory, precision, zero
 from autopar.offload_optimizer import HostOptimizer, make_optimizer
 
 __all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "HostOptimizer", "InfeasiblePlanError",
-           "MeshError", "Plan", "PlanFormatError", "PlanMismatchError", "RankFailureError", "ShardingError", "apply", "capture",
-           "forward_backward", "guard_step", "init_distributed", "load", "make_optimizer", "memory", "parallelize", "plan", "precision", "save"]
+           "MeshError", "Plan", "PlanFormatError", "PlanMismatchError", "RankFailureError", "ShardingError", "apply",
+           "capture", "forward_backward", "guard_step", "init_distributed", "load", "make_optimizer", "memory",
+           "parallelize", "plan", "precision", "save", "zero"]
 
 # The solver and codegen are imported by autopar.plan / autopar.apply when first used.

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "fuse", "offload"}
+PLAN_OPTIONS = {"fix", "prefer", "backend", "time_limit", "nodes", "fold_layers", "precision", "fuse", "offload",
+                "recompute", "zero"}
 _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
                "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -62,6 +63,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``apply`` on a CUDA mesh substitutes the kernels, off for ``cpu-gloo`` or a CPU-measured profile),
     ``offload`` (default True: the ILP may move activations and optimizer states to host memory where
     the host is not the device; False keeps everything on the device, e.g. when host memory is short).
+    Memory decisions are the solver's unless told: ``recompute`` ("none" / "selective" / "full": every
+    repeated block), ``zero`` (0 none, 1 optimizer states sharded over each parameter's replicated mesh
+    dims, 2 gradients too, wherever a tensor dim divides; ZeRO-3 is ``fix={"param:*": [...]}``).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
@@ -102,7 +106,8 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     out = plan_graph(cap, mesh, profile, nodes=options.get("nodes"), budget=budget, fix=options.get("fix"),
                      prefer=options.get("prefer"), fusions=fusions,
                      backend=options.get("backend", "auto"), time_limit=float(options.get("time_limit", 60.0)),
-                     phase_times={"capture": t1 - t0}, offload=_offload_option(options.get("offload", True)))
+                     phase_times={"capture": t1 - t0}, offload=_offload_option(options.get("offload", True)),
+                     recompute=options.get("recompute"), zero=options.get("zero"))
     return out if precision is None else dataclasses.replace(out, precision=precision)
 
 

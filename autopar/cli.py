@@ -62,7 +62,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with _Phase("strategies + ILP"):
         plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
                           time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
-                          fusions=fusible_groups(cap) if fuse else None, offload=not args.no_offload)
+                          fusions=fusible_groups(cap) if fuse else None, offload=not args.no_offload,
+                          recompute=args.recompute, zero=args.zero)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
@@ -263,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-offload", action="store_true",
                     help="keep activations and optimizer states on the device (by default the ILP may move them to "
                          "host memory where the host is not the device)")
+    pl.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
+                    help="recompute every repeated block this way (default: the solver decides)")
+    pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
+                    help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.add_argument("--sweep-memory", action="store_true",
                     help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "

@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from autopar.errors import ConfigError
 
-__all__ = ["CATEGORIES", "MemoryReport", "Tracker", "host_allocations", "measure", "track"]
+__all__ = ["CATEGORIES", "MemoryReport", "Tracker", "as_gradient", "host_allocations", "measure", "track"]
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other", "host")
 _CATEGORY = {_MemRefType.PARAM: "params", _MemRefType.GRAD: "grads", _MemRefType.OPT: "optimizer",
@@ -178,7 +178,8 @@ class Tracker:
         """A DTensor parameter whose local tensor is itself the autograd leaf (autopar's runtime) gets
         its gradient there: count it as a gradient when it is accumulated."""
         def as_grad(t: torch.Tensor) -> None:
-            mt._update_and_maybe_create_winfos(t.grad, _MemRefType.GRAD)
+            if t.grad is not None:   # None: moved elsewhere by an earlier hook (ZeRO-2 reduce-scatter)
+                mt._update_and_maybe_create_winfos(t.grad, _MemRefType.GRAD)
 
         hooks = []
         for p in module.parameters():
@@ -255,3 +256,10 @@ def host_allocations() -> Iterator[None]:
     finally:
         for t in active:
             t.host_exit()
+
+
+def as_gradient(t: torch.Tensor) -> None:
+    """Count ``t`` as a gradient in every active tracker (a gradient kept outside ``param.grad``, e.g. a
+    ZeRO-2 shard's); costs nothing when nothing is tracked."""
+    for tr in _ACTIVE:
+        tr._mt._update_and_maybe_create_winfos(t, _MemRefType.GRAD)

@@ -138,8 +138,14 @@ class HostOptimizer:
 
 def make_optimizer(module: nn.Module, optimizer_cls: type = torch.optim.AdamW, **kwargs):
     """The optimizer the module's plan asks for: a HostOptimizer where ``plan.optimizer_offload`` is set,
-    ``optimizer_cls(module.parameters(), **kwargs)`` otherwise (also for a module without a plan)."""
+    autopar.zero's ZeroOptimizer where it shards optimizer states (ZeRO-1/2), else
+    ``optimizer_cls(module.parameters(), **kwargs)`` (also for a module without a plan)."""
     plan = getattr(module, "plan", None)
     if plan is not None and getattr(plan, "optimizer_offload", False):
+        if getattr(plan, "optimizer_sharding", None):
+            raise ConfigError("the plan both shards optimizer states (ZeRO-1/2) and moves them to the host; the "
+                              "planner never chooses both: re-plan, or edit one of optimizer_sharding / "
+                              "optimizer_offload out of the plan")
         return HostOptimizer(module.parameters(), optimizer_cls, **kwargs)
-    return optimizer_cls(module.parameters(), **kwargs)
+    from autopar import zero
+    return zero.optimizer(module, optimizer_cls, **kwargs)

@@ -220,9 +220,10 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
             continue
         # the stage ILP sees one micro-batch's activations: leave room for the others in flight
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
+        # zero=0: pipeline stages step their parameters with a plain optimizer (no ZeRO shards at run time yet)
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
                                       fix=sfix or None, prefer=sprefer or None, backend=backend,
-                                      time_limit=time_limit, offload=False))
+                                      time_limit=time_limit, offload=False, zero=0))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
@@ -517,9 +518,8 @@ def _sync_tied_grads(pm: PipelineModule, base: dict[str, torch.Tensor | None]) -
         if g is None:
             continue
         if hasattr(g, "_local_tensor"):
-            pl = pm.plan.param_placements[fqn]
-            sharding = " ".join(x for d, x in zip(pm.plan.mesh.dim_names, pl) if d != PP_DIM)
-            g._local_tensor.copy_(local_chunk(total, sharding, pm.submesh))
+            # this stage's own placements: the stages holding a tied weight may place it differently
+            g._local_tensor.copy_(local_chunk(total, tuple(g.placements), pm.submesh))
         else:
             g.copy_(total)
 

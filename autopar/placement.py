@@ -113,3 +113,24 @@ def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Pla
             steps.append((d, "chunk" if isinstance(dst[d], Shard) else "zero", cur[d], dst[d]))
             cur[d] = dst[d]
     return steps
+
+
+def zero_sharding(shape: Sequence[int], sharding: Sharding, mesh_shape: Sequence[int]) -> Sharding | None:
+    """Where ZeRO-1/2 keep a parameter's optimizer state (and, for ZeRO-2, its gradient): ``sharding``
+    with every replicated mesh dim of size > 1 (its data-parallel dims) sharding one tensor dim that no
+    other mesh dim shards, the first whose local size divides evenly. None when no mesh dim replicates
+    the parameter or no tensor dim divides (the parameter then keeps its state whole).
+
+    Solver and runtime share this rule: the ILP prices exactly the sharding the runtime builds."""
+    zero_dims = [i for i, (p, n) in enumerate(zip(sharding, mesh_shape)) if isinstance(p, Replicate) and n > 1]
+    if not zero_dims:
+        return None
+    ways = 1
+    for i in zero_dims:
+        ways *= mesh_shape[i]
+    taken = {p.dim for p in sharding if isinstance(p, Shard)}
+    for d, size in enumerate(shape):
+        if d in taken or size % ways:
+            continue
+        return tuple(Shard(d) if i in zero_dims else p for i, p in enumerate(sharding))
+    return None

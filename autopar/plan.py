@@ -101,7 +101,8 @@ class Plan:
     layers: tuple[LayerCost, ...] = ()
     checkpoint: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
-    optimizer_sharding: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    optimizer_sharding: dict[str, tuple[str, ...]] = field(default_factory=dict)   # ZeRO-1/2: FQN -> state placements
+    gradient_sharding: dict[str, tuple[str, ...]] = field(default_factory=dict)    # ZeRO-2: FQN -> gradient placements
     optimizer_offload: bool = False    # optimizer states, fp32 master weights and the step on the host CPU
     pipeline: dict | None = None
     precision: dict[str, str] = field(default_factory=lambda: {"param_dtype": "float32", "compute_dtype": "float32"})
@@ -126,6 +127,7 @@ class Plan:
             "offload": list(self.offload),
             "optimizer_sharding": {k: list(v) for k, v in self.optimizer_sharding.items()},
             "optimizer_offload": self.optimizer_offload,
+            "gradient_sharding": {k: list(v) for k, v in self.gradient_sharding.items()},
             "pipeline": self.pipeline,
             "precision": dict(self.precision),
             "predicted": {"step_time_s": self.predicted.step_time_s,
@@ -234,23 +236,38 @@ class Plan:
             for k, v in getattr(predicted, name).items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise PlanFormatError(f"plan.predicted.{name}.{k}: expected a number, got {v!r}")
-        opt = d.get("optimizer_sharding", {})
-        if not isinstance(opt, dict):
-            raise PlanFormatError("plan.optimizer_sharding: expected an object of FQN -> placements")
-        for k, v in opt.items():
-            parse_sharding(v, field=f"plan.optimizer_sharding[{k!r}]")
+        opt = _zero_field(d, "optimizer_sharding", mesh)
+        grads = _zero_field(d, "gradient_sharding", mesh)
+        for k, v in grads.items():
+            if opt.get(k) != v:
+                raise PlanFormatError(f"plan.gradient_sharding[{k!r}]: a sharded gradient (ZeRO-2) needs the same "
+                                      f"placements in plan.optimizer_sharding, which has {opt.get(k)!r}")
         opt_offload = d.get("optimizer_offload", False)
         if not isinstance(opt_offload, bool):
             raise PlanFormatError(f"plan.optimizer_offload: expected true or false, got {opt_offload!r:.60}")
         return Plan(mesh=mesh, cluster=cluster, model=model, param_placements=params, node_shardings=nodes,
                     predicted=predicted, solver=solver, layers=tuple(layers),
                     checkpoint=tuple(_list(d, "checkpoint", "plan", str)), offload=tuple(_list(d, "offload", "plan", str)),
-                    optimizer_sharding={k: tuple(v) for k, v in opt.items()}, optimizer_offload=opt_offload,
+                    optimizer_sharding={k: tuple(v) for k, v in opt.items()},
+                    gradient_sharding={k: tuple(v) for k, v in grads.items()}, optimizer_offload=opt_offload,
                     pipeline=_pipeline(d.get("pipeline"), mesh), precision=dict(d.get("precision", {})) or
                     {"param_dtype": "float32", "compute_dtype": "float32"},
                     nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)),
                     fusions=tuple(_fusion(f, f"plan.fusions[{i}]") for i, f in enumerate(_list(d, "fusions", "plan"))),
                     version=version)
+
+
+def _zero_field(d: dict, name: str, mesh: MeshSpec) -> dict[str, list[str]]:
+    """``optimizer_sharding`` / ``gradient_sharding``: FQN -> one placement per mesh dim."""
+    v = d.get(name, {})
+    if not isinstance(v, dict):
+        raise PlanFormatError(f"plan.{name}: expected an object of FQN -> placements")
+    for k, pl in v.items():
+        parse_sharding(pl, field=f"plan.{name}[{k!r}]")
+        if len(pl) != mesh.ndim:
+            raise PlanFormatError(f"plan.{name}[{k!r}]: {len(pl)} placements for a {mesh.ndim}-D mesh; give one "
+                                  f"per mesh dim")
+    return v
 
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")

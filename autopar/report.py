@@ -28,22 +28,33 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _zero(plan: Plan, fqn: str) -> str:
+    """``ZeRO-2 S(0)``: the ZeRO stage of a parameter and where its optimizer state lives ("-": none)."""
+    zs = plan.optimizer_sharding.get(fqn)
+    if zs is None:
+        return "-"
+    return f"ZeRO-{2 if fqn in plan.gradient_sharding else 1} {' '.join(zs)}"
+
+
 def param_rows(plan: Plan) -> list[list[str]]:
-    """Parameters with layer indices collapsed: ``blocks.{0..31}.attn.q_proj.weight``."""
-    groups: OrderedDict[tuple[str, tuple[str, ...]], list[int]] = OrderedDict()
+    """Parameters with layer indices collapsed: ``blocks.{0..31}.attn.q_proj.weight``; a ZeRO column
+    when the plan shards optimizer states."""
+    with_zero = bool(plan.optimizer_sharding)
+    groups: OrderedDict[tuple[str, tuple[str, ...], str], list[int]] = OrderedDict()
     for fqn, pl in plan.param_placements.items():
+        z = _zero(plan, fqn) if with_zero else ""
         m = re.match(r"^(.*?\.)(\d+)(\..*)$", fqn)
         if m:
-            groups.setdefault((f"{m.group(1)}{{}}{m.group(3)}", pl), []).append(int(m.group(2)))
+            groups.setdefault((f"{m.group(1)}{{}}{m.group(3)}", pl, z), []).append(int(m.group(2)))
         else:
-            groups.setdefault((fqn, pl), []).append(-1)
+            groups.setdefault((fqn, pl, z), []).append(-1)
     rows = []
-    for (name, pl), idx in groups.items():
+    for (name, pl, z), idx in groups.items():
         if idx != [-1]:
             idx = sorted(idx)
             span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
             name = name.format(span)
-        rows.append([name, " ".join(pl)])
+        rows.append([name, " ".join(pl)] + ([z] if with_zero else []))
     return rows
 
 
@@ -70,7 +81,8 @@ def summary(plan: Plan) -> str:
 
 
 def memory_decisions(plan: Plan) -> str:
-    """One line: recomputed and offloaded blocks, optimizer on the host (``none`` without any)."""
+    """One line: recomputed and offloaded blocks, ZeRO-1/2 parameters, optimizer on the host (``none``
+    without any)."""
     parts = []
     for mode in ("full", "selective"):
         names = [c.rsplit(":", 1)[0] for c in plan.checkpoint if c.endswith(f":{mode}")]
@@ -78,6 +90,9 @@ def memory_decisions(plan: Plan) -> str:
             parts.append(f"recompute {mode} {_span(names)}")
     if plan.offload:
         parts.append(f"offload activations {_span(list(plan.offload))}")
+    if plan.optimizer_sharding:
+        z2 = len(plan.gradient_sharding)
+        parts.append(f"ZeRO-1 {len(plan.optimizer_sharding) - z2} params, ZeRO-2 {z2} params")
     if plan.optimizer_offload:
         parts.append("optimizer on host")
     return "; ".join(parts) or "none"
@@ -119,7 +134,8 @@ def fusion_lines(plan: Plan) -> list[str]:
 
 def render(plan: Plan) -> str:
     parts = [summary(plan), *pipeline_lines(plan), "", "parameters",
-             _table(["parameter", "placement"], param_rows(plan)), "",
+             _table(["parameter", "placement"] + (["optimizer state"] if plan.optimizer_sharding else []),
+                    param_rows(plan)), "",
              "layers", _table(["module", "count", "time", "comm", "memory"],
                               [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
                                for r in plan.layers]), *fusion_lines(plan)]

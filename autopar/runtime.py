@@ -33,6 +33,7 @@ from autopar.collectives import to_local_input
 from autopar.parallel_ops import local_chunk, placements
 from autopar.plan import Plan
 from autopar.precision import check_precision, compute_dtype
+from autopar.zero import ZeroShards
 
 
 class ParallelModule(nn.Module):
@@ -81,8 +82,13 @@ class ParallelModule(nn.Module):
         for kind, name in order:
             if kind == "param":
                 self._leaf(name)
-        params = [(self._leaf(cap.param_fqns[name][0]), deferred[name]) for name in ready_order]
+        # ZeRO-2 parameters reduce-scatter their own gradients (autopar.zero); the reducer all-reduces the rest
+        fqn_of = {name: cap.param_fqns[name][0] for name in deferred}
+        params = [(self._leaf(fqn_of[name]), deferred[name]) for name in ready_order
+                  if fqn_of[name] not in plan.gradient_sharding]
         self.__dict__["grad_reducer"] = GradReducer(params, mesh) if params else None
+        self.__dict__["zero"] = ZeroShards(self, plan, mesh, {fqn_of[n]: d for n, d in deferred.items()}) \
+            if plan.optimizer_sharding else None
 
     def _leaf(self, fqn: str) -> torch.Tensor:
         """The local tensor the graph takes for parameter ``fqn`` (set up once per local tensor)."""

@@ -5,17 +5,19 @@ mesh dim, ``dp``, batch split), one training step (forward, backward, AdamW step
 untracked warm-up step, so optimizer states exist as in steady state) is measured per rank by
 category (params, grads, optimizer, activations, other, host) for these plans:
 
-  none       the solved data-parallel plan
-  selective  none + ``checkpoint=("blocks.*:selective",)``
-  full       none + ``checkpoint=("blocks.*:full",)``
-  offload    none + ``offload=("blocks.*",)``
+  none       the data-parallel plan (batch S(0), parameters R), told ``recompute="none"``, ``zero=0``
+  selective  the same, told ``recompute="selective"`` (every block)
+  full       the same, told ``recompute="full"``
+  offload    none + ``offload=("blocks.*",)`` (replaced, see below)
+  zero1      told ``zero=1``: optimizer states sharded over dp (autopar.zero)
+  zero2      told ``zero=2``: gradients too
   zero3      parameters S(0) on dp (ZeRO-3 through placements), solved
-  budget70   the solver's own choice under 70 % of none's predicted peak
+  budget40   the solver's own choice under 40 % of none's predicted peak (recompute, ZeRO, placements)
 
-The rows marked ``replaced`` take their decisions by ``dataclasses.replace`` after solving: their
-prediction is the base plan's (the planner cannot be told to recompute or offload given modules),
-so their error says how much the decision moved the measurement, not how well it was predicted.
-ZeRO-1/2 (optimizer-state / gradient sharding) have no runtime yet and are not measured.
+Every row but offload is solved with its decisions, so its prediction is the planner's own. The
+offload row takes its decision by ``dataclasses.replace`` after solving (the planner does not decide
+offload yet): its prediction is the base plan's, so its error says how much offload moved the
+measurement, not how well it was predicted.
 Writes benchmarks/results/memory_fidelity.json with machine info.
 
     python benchmarks/memory_fidelity.py [--worlds 2,4] [--batch 8] [--seq 32]
@@ -41,6 +43,7 @@ from _common import exit_worker, free_port, machine  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_fidelity.json"
 MODELS = ("gpt-tiny", "llama-tiny")
 DP = {"input:*": ["S(0)"]}
+REPLICATED = {"input:*": ["S(0)"], "param:*": ["R"]}   # plain data parallel: ZeRO-1/2 have every parameter to shard
 ZERO3 = {"input:*": ["S(0)"], "param:*": ["S(0)"]}
 
 
@@ -61,30 +64,32 @@ def _plans(model, inputs, world: int) -> list[tuple[str, object, bool]]:
         d = json.loads(text[0])
         return d if "error" in d else Plan.from_json(text[0])
 
-    base = solve(fix=DP)
+    base = solve(fix=REPLICATED, recompute="none", zero=0)
     rows = [("none", base, False),
-            ("selective", dataclasses.replace(base, checkpoint=("blocks.*:selective",)), True),
-            ("full", dataclasses.replace(base, checkpoint=("blocks.*:full",)), True),
+            ("selective", solve(fix=REPLICATED, recompute="selective", zero=0), False),
+            ("full", solve(fix=REPLICATED, recompute="full", zero=0), False),
             ("offload", dataclasses.replace(base, offload=("blocks.*",)), True),
-            ("zero3", solve(fix=ZERO3), False),
-            ("budget70", solve(fix=DP, memory_budget=int(0.7 * base.predicted.peak_memory_bytes)), False)]
+            ("zero1", solve(fix=REPLICATED, recompute="none", zero=1), False),
+            ("zero2", solve(fix=REPLICATED, recompute="none", zero=2), False),
+            ("zero3", solve(fix=ZERO3, recompute="none", zero=0), False),
+            ("budget40", solve(fix=DP, memory_budget=int(0.4 * base.predicted.peak_memory_bytes)), False)]
     return rows
 
 
 def _measure(pm, inputs) -> dict:
-    from autopar import memory
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
+    from autopar import memory, zero
+    opt = zero.optimizer(pm, torch.optim.AdamW, lr=1e-4)   # steps the ZeRO shards where the plan has them
     pm(**inputs).backward()          # warm-up: optimizer states exist from here on, as in steady state
     opt.step()
     opt.zero_grad(set_to_none=True)
-    with memory.track(pm, opt) as t:
+    with memory.track(pm, getattr(opt, "optimizer", opt)) as t:
         pm(**inputs).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return t.report.to_dict()
 
 
-def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> None:
+def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q, only: tuple[str, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -98,6 +103,8 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
             torch.manual_seed(0)
             model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
             for name, plan, replaced in _plans(model, inputs, world):
+                if only and name not in only:
+                    continue
                 row = {"model": spec, "world": world, "plan": name, "replaced": replaced}
                 if isinstance(plan, dict):
                     rows.append({**row, "error": plan["error"]})
@@ -107,6 +114,9 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
                 per_rank = [None] * world
                 dist.all_gather_object(per_rank, got)
                 row.update(checkpoint=list(plan.checkpoint), offload=list(plan.offload),
+                           zero={"optimizer": len(plan.optimizer_sharding), "gradients": len(plan.gradient_sharding),
+                                 "sharded_params": sum(any(x != "R" for x in v)
+                                                       for v in plan.param_placements.values())},
                            predicted_peak_bytes=plan.predicted.peak_memory_bytes,
                            predicted_breakdown=dict(plan.predicted.memory_breakdown), measured=per_rank)
                 rows.append(row)
@@ -119,13 +129,13 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q) -> No
     exit_worker(out_q)
 
 
-def run_world(world: int, batch: int, seq: int, timeout: float) -> list[dict]:
+def run_world(world: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = ()) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q, only)) for r in range(world)]
     for p in procs:
         p.start()
     res = q.get(timeout=timeout)
@@ -145,6 +155,12 @@ def _summarize(row: dict) -> dict:
     return row
 
 
+def _short(checkpoint: list[str]) -> list[str]:
+    """``blocks.0:full, blocks.1:full`` -> ``full x2``."""
+    modes = [c.rsplit(":", 1)[1] for c in checkpoint]
+    return [f"{m} x{modes.count(m)}" for m in dict.fromkeys(modes)]
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:7.3f}"
 
@@ -155,11 +171,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--rows", default="", help="comma-separated rows to measure (default all; a partial run "
+                                                 "does not write the results file)")
     args = ap.parse_args(argv)
     t0 = time.time()
     rows = []
     for world in (int(w) for w in args.worlds.split(",")):
-        rows += run_world(world, args.batch, args.seq, args.timeout)
+        rows += run_world(world, args.batch, args.seq, args.timeout, tuple(r for r in args.rows.split(",") if r))
     rows = [_summarize(r) if "measured" in r else r for r in rows]
     print(f"{'model':10s} {'ranks':>5s} {'plan':9s} {'pred MiB':>8s} {'meas MiB':>8s} {'err':>7s}  "
           f"{'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'other':>7s} {'host':>7s}  decisions")
@@ -169,13 +187,16 @@ def main(argv=None) -> int:
             continue
         m = max(r["measured"], key=lambda x: x["peak_bytes"])     # the worst rank
         b = m["breakdown"]
-        dec = ",".join(r["checkpoint"] + [f"offload:{o}" for o in r["offload"]]) or "-"
+        z = r["zero"]
+        zdec = [f"zero1/2:{z['optimizer']}/{z['gradients']}"] if z["optimizer"] else []
+        zdec += [f"sharded:{z['sharded_params']}"] if z["sharded_params"] else []
+        dec = ",".join(_short(r["checkpoint"]) + [f"offload:{o}" for o in r["offload"]] + zdec) or "-"
         mark = "*" if r["replaced"] else " "
         print(f"{r['model']:10s} {r['world']:5d} {r['plan']:9s} {_mib(r['predicted_peak_bytes'])}{mark}"
               f"{_mib(m['peak_bytes'])} {r['worst_relative_error']:+7.1%}  {_mib(b['params'])} {_mib(b['grads'])} "
               f"{_mib(b['optimizer'])} {_mib(b['activations'])} {_mib(b['other'])} {_mib(m['host_peak_bytes'])}  "
               f"{dec}")
-    print("* prediction of the base plan (decisions replaced after solving); breakdown: at the measured peak, "
+    print("* prediction of the base plan (decision replaced after solving); breakdown: at the measured peak, "
           "host: peak host bytes")
     scored = [r for r in rows if "measured" in r and not r["replaced"]]
     within = [r for r in scored if abs(r["worst_relative_error"]) <= 0.10]
@@ -184,6 +205,8 @@ def main(argv=None) -> int:
            "config": {"models": list(MODELS), "batch": args.batch, "seq": args.seq, "worlds": args.worlds,
                       "cluster": "cpu-gloo", "optimizer": "AdamW(lr=1e-4)", "step": "forward+backward+step"},
            "wall_s": time.time() - t0, "machine": machine()}
+    if args.rows:
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS}")

@@ -21,12 +21,16 @@ Constraints
   sum_q y_{e,p,q} = sum_{s: out_o(s)=p} x_{u,s}      for every e, p                 (add_edge_vars)
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
   memory rows, one per peak of a training step (memory_exprs, add_memory_row; in MiB):
-    backward start:  P + O + A_rest + sum_g kept_g + G_edges  <= budget
-    optimizer step:  P + O + Grad                              <= budget
-    recompute:       P + O + Grad + A_before + sum_g (N_g B_g + T_g) <= budget   (when blocks recompute)
+    backward start:  P + O + A_rest + sum_g kept_g + G_edges + G_out  <= budget
+    end of backward / optimizer step:  P + O + Grad + Grad_buckets     <= budget
+    recompute:       P + O + A_before + sum_g T_g + H              <= budget   (when blocks recompute)
+                     H >= sum_g kept_g,  H >= Grad   (add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
      A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
      G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
+     G_out: the first gradient of backward (the loss's input, e.g. the logits) (add_backward_start_grad);
+     Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
+     O and Grad less the ZeRO-1/2 shares (add_zero_vars);
      kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
   Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
   selectively / recomputed fully; their forward time, compute and the collectives inside the block
@@ -36,6 +40,9 @@ Constraints
   joins the objective, category "offload"; add_block_offload), and one binary for optimizer states
   on the host (O_dev >= O - U z replaces O in the rows; grads down, params up and the CPU step join
   the objective; add_optimizer_offload).
+  ZeRO-1/2 (add_zero_vars): per parameter key and placement, binaries w1 + w2 <= x for optimizer
+  states (and gradients) sharded over the parameter's replicated mesh dims; their all-gather (and
+  reduce-scatter) joins the objective (category "comm"). ZeRO-3 is a sharded parameter placement.
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
 written directly on the other side's x (add_edge_vars). Fixed placements (``fix=``) drop the
 other strategies of the matching keys before the model is built; preferred ones (``prefer=``) do
@@ -61,7 +68,7 @@ import pulp
 from autopar.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.graph import GNode, GraphIndex, TensorMeta
 from autopar.mesh import MeshSpec
-from autopar.placement import Placement, Replicate, Shard, parse_sharding
+from autopar.placement import Partial, Placement, Replicate, Shard, parse_sharding, zero_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
 from autopar.solver import offload as O
@@ -107,6 +114,7 @@ class Solution:
     offload: dict[str, int] = field(default_factory=dict)   # block list -> blocks whose activations go to host
     optimizer_offload: bool = False                          # optimizer states and step on the host
     host_bytes: float = 0.0                                  # offloaded bytes in host memory per rank
+    zero: dict[str, tuple[int, tuple]] = field(default_factory=dict)  # param key -> (ZeRO stage, state placements)
 
 
 def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
@@ -196,10 +204,21 @@ class ShardingILP:
     """Builds and solves the ILP of the module docstring."""
 
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
-                 budget: float | None, remat: bool = False, host: O.HostLink | None = None) -> None:
+                 budget: float | None, remat: bool = False, recompute: str | None = None,
+                 zero: int | None = None, host: O.HostLink | None = None) -> None:
         self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
-        # recompute decisions only where memory is constrained (with memory to spare they cost time only)
-        self.remat = remat and budget is not None and bool(gi.shared_lists)
+        if recompute not in (None, "none", "selective", "full"):
+            raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective' or 'full' (every repeated block), "
+                              f"or None to let the solver decide")
+        if zero not in (None, 0, 1, 2):
+            raise ConfigError(f"zero={zero!r}: give 0, 1 (optimizer states sharded) or 2 (gradients too), or None "
+                              f"to let the solver decide (ZeRO-3 is parameters sharded: fix={{'param:*': ...}})")
+        self.recompute, self.zero = recompute, zero
+        # recompute decisions only where memory is constrained (with memory to spare they cost time only),
+        # or where they are told
+        self.remat = bool(gi.shared_lists) and recompute != "none" and (
+            recompute is not None or (remat and budget is not None))
+        self._zero_vars: dict[str, list[tuple[int, tuple, pulp.LpVariable, pulp.LpVariable | None]]] = {}
         # offload (solver.offload) only to a host that is not the device, and where memory is constrained
         self.host = host if budget is not None else None
         self.modes = _MODES + (("off",) if self.host is not None else ())
@@ -243,6 +262,52 @@ class ShardingILP:
                         continue   # a block's activations are charged by add_remat_vars
                     after = cat == "activations" and self.remat and self._pos(info.node) > self._blocks_end
                     self.mem_terms["activations_after" if after else cat].append((info.mult * b, xs[j]))
+
+    def add_backward_start_grad(self) -> None:
+        """The gradient backward creates first (e.g. of the logits, from the loss) is live at the backward
+        start with every kept activation: per strategy of the graph output's producer, the local bytes of
+        its largest floating-point input (category "backward_grad", backward-start row)."""
+        for ref in self.gi.output_refs:
+            node = self.gi.nodes[ref.src]
+            out = node.outputs[ref.out] if node.outputs else None
+            if node.kind != "op" or out is None or not out.dtype.is_floating_point or len(out.shape) > 0:
+                continue   # only a scalar loss starts backward
+            info = self.keys[node.key]
+            for j, s in enumerate(info.strategies):
+                b = max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
+                         if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
+                if b:
+                    self.mem_terms["backward_grad"].append((b, self.x[node.key][j]))
+
+    def add_recompute_hold(self) -> None:
+        """H (MiB) >= what every block keeps and H >= every gradient: the recompute row's stand-in for
+        max_i (kept by blocks before i + gradients after i), which moves from gradients (first block
+        recomputed) to kept activations (last). Call after add_zero_vars (ZeRO-2 shrinks gradients)."""
+        if not self._remat_vars:
+            return
+        hold = self._var("recompute_hold", lowBound=0)
+        self.prob += hold >= self._mem(("blocks",)) * (1 / _UNIT), "hold_kept"
+        self.prob += hold >= self._mem(("grads",)) * (1 / _UNIT), "hold_grads"
+        self.mem_terms["recompute_hold"].append((_UNIT, hold))
+
+    def settle_hold(self) -> None:
+        """After solving: H at its bound (reports read it; the solver may leave it higher where it does not bind)."""
+        for c, v in self.mem_terms.get("recompute_hold", []):
+            v.varValue = max(float(pulp.value(self._mem(("blocks",))) or 0.0),
+                             float(pulp.value(self._mem(("grads",))) or 0.0)) / _UNIT
+
+    def add_grad_buckets(self) -> None:
+        """At the end of backward the bucketed reducer (autopar.grad_sync) holds a flat copy of every
+        data-parallel gradient it all-reduced until it writes the sums back: per parameter key and
+        placement with a replicated mesh dim of size > 1 (where its gradient is a partial sum when the
+        batch is split there), its gradient bytes again (category "grad_buckets", step row); ZeRO-2
+        parameters reduce-scatter instead (add_zero_vars takes them off)."""
+        for key, info in self.keys.items():
+            if info.node.kind != "param":
+                continue
+            for j, s in enumerate(info.strategies):
+                if any(isinstance(p, Replicate) and n > 1 for p, n in zip(s.outputs[0], self.mesh.shape)):
+                    self.mem_terms["grad_buckets"].append((info.mult * info.memory[j]["grads"], self.x[key][j]))
 
     def _record_block_key(self, group: str, info: KeyInfo, xs) -> None:
         """Per strategy: bytes one block keeps and forward seconds one block spends for this key."""
@@ -299,7 +364,8 @@ class ShardingILP:
                    priced on an x stands for y; collectives before the block's first op are outside its
                    checkpoint region)
           T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
-        T_g (one block re-materialized in backward) and the kept boundaries join the recompute row.
+        T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
+        its H >= kept, add_recompute_hold).
         With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
         activations go to host memory and come back, one block at a time, in backward) joins the counts;
         its time is solver.offload.add_block_offload's."""
@@ -308,6 +374,8 @@ class ShardingILP:
             cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in self.modes}
             self.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
             kept, rtime, boundary, a_block, off = [], [], [], [], []
+            if self.recompute is not None:   # told: every block of the list in that mode
+                self.prob += cnt[{"selective": "sel", "full": "full"}[self.recompute]] == n, f"remat_told_{gidx}"
             recorded = list(t.get("keys", []))
             boundary_entry = t.get("boundary", [])
             for ki, (xs, act, fwd, contraction, bwd) in enumerate(recorded + [(b[0], b[1], None, None, None)
@@ -342,7 +410,7 @@ class ShardingILP:
             self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
                 f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
-            self.mem_terms["recompute"] += [(_UNIT, tr)] + boundary
+            self.mem_terms["recompute"].append((_UNIT, tr))   # the kept boundaries are in H >= blocks (add_recompute_hold)
             self.time_terms["recompute"] += rtime
             if off:
                 O.add_block_offload(self, gidx, n, off, self.host)
@@ -368,6 +436,66 @@ class ShardingILP:
             z = self._var(f"rz{gidx}_{b}", lowBound=0)
             self.prob += z >= f - f_max * (1 - beta), f"rz{gidx}_{b}"
             out.append((2.0 ** b, z))
+        return out
+
+    def add_zero_vars(self) -> None:
+        """ZeRO-1/2 per parameter key k and placement s with a ZeRO sharding z(s) (placement.zero_sharding:
+        its replicated mesh dims, n_s ways): binaries w1_{k,s} + w2_{k,s} <= x_{k,s}. Per rank they take
+        (1 - 1/n_s) of the optimizer state (w1, w2) and of the gradient (w2) off the memory rows, and add
+        to the objective the all-gather of the stepped parameter, AG(z(s) -> s), for both, and for ZeRO-2
+        the reduce-scatter RS(P -> z(s)) its hook runs inside backward, in full: the all-reduce it
+        replaces overlapped backward in the bucketed reducer (autopar.grad_sync), so dropping it saves
+        little step time; the edges keep pricing it (an upper bound for ZeRO-2's step time).
+        Decided per key: identical repeated blocks share it, as they share placements; a per-parameter
+        choice lets the solver shard just enough of the optimizer state. ``zero`` given: w_zero = x."""
+        if self.zero == 0:
+            return
+        for i, (key, info) in enumerate(self.keys.items()):
+            if info.node.kind != "param" or key in self.merged:
+                continue
+            meta = info.node.outputs[0]
+            rows = []
+            for j, s in enumerate(info.strategies):
+                sh = s.outputs[0]
+                zs = zero_sharding(meta.shape, sh, self.mesh.shape)
+                if zs is None:
+                    continue
+                ways = C._shard_factor(zs, self.mesh.shape) // C._shard_factor(sh, self.mesh.shape)
+                mem = info.memory[j]
+                partial = tuple(Partial("sum") if a != b else a for a, b in zip(sh, zs))
+                ag = C.transition_time(meta, zs, sh, self.mesh.shape, self.links)
+                rs = C.transition_time(meta, partial, zs, self.mesh.shape, self.links)
+                w1 = self._var(f"z1_{i}_{j}", cat="Binary")
+                w2 = self._var(f"z2_{i}_{j}", cat="Binary")
+                self.prob += w1 + w2 <= self.x[key][j], f"zero_{i}_{j}"
+                if self.zero is not None:
+                    self.prob += (w1 if self.zero == 1 else w2) == self.x[key][j], f"zero_told_{i}_{j}"
+                keep = 1.0 - 1.0 / ways
+                self.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
+                                                (-info.mult * keep * mem["optimizer"], w2)]
+                self.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
+                self.mem_terms["grad_buckets"].append((-info.mult * mem["grads"], w2))
+                self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + rs), w2)]
+                rows.append((j, zs, w1, w2))
+            if rows:
+                self._zero_vars[key] = rows
+
+    def exclude_zero_with_offload(self) -> None:
+        """Optimizer states either move to the host (HostOptimizer) or are sharded (ZeRO-1/2), not both:
+        the runtimes do not compose. One row, sum w <= W (1 - z) with W the number of ZeRO binaries."""
+        ws = [w for rows in self._zero_vars.values() for _, _, w1, w2 in rows for w in (w1, w2) if w is not None]
+        if ws and self.opt_offload is not None:
+            self.prob += pulp.lpSum(ws) <= len(ws) * (1 - self.opt_offload[0]), "zero_or_offload"
+
+    def zero_choice(self) -> dict[str, tuple[int, tuple]]:
+        """After solving: param key -> (ZeRO stage, ZeRO sharding) where ZeRO was chosen."""
+        out = {}
+        for key, rows in self._zero_vars.items():
+            for j, zs, w1, w2 in rows:
+                if _value(w1) > 0.5:
+                    out[key] = (1, zs)
+                elif _value(w2) > 0.5:
+                    out[key] = (2, zs)
         return out
 
     def settle_remat(self) -> None:
@@ -498,12 +626,14 @@ class ShardingILP:
         backward start, where every kept activation is live and no gradient exists yet
         (``zero_grad(set_to_none=True)``), and the optimizer step, where every gradient is live and
         the activations are freed. In between, blocks free activations as their gradients appear."""
-        rows = {"backward": self._mem(("params", "optimizer", "activations", "activations_after", "blocks")),
-                "step": self._mem(("params", "optimizer", "grads"))}
+        rows = {"backward": self._mem(("params", "optimizer", "activations", "activations_after", "blocks",
+                                       "backward_grad")),
+                "step": self._mem(("params", "optimizer", "grads", "grad_buckets"))}
         if self._remat_vars:
             # while a recomputed block runs its backward, the layers after the blocks are done (their
-            # activations freed) and gradients have appeared (all of them counted: an upper bound)
-            rows["recompute"] = self._mem(("params", "optimizer", "grads", "activations", "recompute"))
+            # activations freed); the blocks before it still hold what they kept (selective: matmul outputs)
+            # and the gradients of those after it have appeared: H >= kept, H >= Grad (add_recompute_hold)
+            rows["recompute"] = self._mem(("params", "optimizer", "activations", "recompute", "recompute_hold"))
         return rows
 
     def add_memory_row(self) -> None:
@@ -518,10 +648,15 @@ class ShardingILP:
     def build(self) -> None:
         self.add_node_vars()
         self.add_edge_vars()
+        self.add_backward_start_grad()
+        self.add_grad_buckets()
         if self.remat:
             self.add_remat_vars()
-        if self.host is not None:
+        self.add_zero_vars()
+        self.add_recompute_hold()
+        if self.host is not None:   # after every optimizer-state term (ZeRO's included): it replaces O by O_dev
             O.add_optimizer_offload(self, self.host)
+            self.exclude_zero_with_offload()
         self.add_memory_row()
         self.add_objective()
 
@@ -564,12 +699,13 @@ def _value(v) -> float:
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
           time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True,
-          offload: bool = True) -> Solution:
-    """``offload``: offer activation and optimizer offload (solver.offload; never where the host is the device)."""
+          offload: bool = True, recompute: str | None = None, zero: int | None = None) -> Solution:
+    """``offload``: offer activation and optimizer offload (solver.offload; never where the host is the
+    device); ``recompute`` / ``zero``: pin those memory decisions (see autopar.plan)."""
     t0 = time.perf_counter()
     keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
     host = O.host_link(profile) if offload else None
-    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, host=host)
+    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, recompute=recompute, zero=zero, host=host)
     ilp.build()
     t1 = time.perf_counter()
     solver, name = _solver(backend, time_limit)
@@ -582,7 +718,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                             f"{status}); raise time_limit / --time-limit")
     if ilp.prob.status != pulp.LpStatusOptimal:
         if budget is not None:
-            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, host)
+            need = _min_memory(gi, keys, mesh, links, backend, time_limit, remat, host, recompute, zero)
             if need < budget * (1 - 1e-3) and name == "highs":
                 # a plan of peak `need` fits the budget: HiGHS erred (its presolve did once); CBC decides
                 log.warning("HiGHS found no plan within %s although one of %s exists; solving with CBC",
@@ -595,7 +731,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                                 f"{_fmt_bytes(need)} exists (status {status}); try a longer time limit or "
                                 f"backend='cbc' / --backend cbc")
         if budget is not None and ilp.prob.status != pulp.LpStatusOptimal:
-            considered = "recompute and offload are" if host is not None else "recompute is"
+            considered = "recompute, ZeRO and offload are" if host is not None else "recompute and ZeRO are"
             raise InfeasiblePlanError(
                 f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
                 f"about {_fmt_bytes(need)} (raise memory_budget / --memory or use a larger mesh; {considered} "
@@ -603,6 +739,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
         if ilp.prob.status != pulp.LpStatusOptimal:
             raise ShardingError(f"the sharding ILP ended with status {status}; try a longer time limit")
     ilp.settle_remat()
+    ilp.settle_hold()
     opt_off = O.settle_optimizer_offload(ilp, _value)
     over = _over_budget(ilp, budget)
     if over and name == "highs":
@@ -613,6 +750,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
         ilp.prob.solve(cbc)
         t2, status = time.perf_counter(), pulp.LpStatus[ilp.prob.status]
         ilp.settle_remat()
+        ilp.settle_hold()
         opt_off = O.settle_optimizer_offload(ilp, _value)
         over = _over_budget(ilp, budget) if ilp.prob.status == pulp.LpStatusOptimal else ("every", math.inf)
     if over:
@@ -629,6 +767,7 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
     peak = max(float(pulp.value(e) or 0.0) for e in ilp.memory_exprs().values())
     remat_counts = ilp.remat_counts()
     host_bytes = mb.get("host", 0.0) + opt_off["host_bytes"]
+    zero_choice = ilp.zero_choice()
     return Solution(chosen=chosen, keys=keys, status=status, optimal=optimal,
                     objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=name,
                     num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
@@ -638,9 +777,9 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                     memory_breakdown={"params": mb.get("params", 0.0), "grads": mb.get("grads", 0.0),
                                       "optimizer": mb.get("optimizer", 0.0),
                                       "activations": sum(mb.get(k, 0.0) for k in ("activations", "activations_after",
-                                                                                   "blocks"))},
+                                                                                   "blocks", "backward_grad"))},
                     edge_time=et, peak_bytes=peak, remat=remat_counts, offload=ilp.offload_counts(),
-                    optimizer_offload=bool(opt_off["offloaded"]), host_bytes=host_bytes)
+                    optimizer_offload=bool(opt_off["offloaded"]), host_bytes=host_bytes, zero=zero_choice)
 
 
 def _over_budget(ilp: ShardingILP, budget: float | None) -> tuple[str, float] | None:
@@ -655,13 +794,17 @@ def _over_budget(ilp: ShardingILP, budget: float | None) -> tuple[str, float] | 
 
 
 def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
-                host: O.HostLink | None = None) -> float:
-    """The smallest peak (max over the memory rows) any plan reaches, recompute and offload included."""
-    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, host=host)
+                host: O.HostLink | None = None, recompute: str | None = None, zero: int | None = None) -> float:
+    """The smallest peak (max over the memory rows) any plan reaches, recompute, ZeRO and offload included."""
+    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero, host=host)
     ilp.add_node_vars()
     ilp.add_edge_vars()
+    ilp.add_backward_start_grad()
+    ilp.add_grad_buckets()
     if ilp.remat:
         ilp.add_remat_vars()
+    ilp.add_zero_vars()
+    ilp.add_recompute_hold()
     if ilp.host is not None:
         O.add_optimizer_offload(ilp, ilp.host)
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)

@@ -164,9 +164,10 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     n = gi.layer_counts[layer_list]
     fix, prefer = matching_patterns(gi, fix, prefer)
     keys = ilp.collect_keys(gi, mesh, profile, fix or None, prefer or None)
-    # offload is not planned with pipeline stages (the stage DP does not account host memory)
+    # as the stage plans (autopar.pipeline): no offload (the stage DP does not account host memory) and
+    # no ZeRO in pipeline stages yet
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys,
-                    offload=False)
+                    offload=False, zero=0)
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)

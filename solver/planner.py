@@ -44,13 +44,14 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
                force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None,
-               offload: bool = True) -> Plan:
+               offload: bool = True, recompute: str | None = None, zero: int | None = None) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
-    tools); ``fix``/``prefer`` pin placements by glob (see autopar.plan). ``fusions``: groups of captured
-    nodes that will run as one fused kernel, ``[{"kind", "nodes": [fx node names, root last]}]`` (the
-    front end finds them with codegen's find_fusions), costed as the fused kernels' traffic
-    (solver.fusion) and listed in the plan; None or empty: every op is costed on its own.
-    ``offload=False`` keeps activations and optimizer states on the device (pipeline stages)."""
+    tools); ``fix``/``prefer`` pin placements by glob, ``recompute`` / ``zero`` the memory decisions
+    (see autopar.plan). ``fusions``: groups of captured nodes that will run as one fused kernel,
+    ``[{"kind", "nodes": [fx node names, root last]}]`` (the front end finds them with codegen's
+    find_fusions), costed as the fused kernels' traffic (solver.fusion) and listed in the plan; None or
+    empty: every op is costed on its own. ``offload=False`` keeps activations and optimizer states on
+    the device (pipeline stages)."""
     t0 = time.perf_counter()
     gi = index_graph(cap)
     links = profile.dim_links(mesh, nodes)
@@ -72,7 +73,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
             unfused[key] = [unfused[key][j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys, offload=offload)
+                    time_limit=time_limit, keys=keys, offload=offload, recompute=recompute, zero=zero)
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()
@@ -87,6 +88,16 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                 for fqn in member.fqns:
                     for full in _full_fqns(fqn, gi):
                         param_placements[full] = tuple(format_sharding(strat.outputs[0]))
+
+    optimizer_sharding: dict[str, tuple[str, ...]] = {}
+    gradient_sharding: dict[str, tuple[str, ...]] = {}
+    for key, (stage, zs) in sol.zero.items():
+        for member in members[key]:
+            for fqn in member.fqns:
+                for full in _full_fqns(fqn, gi):
+                    optimizer_sharding[full] = tuple(format_sharding(zs))
+                    if stage == 2:
+                        gradient_sharding[full] = tuple(format_sharding(zs))
 
     # a group the chosen placements reshard inside is not fused by codegen: cost it unfused again
     shares, unfused, d_compute, d_recompute = F.unfuse_broken(gi, sol.keys, shares, unfused, sol.chosen, sol.remat,
@@ -140,7 +151,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                            phase_times_s=phases),
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
         checkpoint=tuple(checkpoint), offload=tuple(offload), optimizer_offload=sol.optimizer_offload,
-        fusions=tuple(fused),
+        optimizer_sharding=optimizer_sharding, gradient_sharding=gradient_sharding, fusions=tuple(fused),
         nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
 
 

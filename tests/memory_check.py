@@ -8,6 +8,7 @@ backward, per module); numerics (loss, every gradient, one AdamW step) come from
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -239,4 +240,49 @@ def local_step(spec: str, checkpoint: tuple[str, ...] = (), offload: tuple[str, 
         loss.backward()
     out["region_forward_flops"] = {s: _region_flops(fwd, s) for s in subs}
     out["backward_flops"] = bwd.get_total_flops()
+    return out
+
+
+def check_budget_fraction(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], fraction: float,
+                          batch: int = 8, seq: int = 32) -> dict:
+    """Plan data-parallel without recompute or ZeRO (parameters replicated) for its predicted peak, then let
+    the solver plan under ``fraction`` of it (recompute, ZeRO and placements free, the batch split); run
+    one measured step of that plan (``autopar.memory``, optimizer states of a first step already live)
+    and a step of the single-device model: loss, every gradient, every parameter after AdamW."""
+    from autopar import zero as Z
+
+    torch.manual_seed(0)
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    ref = copy.deepcopy(model)
+    replicated = {"input:*": ["S(0)"] * len(mesh_shape), "param:*": ["R"] * len(mesh_shape)}
+    base = shared_plan(model, inputs, mesh_shape, fix=replicated, recompute="none", zero=0)
+    budget = int(fraction * base.predicted.peak_memory_bytes)
+    plan = shared_plan(model, inputs, mesh_shape, fix={"input:*": replicated["input:*"]}, memory_budget=budget)
+    mesh = init_device_mesh("cpu", mesh_shape)
+    pm = autopar.apply(model, plan, mesh)
+    opt = Z.optimizer(pm, torch.optim.AdamW, lr=1e-3, eps=1e-6)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-6)
+    out = {"budget": budget, "base_peak": base.predicted.peak_memory_bytes,
+           "predicted_peak": plan.predicted.peak_memory_bytes, "checkpoint": list(plan.checkpoint),
+           "zero": len(plan.optimizer_sharding), "errors": {}}
+    for step in range(2):   # step 0: every gradient checked; step 1 measured (optimizer states exist)
+        ref_params = dict(ref.named_parameters())
+        tracker = memory.track(pm, getattr(opt, "optimizer", opt)) if step else contextlib.nullcontext()
+        with tracker:
+            loss = pm(**inputs)
+            loss.backward()
+            grads = {} if step else {n: _full(g) for n, g in Z.full_grads(pm)}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ref_loss = ref(**inputs)
+        ref_loss.backward()
+        out["errors"][f"loss{step}"] = _err(loss, ref_loss)
+        for n, g in grads.items():
+            out["errors"][f"grad:{n}"] = _err(g, ref_params[n].grad)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        for n, p in pm.named_parameters():
+            out["errors"][f"param{step}:{n}"] = _err(_full(p.detach()), ref_params[n].detach())
+    out["measured_peak"] = tracker.peak_bytes
+    out["breakdown"] = tracker.breakdown
     return out

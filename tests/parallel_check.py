@@ -47,12 +47,12 @@ def check_training_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
     loss.backward()
     ref_loss.backward()
     ref_params = dict(ref.named_parameters())
-    for name, p in pm.named_parameters():
-        out["errors"][f"grad:{name}"] = _err(p.grad.full_tensor(), ref_params[name].grad)
+    for name, g in autopar.zero.full_grads(pm):   # param.grad, or the ZeRO-2 shard's where the plan has one
+        out["errors"][f"grad:{name}"] = _err(g.full_tensor(), ref_params[name].grad)
     # lr 1e-3: some gradients are analytically zero (the key bias: softmax is shift invariant) and hold only
     # rounding noise (~1e-11); Adam's first step normalizes them to ~lr*noise/eps, so a large lr would compare noise.
-    for m in (pm, ref):
-        torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+    autopar.zero.optimizer(pm, torch.optim.AdamW, lr=1e-3).step()   # AdamW itself when the plan has no ZeRO
+    torch.optim.AdamW(ref.parameters(), lr=1e-3).step()
     for name, p in pm.named_parameters():
         out["errors"][f"param:{name}"] = _err(p.detach().full_tensor(), ref_params[name].detach())
     out["placements_are_dtensors"] = all(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
@@ -138,11 +138,11 @@ def check_hf_training_step(rank: int, world: int, arch: str, mesh_shape: tuple[i
     res["loss"].backward()
     ref_res["loss"].backward()
     ref_params = dict(ref.named_parameters())
-    for name, p in pm.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    for name, g in autopar.zero.full_grads(pm):
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
         out["errors"][f"grad:{name}"] = _err(g, ref_params[name].grad)
-    for m in (pm, ref):
-        torch.optim.AdamW(m.parameters(), lr=1e-3, eps=adam_eps).step()
+    autopar.zero.optimizer(pm, torch.optim.AdamW, lr=1e-3, eps=adam_eps).step()
+    torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=adam_eps).step()
     for name, p in pm.named_parameters():
         full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
         out["errors"][f"param:{name}"] = _err(full, ref_params[name].detach())
@@ -175,3 +175,69 @@ def assert_step_result(results: list[dict], fix: dict | None, *, case: str) -> N
         if fix is not None:
             ignored = {n: (pl, _forced(fix, n)) for n, pl in r["plan_placements"].items() if pl != _forced(fix, n)}
             assert not ignored, f"{case}: the plan ignores the fix (plan, fix): {ignored}"
+
+
+# ----------------------------------------------------------------------------------- ZeRO-1 / ZeRO-2
+
+
+def check_zero_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], zero: int,
+                    fix: dict | None = None, batch: int = 4, seq: int = 16) -> dict:
+    """One step under a plan with ZeRO ``zero`` (1: optimizer states sharded, 2: gradients too) against one
+    device: loss, every gradient (the ZeRO-2 shard's ``full_tensor()``), every parameter after one AdamW
+    step through ``autopar.zero.optimizer``; and per rank the measured bytes (``autopar.memory``) of the
+    optimizer states and gradients at the end of a second step, next to those of the same plan without ZeRO."""
+    from autopar import memory, zero as Z
+
+    torch.manual_seed(0)
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    ref = copy.deepcopy(model)
+    base = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", mesh_shape)
+    pm = autopar.parallelize(model, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=zero)
+    out = {"errors": {}, "optimizer_sharding": dict(pm.plan.optimizer_sharding),
+           "gradient_sharding": dict(pm.plan.gradient_sharding)}
+    loss, ref_loss = pm(**inputs), ref(**inputs)
+    out["errors"]["loss"] = _err(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, g in Z.full_grads(pm):
+        out["errors"][f"grad:{name}"] = _err(g.full_tensor(), ref_params[name].grad)
+    opt = Z.optimizer(pm, torch.optim.AdamW, lr=1e-3)
+    out["optimizer_type"] = type(opt).__name__
+    opt.step()
+    torch.optim.AdamW(ref.parameters(), lr=1e-3).step()
+    for name, p in pm.named_parameters():
+        out["errors"][f"param:{name}"] = _err(p.detach().full_tensor(), ref_params[name].detach())
+    out.update(_structure(pm, ref))
+    try:                                          # a plain torch optimizer would skip the ZeRO shards: refused
+        torch.optim.AdamW(pm.parameters(), lr=1e-3).step()
+        out["plain_optimizer_error"] = None
+    except autopar.ConfigError as e:
+        out["plain_optimizer_error"] = str(e)
+    # what the plan says each rank holds: AdamW's two states (plus a 4-byte step counter) and, for ZeRO-2,
+    # the gradient, of each parameter's local tensor divided by its ZeRO ways
+    from autopar.placement import zero_sharding
+    out["zero_able"], out["expected"] = [], {"optimizer": 0, "grads": 0}
+    for name, p in pm.named_parameters():
+        if zero_sharding(p.shape, tuple(p.placements), mesh_shape) is not None:
+            out["zero_able"].append(name)
+        ways = 1
+        for q, zq, n in zip(p.placements, pm.plan.optimizer_sharding.get(name, p.placements), mesh_shape):
+            ways *= n if str(q) != str(zq) else 1
+        nbytes = p._local_tensor.numel() * 4
+        out["expected"]["optimizer"] += 2 * nbytes // ways + 4
+        out["expected"]["grads"] += nbytes // (ways if name in pm.plan.gradient_sharding else 1)
+    # memory of a steady-state step (states exist), with and without ZeRO
+    pb = autopar.parallelize(base, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=0)
+    ob = torch.optim.AdamW(pb.parameters(), lr=1e-3)
+    pb(**inputs).backward()
+    ob.step()
+    out["memory"] = {}
+    for name, m, o, inner in (("zero", pm, opt, getattr(opt, "optimizer", opt)), ("base", pb, ob, ob)):
+        o.zero_grad(set_to_none=True)
+        with memory.track(m, inner) as t:
+            m(**inputs).backward()
+            o.step()
+        out["memory"][name] = t.report.to_dict()
+    return out

@@ -36,6 +36,7 @@ def _plan(**changes) -> Plan:
         offload=("blocks.*/attn/scaled_dot_product_attention#0",),
         optimizer_sharding={QKV: ("S(0)", "S(0)")},
         optimizer_offload=True,
+        gradient_sharding={QKV: ("S(0)", "S(0)")},
         pipeline={"pp_dim": "dp", "layer_list": "blocks", "schedule": "1f1b", "microbatches": 4, "virtual_stages": 1,
                   "predicted_bubble_fraction": 0.2,
                   "stages": [{"index": 0, "pp_rank": 0, "layers": ["blocks.0"], "params": ["wte.weight"], "plan": None},
@@ -64,8 +65,8 @@ def test_round_trip_text_and_file(tmp_path):
     path = tmp_path / "plan.json"
     plan.to_json(path)
     assert Plan.from_json(path) == plan and Plan.from_json(str(path)) == plan
-    minimal = _plan(layers=(), checkpoint=(), offload=(), optimizer_sharding={}, pipeline=None, nodes_fallback=(),
-                    fusions=())
+    minimal = _plan(layers=(), checkpoint=(), offload=(), optimizer_sharding={}, gradient_sharding={}, pipeline=None,
+                    nodes_fallback=(), fusions=())
     assert Plan.from_json(minimal.to_json()) == minimal
 
 
@@ -96,6 +97,7 @@ def _errors(schema, d) -> list[str]:
      "node_shardings/root/cross_entropy#0/outputs/0"),
     (("optimizer_sharding", QKV), ["S(0)", "ZeRO"], f"optimizer_sharding/{QKV}/1"),
     (("optimizer_offload",), "yes", "optimizer_offload"),
+    (("gradient_sharding", QKV), ["S(0)", 0], f"gradient_sharding/{QKV}/1"),
     (("mesh", "shape"), [2, 0], "mesh/shape/1"),
     (("cluster", "host_bandwidth"), 0, "cluster/host_bandwidth"),
     (("cluster", "intra_node", "collectives", "all_reduce", "beta"), 0, "cluster/intra_node/collectives/all_reduce"),
@@ -195,6 +197,17 @@ def test_wrong_placement_names_fqn():
     with pytest.raises(PlanFormatError) as ei:
         _load(d)
     assert f"plan.param_placements['{QKV}'][1]" in str(ei.value) and "'Shard(0)'" in str(ei.value)
+
+
+def test_zero_fields_are_checked():
+    d = _plan().to_dict()
+    d["gradient_sharding"][QKV] = ["R", "S(0)"]      # ZeRO-2 needs the optimizer_sharding entry's placements
+    with pytest.raises(PlanFormatError, match=rf"plan\.gradient_sharding\['{QKV}'\].*same placements"):
+        _load(d)
+    d = _plan().to_dict()
+    d["optimizer_sharding"][QKV] = ["S(0)"]
+    with pytest.raises(PlanFormatError, match=rf"plan\.optimizer_sharding\['{QKV}'\]: 1 placements for a 2-D mesh"):
+        _load(d)
 
 
 def test_wrong_node_placement_and_count():
