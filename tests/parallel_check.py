@@ -29,15 +29,21 @@ def check_training_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
                         prefer: dict | None = None, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     opts = {**(options or {}), **({"prefer": prefer} if prefer else {})}
+    plans = opts.pop("plans", None)   # {"forward": json, "train": json}: solved by the caller, applied here
+    if plans:
+        from autopar.plan import Plan
+        opts = {}
     model, inputs = build_model(spec, batch=batch, seq=seq, device=device)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh(device, mesh_shape)
     out = {"errors": {}}
     if check_logits:  # the model without labels is another graph: plan and apply it on a copy
         logits_kw = {k: v for k, v in inputs.items() if k != "labels"}
-        pm_fwd = autopar.parallelize(copy.deepcopy(model), mesh, logits_kw, fix=fix, **opts)
+        pm_fwd = autopar.parallelize(copy.deepcopy(model), mesh, logits_kw, fix=fix, **opts) if not plans else \
+            autopar.parallelize(copy.deepcopy(model), mesh, logits_kw, plan=Plan.from_json(plans["forward"]))
         out["errors"]["forward"] = _err(pm_fwd(**logits_kw), ref(**logits_kw))
-    pm = autopar.parallelize(model, mesh, inputs, fix=fix, **opts)
+    pm = autopar.parallelize(model, mesh, inputs, fix=fix, **opts) if not plans else \
+        autopar.parallelize(model, mesh, inputs, plan=Plan.from_json(plans["train"]))
     out["plan"] = pm.plan.to_dict()["param_placements"]
     out["deferred_grads"] = len(pm.graph_module.meta.get("autopar_deferred_grads", {}))
     out["reshards"] = pm.code().count("autopar_parallel_ops_reshard(")
