@@ -805,8 +805,9 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
         ilp.add_remat_vars()
     ilp.add_zero_vars()
     ilp.add_recompute_hold()
-    if ilp.host is not None:
+    if ilp.host is not None:   # as build() does
         O.add_optimizer_offload(ilp, ilp.host)
+        ilp.exclude_zero_with_offload()
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
         ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"
