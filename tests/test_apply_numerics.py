@@ -76,7 +76,7 @@ def _plans(model: str, mesh) -> dict[str, tuple[dict | None, dict, tuple[int, in
     plans["solver-cpu"] = (None, {"cluster": "cpu-gloo"}, (8, 32))
     # time_limit: under this budget the (2, 2) ILP (ZeRO, recompute and offload decisions) finds its plan
     # in seconds but can take a minute to prove it optimal; the best plan found by then is checked
-    plans["solver-h100"] = (None, {"cluster": "h100-sxm", "memory_budget": SHARDING_BUDGET, "time_limit": 15}, small)
+    plans["solver-h100"] = (None, {"cluster": "h100-sxm", "memory_budget": SHARDING_BUDGET, "time_limit": 10}, small)
     return plans
 
 

@@ -22,9 +22,12 @@ def _fix(model: str, mesh) -> dict:
     return DP if len(mesh) == 1 else _tp_fix(model, mesh, tp_dims=(1,), dp_dims=(0,))  # dp x Megatron TP
 
 
+# every model x stage on (2,); on (2, 2) both stages for gpt and ZeRO-2 for llama (llama's ZeRO-1 on
+# (2, 2) added 22 s to a suite that must stay under 15 minutes, and covers no path the others miss)
 CASES = [pytest.param(model, mesh, zero, id=f"{model}-{'x'.join(map(str, mesh))}-zero{zero}",
                       marks=[pytest.mark.slow] if len(mesh) == 2 else [])
-         for model in ("gpt", "llama") for mesh in ((2,), (2, 2)) for zero in (1, 2)]
+         for model in ("gpt", "llama") for mesh in ((2,), (2, 2)) for zero in (1, 2)
+         if not (model == "llama" and mesh == (2, 2) and zero == 1)]
 
 
 @pytest.mark.parametrize(("model", "mesh", "zero"), CASES)
