@@ -122,7 +122,8 @@ def build_hf_model(arch: str, *, batch: int = 4, seq: int = 16, seed: int = 0):
 
 
 def check_hf_training_step(rank: int, world: int, arch: str, mesh_shape: tuple[int, ...], fix: dict | None = None,
-                           options: dict | None = None, batch: int = 4, seq: int = 16, adam_eps: float = 1e-6) -> dict:
+                           options: dict | None = None, batch: int = 4, seq: int = 16, adam_eps: float = 1e-6,
+                           plan: str | None = None) -> dict:
     """Like ``check_training_step`` for an HF causal LM: one forward with labels gives loss and logits
     (compared both), then every gradient and the parameters after one AdamW step (lr 1e-3).
 
@@ -134,7 +135,10 @@ def check_hf_training_step(rank: int, world: int, arch: str, mesh_shape: tuple[i
     model, inputs = build_hf_model(arch, batch=batch, seq=seq)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape)
-    pm = autopar.parallelize(model, mesh, inputs, fix=fix, **(options or {}))
+    if plan is not None:   # solved by the caller (the ILP on rank 0 would share the cores with spinning ranks)
+        pm = autopar.parallelize(model, mesh, inputs, plan=autopar.Plan.from_json(plan))
+    else:
+        pm = autopar.parallelize(model, mesh, inputs, fix=fix, **(options or {}))
     out = {"errors": {}, "plan": {k: list(v) for k, v in pm.plan.param_placements.items()}}
     res, ref_res = pm(**inputs), ref(**inputs)
     out["output_type"] = type(res).__name__
@@ -186,8 +190,17 @@ def assert_step_result(results: list[dict], fix: dict | None, *, case: str) -> N
 # ----------------------------------------------------------------------------------- ZeRO-1 / ZeRO-2
 
 
+def zero_plans(spec: str, mesh_shape: tuple[int, ...], zero: int, fix: dict | None = None, batch: int = 4,
+               seq: int = 16) -> dict[str, str]:
+    """The plans ``check_zero_step`` applies (with ZeRO ``zero`` and without), solved in the calling process:
+    on rank 0 of a pool the ILP shares the cores with ranks spinning in the plan's broadcast."""
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="meta")
+    return {name: autopar.plan(model, inputs, mesh_shape=mesh_shape, fix=fix, cluster="cpu-gloo", zero=z).to_json()
+            for name, z in (("zero", zero), ("base", 0))}
+
+
 def check_zero_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], zero: int,
-                    fix: dict | None = None, batch: int = 4, seq: int = 16) -> dict:
+                    fix: dict | None = None, batch: int = 4, seq: int = 16, plans: dict | None = None) -> dict:
     """One step under a plan with ZeRO ``zero`` (1: optimizer states sharded, 2: gradients too) against one
     device: loss, every gradient (the ZeRO-2 shard's ``full_tensor()``), every parameter after one AdamW
     step through ``autopar.zero.optimizer``; and per rank the measured bytes (``autopar.memory``) of the
@@ -199,7 +212,9 @@ def check_zero_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...
     ref = copy.deepcopy(model)
     base = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape)
-    pm = autopar.parallelize(model, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=zero)
+    # plans: {"zero": JSON, "base": JSON} solved by the caller (``zero_plans``), else solved here on rank 0
+    given = {k: autopar.Plan.from_json(v) for k, v in (plans or {}).items()}
+    pm = autopar.parallelize(model, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=zero, plan=given.get("zero"))
     out = {"errors": {}, "optimizer_sharding": dict(pm.plan.optimizer_sharding),
            "gradient_sharding": dict(pm.plan.gradient_sharding)}
     loss, ref_loss = pm(**inputs), ref(**inputs)
@@ -235,7 +250,7 @@ def check_zero_step(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...
         out["expected"]["optimizer"] += 2 * nbytes // ways + 4
         out["expected"]["grads"] += nbytes // (ways if name in pm.plan.gradient_sharding else 1)
     # memory of a steady-state step (states exist), with and without ZeRO
-    pb = autopar.parallelize(base, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=0)
+    pb = autopar.parallelize(base, mesh, inputs, fix=fix, cluster="cpu-gloo", zero=0, plan=given.get("base"))
     ob = torch.optim.AdamW(pb.parameters(), lr=1e-3)
     pb(**inputs).backward()
     ob.step()

@@ -29,6 +29,10 @@ CONFIG = {"distributed": {"backend": "gloo", "timeout_s": 3, "fault_grace_s": 2}
 def _worker(rank: int, world: int, port: int, mode: str, plan_json: str | None, out: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    # both ranks up before the 3 s process-group rendezvous (a rank slow to start on a loaded host is no fault)
+    store.add("started", 1)
+    while int(store.add("started", 0)) < world:
+        time.sleep(0.05)
     init_distributed(CONFIG, rank=rank, world_size=world, store=store)
     report = {"rank": rank}
     t0 = time.monotonic()

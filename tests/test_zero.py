@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel_check import assert_step_result, check_zero_step
+from parallel_check import assert_step_result, check_zero_step, zero_plans
 from test_apply_numerics import _tp_fix
 
 DP = {"input:*": ["S(0)"], "param:*": ["R"]}
@@ -34,7 +34,8 @@ CASES = [pytest.param(model, mesh, zero, id=f"{model}-{'x'.join(map(str, mesh))}
 def test_zero_step_matches_single_device_and_shards_memory(request, model, mesh, zero):
     pool = request.getfixturevalue("dist2" if len(mesh) == 1 else "dist4")
     fix = _fix(model, mesh)
-    results = pool.run(check_zero_step, f"{model}-tiny", mesh, zero, fix, timeout=600)
+    plans = zero_plans(f"{model}-tiny", mesh, zero, fix)
+    results = pool.run(check_zero_step, f"{model}-tiny", mesh, zero, fix, 4, 16, plans, timeout=600)
     case = request.node.callspec.id
     assert_step_result(results, fix, case=case)
     for rank, r in enumerate(results):
