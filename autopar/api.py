@@ -159,6 +159,9 @@ def _check_dtypes(model: nn.Module, example_inputs: ExampleInputs) -> None:
     named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
     named += [(f"input {i}", x) for i, x in enumerate(pytree.tree_leaves(example_inputs)) if isinstance(x, torch.Tensor)]
     for what, t in named:
+        if type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+            raise ConfigError(f"{what} is already a DTensor: this model was parallelized before (autopar or "
+                              f"torch.distributed.tensor); plan a fresh copy of the original model")
         if (t.is_complex() or t.is_floating_point()) and t.dtype not in ok:
             raise ConfigError(f"{what} has dtype {str(t.dtype).removeprefix('torch.')}, which autopar does not "
                               f"plan; use float32, bfloat16, float16 or float64 (complex and float8 are unsupported)")

@@ -66,13 +66,14 @@ def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, mesh: 
 
 
 def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: DeviceMesh, logits_sharding: str,
-                          ignore_index: int = -100, reduction: int = 1) -> torch.Tensor:
+                          ignore_index: int = -100, reduction: int = 1, replicated: bool = False) -> torch.Tensor:
     """Cross-entropy of logits [N, C] split over rows (batch) and/or classes (vocabulary).
 
     Batch-split mesh dims give a partial sum: local sum of losses divided by the global number of
     counted targets (exact with ignored targets). Vocab-split mesh dims reduce the max (no
     gradient needed: log-sum-exp is shift invariant), the sum of exponentials and the target
-    logit across ranks. ``reduction``: 1 mean, 2 sum (ATen's enum).
+    logit across ranks. ``reduction``: 1 mean, 2 sum (ATen's enum). ``replicated``: return the loss
+    summed over the batch-splitting dims (replicated), loss and count in one all-reduce per dim.
     """
     sh = placements(logits_sharding)
     batch_dims = [d for d, p in enumerate(sh) if p == Shard(0)]
@@ -94,13 +95,41 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: Devi
     else:
         loss = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")
     loss = loss * valid
+    return rows_reduced(loss.sum(), valid.sum(), mesh, batch_dims, reduction, replicated)
+
+
+def rows_reduced(loss_sum: torch.Tensor, count: torch.Tensor, mesh: DeviceMesh, batch_dims: list[int],
+                 reduction: int, replicated: bool) -> torch.Tensor:
+    """The local rows' loss sum -> the sum (``reduction`` 2) or the mean over the global count of counted
+    rows (1): a partial sum over ``batch_dims``, or with ``replicated`` the replicated total."""
+    groups = [mesh.get_group(d) for d in batch_dims]
+    if replicated and groups:
+        return _RowsReduced.apply(loss_sum, count.to(loss_sum.dtype), groups, reduction == 1)
     if reduction == 2:
-        return loss.sum()
-    count = valid.sum().to(loss.dtype)
-    for d in batch_dims:
+        return loss_sum
+    count = count.to(loss_sum.dtype)
+    for g in groups:
         count = count.clone()
-        dist.all_reduce(count, group=mesh.get_group(d))
-    return loss.sum() / count
+        dist.all_reduce(count, group=g)
+    return loss_sum / count
+
+
+class _RowsReduced(torch.autograd.Function):
+    """(sum, count) of this rank's rows -> the replicated sum or mean over the groups' ranks, both in one
+    all-reduce per group. Backward: each rank's partial sum receives the (replicated) gradient, divided
+    by the global count for a mean."""
+
+    @staticmethod
+    def forward(ctx, loss_sum, count, groups, mean: bool):
+        buf = torch.stack([loss_sum.detach(), count])
+        for g in groups:
+            dist.all_reduce(buf, group=g)
+        ctx.count = buf[1] if mean else None
+        return buf[0] / buf[1] if mean else buf[0].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad / ctx.count if ctx.count is not None else grad), None, None, None
 
 
 def _product(xs) -> int:

@@ -27,7 +27,6 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import fx
 
 from autopar import parallel_ops
@@ -317,7 +316,7 @@ def _local_last_dim(ctx_or_plan):
 
 # --- runtime: the fused form of parallel_ops.sharded_cross_entropy --------------------------------
 def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh, logits_sharding: str,
-                          ignore_index: int = -100, reduction: int = 1) -> torch.Tensor:
+                          ignore_index: int = -100, reduction: int = 1, replicated: bool = False) -> torch.Tensor:
     """``parallel_ops.sharded_cross_entropy`` (same arguments and result) with the per-row losses from
     runtime_kernels: the vocabulary-parallel kernel form where the classes are split (one all-reduce
     of the row statistics per vocab-splitting mesh dim), the plain fused kernel where only rows are."""
@@ -334,12 +333,7 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh, logi
                                             ignore_index)
     else:
         loss = cross_entropy(logits, target, ignore_index, reduction="none").float()
-    if reduction == 2:
-        return loss.sum().to(logits.dtype)
     if reduction == 0:
         return loss.to(logits.dtype)
-    count = valid.sum().to(loss.dtype)
-    for d in batch_dims:
-        count = count.clone()
-        dist.all_reduce(count, group=mesh.get_group(d))
-    return (loss.sum() / count).to(logits.dtype)
+    return parallel_ops.rows_reduced(loss.sum(), valid.sum(), mesh, batch_dims, reduction, replicated
+                                     ).to(logits.dtype)

@@ -47,24 +47,67 @@ def _is_tensor_input(a: object, ctx: ShardingContext) -> bool:
 def deferred_grad_dims(ctx: ShardingContext) -> dict[str, tuple[int, ...]]:
     """Parameters whose every use only needs its gradient summed over some mesh dims (data parallel):
     placeholder name -> those dims. Their reduction is left to the bucketed reducer (DDP semantics)."""
-    uses: dict[str, set] = {}
-    for name, g in ctx.gi.nodes.items():
+    return deferred_grads(ctx)[0]
+
+
+def deferred_grads(ctx: ShardingContext) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(deferred parameters: placeholder -> mesh dims, pass-through ops).
+
+    A parameter is deferred when its every use needs its gradient summed over the same mesh dims and
+    nothing else (a replicated parameter read by ops that split the batch). A pass-through op is an
+    unsplit op of replicated parameters and non-float tensors only (GPT's position embedding lookup),
+    whose every use needs its output gradient summed over the same dims: its gradient stays a partial
+    sum through its backward (linear in the gradient, same inputs on every rank) into its parameters,
+    which are then deferred too -- the bucketed reducer sums them instead of an inline all-reduce."""
+    gi = ctx.gi
+    outputs = {r.src for r in gi.output_refs}
+    uses: dict[str, list[tuple[str, bool, str | None]]] = {}   # producer -> (consumer, same placement, grad)
+    for name, g in gi.nodes.items():
         if g.kind != "op" or g.target is operator.getitem:
             continue
         split = ctx.split_dims(name)
         for i, ref in enumerate(g.inputs):
-            if ctx.gi.nodes[ref.src].kind != "param":
+            if gi.nodes[ref.src].kind not in ("param", "op"):
                 continue
             src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(name, i)
-            grad = grad_arrival(dst, split)
-            uses.setdefault(ref.src, set()).add((src == dst, grad))
-    out = {}
-    for pname, u in uses.items():
-        if len(u) == 1:
-            same, grad = next(iter(u))
-            if same and grad is not None:
-                out[pname] = tuple(d for d, p in enumerate(grad.split()) if p == "P(sum)")
-    return out
+            uses.setdefault(ref.src, []).append((name, src == dst, grad_arrival(dst, split)))
+
+    def partial_only(name: str):
+        u = {(same, grad) for _, same, grad in uses.get(name, ())}
+        if len(u) != 1 or name in outputs:
+            return None
+        same, grad = next(iter(u))
+        return grad if same and grad is not None else None
+
+    def float_tensor(ref) -> bool:
+        meta = gi.nodes[ref.src].outputs[ref.out]
+        return meta is not None and meta.dtype.is_floating_point
+
+    candidates = {}
+    for name, g in gi.nodes.items():
+        if g.kind != "op" or g.target is operator.getitem or len(g.outputs) != 1 or any(ctx.split_dims(name)):
+            continue
+        grad = partial_only(name)
+        if grad is None:
+            continue
+        params = [ref.src for ref in g.inputs if gi.nodes[ref.src].kind == "param"]
+        others = [ref for ref in g.inputs if gi.nodes[ref.src].kind != "param" and float_tensor(ref)]
+        if params and not others:
+            candidates[name] = (grad, params)
+    while True:   # a pass-through op needs every one of its parameters deferred with its dims
+        # a parameter read by a pass-through op receives that op's partial gradient through it
+        param_uses = {k: {(same, candidates[c][0] if c in candidates else grad) for c, same, grad in v}
+                      for k, v in uses.items() if gi.nodes[k].kind == "param"}
+        out = {}
+        for pname, u in param_uses.items():
+            if len(u) == 1:
+                same, grad = next(iter(u))
+                if same and grad is not None:
+                    out[pname] = tuple(d for d, p in enumerate(grad.split()) if p == "P(sum)")
+        keep = {n: c for n, c in candidates.items() if all(p in out for p in c[1])}
+        if len(keep) == len(candidates):
+            return out, set(candidates)
+        candidates = keep
 
 
 def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_grads: bool = True
@@ -76,7 +119,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
     ``gm.meta["autopar_deferred_grads"]`` (placeholder -> mesh dims) for the bucketed reducer."""
     g = gm.graph
     mesh = mesh_node(gm)
-    deferred = deferred_grad_dims(ctx) if defer_param_grads else {}
+    deferred, passthrough = deferred_grads(ctx) if defer_param_grads else ({}, set())
     gm.meta["autopar_deferred_grads"] = deferred
     shared: dict[tuple, fx.Node] = {}
     after_getitem: dict[str, str] = {}  # reshard inserted after a getitem -> that getitem (its consumers' input)
@@ -107,7 +150,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
             ref = gnode.inputs[i]
             src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(node.name, i)
             grad = grad_arrival(dst, split)
-            if (src == dst and grad is None) or ref.src in deferred:
+            if (src == dst and grad is None) or ref.src in deferred or ref.src in passthrough:
                 return a
             key = (after_getitem.get(a.name, a.name), src, dst, grad)
             if key not in shared:
@@ -126,9 +169,25 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
         src = ctx.output_sharding(after_getitem.get(a.name, a.name))
         if src == replicated:
             return a
+        if _replicate_loss_in_place(a, src):
+            return a
         with g.inserting_before(out):
             return g.call_function(parallel_ops.reshard, (a, mesh, src, replicated))
 
     out.args = fx.node.map_aggregate(out.args, to_replicated)
     gm.recompile()
     return gm
+
+
+def _replicate_loss_in_place(node: fx.Node, src: str) -> bool:
+    """A cross-entropy whose only use is the graph output and whose rows are split: let it return the
+    replicated loss itself, summing its loss and target count in one all-reduce per batch-splitting mesh
+    dim (else the count is all-reduced inside it and the loss again at the output)."""
+    if node.target is not parallel_ops.sharded_cross_entropy or len(node.users) != 1:
+        return False
+    args = list(node.args) + [None] * (7 - len(node.args))
+    partial = " ".join("P(sum)" if p == "S(0)" else "R" for p in args[3].split())
+    if src != partial or args[5] not in (None, 1, 2):
+        return False
+    node.args = tuple(args[:4]) + (-100 if args[4] is None else args[4], 1 if args[5] is None else args[5], True)
+    return True

@@ -33,6 +33,15 @@ def apply_per_rank(rank: int, world: int, plans: list[str], kind: str = "gpt-tin
     autopar.apply(model, autopar.Plan.from_json(plans[rank]), init_device_mesh("cpu", (world,)))
 
 
+def parallelize_twice(rank: int, world: int, plan: str) -> None:
+    """Apply a plan, then plan the returned module (its parameters are DTensors) as if it were a model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.manual_seed(0)
+    model, inputs = build_model("gpt-tiny", batch=4, seq=16, device="cpu")
+    pm = autopar.apply(model, autopar.Plan.from_json(plan), init_device_mesh("cpu", (world,)))
+    autopar.plan(pm, inputs, mesh_shape=(world,))
+
+
 def call_with_shape(rank: int, world: int, plan: str, shape: list[int]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     torch.manual_seed(0)
@@ -142,6 +151,8 @@ CASES = [
          ClusterProfileError, "is not valid JSON"),
     Case("unknown cluster preset", lambda t, p: _gpt(cluster="tpu-v9"), ClusterProfileError,
          "unknown cluster preset 'tpu-v9'"),
+    Case("model parallelized twice", lambda t, p: p.run(parallelize_twice, _plan_json(fix=DP)), ConfigError,
+         "is already a DTensor: this model was parallelized before", "dist2"),
     Case("inputs of unplanned shape", lambda t, p: p.run(call_with_shape, _plan_json(fix=DP), [8, 16]),
          PlanMismatchError, "has shape [8, 16] but the plan was made for [4, 16]", "dist2"),
     Case("a rank that disagrees on the plan",

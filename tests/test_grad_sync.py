@@ -8,5 +8,5 @@ def test_bucketed_reduction_with_accumulation(dist2):
     assert r["deferred"] == r["n_params"], "every replicated parameter goes through the reducer"
     # one bucket for this small model: one all-reduce per backward instead of one per parameter
     assert r["buckets"] == 1
-    # per step: the bucket, the loss's replication and the counted-token total (not one per parameter)
-    assert r["all_reduce_calls"] == 2 * (r["buckets"] + 2) < r["n_params"]
+    # per step: the bucket and one all-reduce of the loss with its counted-token total (not one per parameter)
+    assert r["all_reduce_calls"] == 2 * (r["buckets"] + 1) < r["n_params"]
