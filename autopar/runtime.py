@@ -75,9 +75,8 @@ class ParallelModule(nn.Module):
         deferred = gm.meta.get("autopar_deferred_grads", {})
         position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         node = {n.name: n for n in gm.graph.nodes}
-        # a gradient is ready once the backward of the parameter's first use in forward has run (a tied
-        # weight read at the start and the end of forward: at the end of backward)
-        ready_order = sorted(deferred, key=lambda name: -min((position[u.name] for u in node[name].users), default=0))
+        # gradients become ready in reverse order of a parameter's last use in forward
+        ready_order = sorted(deferred, key=lambda name: -max((position[u.name] for u in node[name].users), default=0))
         self.__dict__["_leaves"] = {}   # FQN -> (param, its local tensor as a grad-requiring leaf)
         self.__dict__["_owners"] = {}   # FQN -> (module holding the parameter, attribute name)
         for kind, name in order:
