@@ -79,7 +79,10 @@ from autopar.solver.strategies.base import in_meta
 log = logging.getLogger(__name__)
 OUTPUT = "__output__"
 _MODES = ("keep", "sel", "full")   # activation recompute modes of a repeated block
-_UNIT = float(2 ** 20)   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
+_UNIT = float(2 ** 20)
+# a loss whose backward holds several input-sized gradients at once: cross-entropy's nll_loss backward
+# makes the gradient of the log-probabilities, log_softmax's backward the logits' one from it (both live)
+_BACKWARD_START_COPIES = {C.aten.cross_entropy_loss.default: 2}   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
 
 
 @dataclass
@@ -92,6 +95,9 @@ class KeyInfo:
     in_metas: list[TensorMeta]
     compute: list[C.OpCost] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)
+    # output index -> (the producer keeps it itself, {(consumer key, argument)} through which the tensor
+    # autograd keeps left it: solver.saved's kept_by); None where not traced
+    kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
 
 
 @dataclass
@@ -177,6 +183,8 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
                        fallback=fallback, in_metas=in_metas)
+        if saved is not None:
+            info.kept_by = _kept_by(saved.get(node.name), gi)
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
@@ -196,8 +204,34 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
     return keys
 
 
+def _kept_by(rec: Saved | None, gi: GraphIndex) -> dict[int, tuple[bool, frozenset[tuple[str, int]]]]:
+    """solver.saved's kept_by of one node in graph keys: output -> (kept by the producer, consumer edges)."""
+    out: dict[int, tuple[bool, set]] = {}
+    for i, consumer, arg in (rec.kept_by if rec is not None else ()):
+        own, via = out.setdefault(i, (False, set()))
+        if consumer is None:
+            out[i] = (True, via)
+        elif consumer in gi.nodes:
+            via.add((gi.nodes[consumer].key, arg))
+    return {i: (own, frozenset(via)) for i, (own, via) in out.items()}
+
+
 def _keeps_param_copy(node: GNode) -> bool:
     return node.kind == "op" and node.target not in C.FREE_OPS
+
+
+def _kept_copy(u: KeyInfo, o: int, kv: str, a: int, consumer: KeyInfo | None) -> str | None:
+    """How a resharded copy on edge (u, o) -> (kv, a) stays for backward: "only" (the consumer keeps the
+    copy, the producer's own tensor is not kept: the copy replaces it), "also" (kept besides the
+    producer's tensor, or a parameter's gathered copy), None (not kept)."""
+    if consumer is None:
+        return None
+    if u.kept_by is None:   # not traced: a parameter's copy is kept by every op but free ones
+        return "also" if u.node.kind == "param" and _keeps_param_copy(consumer.node) else None
+    own, via = u.kept_by.get(o, (False, frozenset()))
+    if (kv, a) not in via:
+        return None
+    return "only" if u.node.kind != "param" and not own and len(via) == 1 else "also"
 
 
 class ShardingILP:
@@ -266,18 +300,42 @@ class ShardingILP:
     def add_backward_start_grad(self) -> None:
         """The gradient backward creates first (e.g. of the logits, from the loss) is live at the backward
         start with every kept activation: per strategy of the graph output's producer, the local bytes of
-        its largest floating-point input (category "backward_grad", backward-start row)."""
+        its largest floating-point input, times the copies its backward holds at once
+        (_BACKWARD_START_COPIES; category "backward_grad", backward-start row)."""
         for ref in self.gi.output_refs:
             node = self.gi.nodes[ref.src]
             out = node.outputs[ref.out] if node.outputs else None
             if node.kind != "op" or out is None or not out.dtype.is_floating_point or len(out.shape) > 0:
                 continue   # only a scalar loss starts backward
             info = self.keys[node.key]
+            copies = _BACKWARD_START_COPIES.get(node.target, 1)
             for j, s in enumerate(info.strategies):
-                b = max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
-                         if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
+                b = copies * max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
+                                  if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
                 if b:
                     self.mem_terms["backward_grad"].append((b, self.x[node.key][j]))
+
+    def _loss_grad_edges(self) -> set[tuple[str, int, str, int]]:
+        """Edges the loss's first gradient flows back through before it meets an op that computes (the loss's
+        floating-point inputs and the free ops, views, before them): a resharding there runs its backward
+        collective at the backward start, on top of that gradient (add_edge_vars charges it)."""
+        out: set[tuple[str, int, str, int]] = set()
+        todo = [self.gi.nodes[r.src] for r in self.gi.output_refs]
+        seen: set[str] = set()
+        while todo:
+            v = todo.pop()
+            if v.name in seen or v.kind != "op":
+                continue
+            seen.add(v.name)
+            for ai, ref in enumerate(v.inputs):
+                u = self.gi.nodes[ref.src]
+                meta = u.outputs[ref.out] if u.outputs else None
+                if meta is None or not meta.dtype.is_floating_point:
+                    continue
+                out.add((u.key, ref.out, v.key, ai))
+                if u.target in C.FREE_OPS:
+                    todo.append(u)
+        return out
 
     def add_recompute_hold(self) -> None:
         """H (MiB) >= what every block keeps and H >= every gradient: the recompute row's stand-in for
@@ -363,7 +421,9 @@ class ShardingILP:
                    included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
                    priced on an x stands for y; collectives before the block's first op are outside its
                    checkpoint region)
-          T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
+          T_g   >= A_g + W_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
+          W_g = sum_{k param of one block, s} grad_{k,s} x_{k,s} (its weight gradients, made whole in its
+          backward before ZeRO-2 or the bucketed reducer takes them; _block_param_grads)
         T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
         its H >= kept, add_recompute_hold).
         With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
@@ -407,6 +467,9 @@ class ShardingILP:
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
             bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
+            for xs, grads in self._block_param_grads(g, n):   # the block's backward makes its weight gradients
+                a_block += [(b, x) for b, x in zip(grads, xs) if b]
+                bound += max(grads)
             self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
                 f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
@@ -415,6 +478,17 @@ class ShardingILP:
             if off:
                 O.add_block_offload(self, gidx, n, off, self.host)
             self._remat_vars[g] = (cnt, tr, a_block)
+
+    def _block_param_grads(self, group: str, n: int) -> list[tuple[list, list[float]]]:
+        """Per parameter key of one block of ``group``: (x, local gradient bytes per strategy). The block's
+        backward makes them whole (before a ZeRO-2 reduce-scatter or the bucketed all-reduce takes them)
+        while its re-materialized activations are live: part of T_g (add_remat_vars)."""
+        out = []
+        for key, info in self.keys.items():
+            node = info.node
+            if node.kind == "param" and node.layer is not None and node.layer[0] == group:
+                out.append((self.x[key], [info.mult / n * m.get("grads", 0.0) for m in info.memory]))
+        return out
 
     def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
         """Time terms for the forward collectives recomputed blocks run again: F (c_sel + c_full) with
@@ -541,6 +615,7 @@ class ShardingILP:
         return edges
 
     def add_edge_vars(self) -> None:
+        loss_grad = self._loss_grad_edges()
         for ei, (ku, o, kv, a, mult) in enumerate(self._edge_list()):
             u = self.keys[ku]
             meta = u.node.outputs[o]
@@ -556,7 +631,10 @@ class ShardingILP:
                 for j, s in enumerate(self.keys[kv].strategies):
                     inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
                     qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
-            keeps = u.node.kind == "param" and kv != OUTPUT and _keeps_param_copy(self.keys[kv].node)
+            keeps = _kept_copy(u, o, kv, a, self.keys.get(kv))
+            # a copy kept inside a repeated block that recompute may drop is charged through add_remat_vars
+            group = self._block_group(u) if keeps and u.node.kind != "param" else None
+            routed: dict[int, tuple[object, float]] = {}
 
             def coef(p, q):
                 is_param = u.node.kind == "param"
@@ -565,8 +643,22 @@ class ShardingILP:
                 if c is None:
                     c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links,
                                                            param=is_param)
-                mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
+                mem = 0.0
+                if keeps and p != q[0]:   # the consumer keeps the resharded copy (in its placement)
+                    mem = C.local_bytes(meta, q[0], self.mesh.shape)
+                    if keeps == "only":   # ... instead of the producer's tensor, which add_node_vars charges
+                        mem -= C.local_bytes(meta, p, self.mesh.shape)
                 return mult * c.total, mult * mem, mult * c.fwd_s
+
+            def add(t, mem, var, fwd, p=None, q=None):
+                if (ku, o, kv, a) in loss_grad and p is not None and p != q[0] and var is not None:
+                    # the gradient's backward collective: its result in the producer's placement and the
+                    # staging buffer of the gathered chunks, both live at the backward start
+                    self.mem_terms["backward_grad"].append((2 * mult * C.local_bytes(meta, p, self.mesh.shape), var))
+                if group is not None:
+                    routed[id(var)] = (var, mem)
+                    mem = 0.0
+                self._add_edge_term(kv, t, mem, var, fwd, ei)
 
             xu = self.x[ku]
             xv = self.x.get(kv)
@@ -574,7 +666,8 @@ class ShardingILP:
                 for q, qidx in qgroups.items():
                     t, mem, fwd = coef(q[0], q)
                     for j in qidx:
-                        self._add_edge_term(kv, t, mem, xv[j], fwd, ei)
+                        add(t, mem, xv[j], fwd, q[0], q)
+                self._route_kept_copy(group, xv, routed, mult)
                 continue
             if len(pgroups) == 1 or len(qgroups) == 1:  # no y needed: the cost rides on one side's x
                 for p, pidx in pgroups.items():
@@ -587,7 +680,8 @@ class ShardingILP:
                         else:
                             vars_ = [xu[j] for j in pidx]
                         for var in vars_:
-                            self._add_edge_term(kv, t, mem, var, fwd, ei)
+                            add(t, mem, var, fwd, p, q)
+                self._route_kept_copy(group, xv if len(pgroups) == 1 else xu, routed, mult)
                 continue
             ys = {}
             for pi, p in enumerate(pgroups):
@@ -595,11 +689,22 @@ class ShardingILP:
                     y = self._var(f"y{ei}_{pi}_{qi}", lowBound=0)
                     ys[(p, q)] = y
                     t, mem, fwd = coef(p, q)
-                    self._add_edge_term(kv, t, mem, y, fwd, ei)
+                    add(t, mem, y, fwd, p, q)
             for pi, (p, pidx) in enumerate(pgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for p in pgroups) == pulp.lpSum(xv[j] for j in qidx), f"eq{ei}_{qi}"
+            self._route_kept_copy(group, list(ys.values()), routed, mult)
+
+    def _route_kept_copy(self, group: str | None, onehot: list, routed: dict, mult: float) -> None:
+        """A resharded copy kept in a repeated block (bytes per variable of the one-hot ``onehot``: an edge's
+        y or one side's x, summing to 1) joins the block's terms like a key's kept bytes (add_remat_vars)."""
+        if group is None or not any(m for _, m in routed.values()):
+            return
+        n = self.gi.layer_counts[group]
+        act = [routed.get(id(v), (v, 0.0))[1] / n for v in onehot]
+        zeros = [0.0] * len(onehot)
+        self.blocks[group]["keys"].append((list(onehot), act, zeros, False, zeros))
 
     def _var(self, name: str, **kw) -> pulp.LpVariable:
         if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there
