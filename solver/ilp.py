@@ -260,6 +260,7 @@ class ShardingILP:
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
         self._last: dict[str, int] = {}
         self._remat_vars: dict[str, tuple] = {}
+        self._max_vars: list[tuple[pulp.LpVariable, list]] = []   # v >= each c x: settled to the max (settle_remat)
         self._blocks_end = max((i for i, n in enumerate(gi.nodes.values())
                                 if n.layer is not None and n.layer[0] in gi.shared_lists), default=-1)
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
@@ -424,6 +425,8 @@ class ShardingILP:
           T_g   >= A_g + W_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
           W_g = sum_{k param of one block, s} grad_{k,s} x_{k,s} (its weight gradients, made whole in its
           backward before ZeRO-2 or the bucketed reducer takes them; _block_param_grads)
+              + M_g,  M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest
+          collective its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
         T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
         its H >= kept, add_recompute_hold).
         With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
@@ -470,6 +473,13 @@ class ShardingILP:
             for xs, grads in self._block_param_grads(g, n):   # the block's backward makes its weight gradients
                 a_block += [(b, x) for b, x in zip(grads, xs) if b]
                 bound += max(grads)
+            if t.get("grad_comm"):   # the largest collective of its backward, on top
+                gc = self._var(f"remat_comm_{gidx}", lowBound=0)   # MiB
+                for ci, (c, x) in enumerate(t["grad_comm"]):
+                    self.prob += gc >= c / _UNIT * x, f"remat_comm_{gidx}_{ci}"
+                a_block.append((_UNIT, gc))
+                bound += max(c for c, _ in t["grad_comm"])
+                self._max_vars.append((gc, [(c / _UNIT, x) for c, x in t["grad_comm"]]))
             self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
                 f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
@@ -575,6 +585,8 @@ class ShardingILP:
     def settle_remat(self) -> None:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
         recompute row does not bind; reports read it)."""
+        for v, terms in self._max_vars:
+            v.varValue = max((c * _value(x) for c, x in terms), default=0.0)
         for g, (cnt, tr, a_block) in self._remat_vars.items():
             some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
             tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
@@ -635,6 +647,7 @@ class ShardingILP:
             # a copy kept inside a repeated block that recompute may drop is charged through add_remat_vars
             group = self._block_group(u) if keeps and u.node.kind != "param" else None
             routed: dict[int, tuple[object, float]] = {}
+            bgroup = self._block_group(self.keys[kv]) if kv in self.keys else None
 
             def coef(p, q):
                 is_param = u.node.kind == "param"
@@ -651,6 +664,12 @@ class ShardingILP:
                 return mult * c.total, mult * mem, mult * c.fwd_s
 
             def add(t, mem, var, fwd, p=None, q=None):
+                if bgroup is not None and p is not None and p != q[0] and var is not None:
+                    # the block's backward runs this resharding's collective on the gradient: its result in
+                    # the producer's placement and a staging buffer as large as the larger side
+                    lp, lq = (C.local_bytes(meta, r, self.mesh.shape) for r in (p, q[0]))
+                    self.blocks[bgroup]["grad_comm"].append((mult / self.gi.layer_counts[bgroup] * (lp + max(lp, lq)),
+                                                             var))
                 if (ku, o, kv, a) in loss_grad and p is not None and p != q[0] and var is not None:
                     # the gradient's backward collective: its result in the producer's placement and the
                     # staging buffer of the gathered chunks, both live at the backward start
