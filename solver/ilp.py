@@ -79,10 +79,10 @@ from autopar.solver.strategies.base import in_meta
 log = logging.getLogger(__name__)
 OUTPUT = "__output__"
 _MODES = ("keep", "sel", "full")   # activation recompute modes of a repeated block
-_UNIT = float(2 ** 20)
+_UNIT = float(2 ** 20)   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
 # a loss whose backward holds several input-sized gradients at once: cross-entropy's nll_loss backward
 # makes the gradient of the log-probabilities, log_softmax's backward the logits' one from it (both live)
-_BACKWARD_START_COPIES = {C.aten.cross_entropy_loss.default: 2}   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
+_BACKWARD_START_COPIES = {C.aten.cross_entropy_loss.default: 2}
 
 
 @dataclass
@@ -373,11 +373,18 @@ class ShardingILP:
         per_block = info.mult / self.gi.layer_counts[group]
         act = [per_block * m.get("activations", 0.0) for m in info.memory]
         fwd = [per_block * c.fwd_s for c in info.compute]
-        contraction = C.contraction_flops(info.node, info.in_metas) > 0
         bwd = [per_block * c.bwd_s for c in info.compute]
+        # selective recompute keeps a matmul's or attention's outputs whether or not autograd would keep
+        # them (codegen.checkpoint_regions: MUST_SAVE), at least what it keeps: bytes per strategy
+        sel: list[float] = []
+        if C.contraction_flops(info.node, info.in_metas) > 0:
+            sel = [max(a, per_block * sum(C.local_bytes(o, p, self.mesh.shape)
+                                          for o, p in zip(info.node.outputs, s.outputs)
+                                          if o is not None and p is not None and o.dtype.is_floating_point))
+                   for a, s in zip(act, info.strategies)]
         terms = self.blocks[group]
-        if any(act) or any(fwd):
-            terms["keys"].append((xs, act, fwd, contraction, bwd))
+        if any(act) or any(fwd) or any(sel):
+            terms["keys"].append((xs, act, fwd, sel, bwd))
         out = info.node.outputs[0] if info.node.outputs else None
         pos = self._pos(info.node)
         if out is not None and out.dtype.is_floating_point and pos > self._last.get(group, -1):
@@ -413,8 +420,8 @@ class ShardingILP:
         The product of a key's strategy choice x_{k,s} and the mode fractions is exact without big-M:
         continuous v_{k,s,m} >= 0 with  sum_m v_{k,s,m} = x_{k,s}  and  sum_s v_{k,s,m} = c_m / N,
         so v_{k,s,m} = x_{k,s} c_m / N for the chosen s. Per rank, with a_{k,s} the bytes one block
-        keeps for key k, f_{k,s} its forward seconds, b_s the block boundary's bytes:
-          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
+        keeps for key k, o_{k,s} its outputs' bytes, f_{k,s} its forward seconds, b_s the block boundary's bytes:
+          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} max(a_{k,s}, o_{k,s}) [k is a matmul/attention])
                    + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
           time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
                    + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
@@ -422,11 +429,9 @@ class ShardingILP:
                    included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
                    priced on an x stands for y; collectives before the block's first op are outside its
                    checkpoint region)
-          T_g   >= A_g + W_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
-          W_g = sum_{k param of one block, s} grad_{k,s} x_{k,s} (its weight gradients, made whole in its
-          backward before ZeRO-2 or the bucketed reducer takes them; _block_param_grads)
-              + M_g,  M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest
-          collective its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
+          T_g   >= A_g + M_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
+          M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest collective
+          its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
         T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
         its H >= kept, add_recompute_hold).
         With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
@@ -457,8 +462,8 @@ class ShardingILP:
                     if act[j]:
                         a_block.append((act[j], xs[j]))
                         kept.append((n * act[j], v["keep"][j]))
-                        if contraction:
-                            kept.append((n * act[j], v["sel"][j]))
+                    if contraction and contraction[j]:   # the bytes selective recompute keeps
+                        kept.append((n * contraction[j], v["sel"][j]))
                     if "off" in v:
                         off.append((act[j], fwd[j], bwd[j], v["off"][j]))
                     if fwd[j]:
@@ -470,9 +475,6 @@ class ShardingILP:
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
             bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
-            for xs, grads in self._block_param_grads(g, n):   # the block's backward makes its weight gradients
-                a_block += [(b, x) for b, x in zip(grads, xs) if b]
-                bound += max(grads)
             if t.get("grad_comm"):   # the largest collective of its backward, on top
                 gc = self._var(f"remat_comm_{gidx}", lowBound=0)   # MiB
                 for ci, (c, x) in enumerate(t["grad_comm"]):
@@ -488,17 +490,6 @@ class ShardingILP:
             if off:
                 O.add_block_offload(self, gidx, n, off, self.host)
             self._remat_vars[g] = (cnt, tr, a_block)
-
-    def _block_param_grads(self, group: str, n: int) -> list[tuple[list, list[float]]]:
-        """Per parameter key of one block of ``group``: (x, local gradient bytes per strategy). The block's
-        backward makes them whole (before a ZeRO-2 reduce-scatter or the bucketed all-reduce takes them)
-        while its re-materialized activations are live: part of T_g (add_remat_vars)."""
-        out = []
-        for key, info in self.keys.items():
-            node = info.node
-            if node.kind == "param" and node.layer is not None and node.layer[0] == group:
-                out.append((self.x[key], [info.mult / n * m.get("grads", 0.0) for m in info.memory]))
-        return out
 
     def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
         """Time terms for the forward collectives recomputed blocks run again: F (c_sel + c_full) with
@@ -723,7 +714,7 @@ class ShardingILP:
         n = self.gi.layer_counts[group]
         act = [routed.get(id(v), (v, 0.0))[1] / n for v in onehot]
         zeros = [0.0] * len(onehot)
-        self.blocks[group]["keys"].append((list(onehot), act, zeros, False, zeros))
+        self.blocks[group]["keys"].append((list(onehot), act, zeros, [], zeros))
 
     def _var(self, name: str, **kw) -> pulp.LpVariable:
         if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there
