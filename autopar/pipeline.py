@@ -262,7 +262,7 @@ def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: st
                      "plan": json.loads(sp.to_json()) if sp is not None else None})   # plain JSON values
     field = {"pp_dim": PP_DIM, "layer_list": layer_list, "num_layers": sum(len(s.layers) for s in stages),
              "schedule": part.schedule, "microbatches": part.microbatches, "virtual_stages": part.virtual_stages,
-             "predicted_bubble_fraction": part.bubble_fraction, "stages": rows}
+             "predicted_bubble_fraction": part.bubble_fraction, "predicted_accum_s": part.accum_s, "stages": rows}
     comm = part.comm_s
     tb = {"compute_s": part.step_time_s - part.bubble_s - comm, "comm_s": comm, "recompute_s": 0.0,
           "offload_s": 0.0, "bubble_s": part.bubble_s}
