@@ -258,7 +258,7 @@ def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool
     comm = 0.0
     if not last and link is not None:
         ab = link.collectives["send_recv"]
-        comm = 2 * (ab.alpha + ab.beta * u.boundary_bytes)
+        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes)
     return t + comm, w, a
 
 
