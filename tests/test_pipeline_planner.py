@@ -180,6 +180,21 @@ def test_microbatches_must_divide_the_batch(tiny):
         autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), pipeline={"microbatches": 3})
 
 
+def test_pp_only_mesh_with_a_measured_profile(tiny):
+    # a profile measured on the (2,) mesh (one link per mesh dim) plans a pp-only pipeline: the units are costed
+    # on one device, the stage boundary's send/recv on the measured link, its per-call sync included
+    model, inputs = tiny
+    gloo = PRESETS["cpu-gloo"]
+    link = dataclasses.replace(gloo.intra_node, sync_s=3e-3)
+    measured = dataclasses.replace(gloo, name="measured", mesh_shape=(2,), mesh_dim_links=(link,))
+    cfg = {"schedule": "gpipe", "microbatches": 2}
+    plan = autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster=measured, pipeline=cfg)
+    base = autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster="cpu-gloo", pipeline=cfg)
+    # stage 0 sends one activation and receives one gradient per micro-batch: 2 calls x 2 micro-batches
+    assert plan.predicted.time_breakdown["comm_s"] - base.predicted.time_breakdown["comm_s"] == \
+        pytest.approx(2 * 2 * 3e-3)
+
+
 def test_pp_dim_must_match_the_mesh(tiny):
     model, inputs = tiny
     with pytest.raises(MeshError, match="stages=3 does not match the mesh's 'pp' dim of size 2"):
