@@ -172,6 +172,7 @@ def _profile_table(prof, dim_names) -> str:
         name = dim_names[i] if dim_names else str(i)
         for kind, ab in link.collectives.items():
             lines.append(f"{name:6s} {kind:15s} {fmt_time(ab.alpha):>10s} {1 / ab.beta / 1e9:>8.3f} GB/s")
+        lines.append(f"{name:6s} {'sync per call':15s} {fmt_time(link.sync_s):>10s}")
     return "\n".join(lines)
 
 

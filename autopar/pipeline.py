@@ -149,8 +149,9 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
     args, kwargs = normalize_inputs(example_inputs)
     batch = _batch_size(args, kwargs)
     cost_mesh = sub or MeshSpec(shape=(1,), dim_names=("dp",))
-    cost_profile = sub_profile or profile
-    cost_links = cost_profile.dim_links(cost_mesh) if sub is not None else profile.dim_links(cost_mesh)
+    # a pp-only mesh: the units are costed on one device (a measured profile's per-dim links do not apply)
+    cost_profile = sub_profile or dataclasses.replace(profile, mesh_shape=None, mesh_dim_links=None)
+    cost_links = cost_profile.dim_links(cost_mesh)
     dp = cost_mesh.shape[cost_mesh.dim_names.index("dp")] if "dp" in cost_mesh.dim_names else 1
     cache: dict[int, object] = {}
 
@@ -262,7 +263,7 @@ def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: st
                      "plan": json.loads(sp.to_json()) if sp is not None else None})   # plain JSON values
     field = {"pp_dim": PP_DIM, "layer_list": layer_list, "num_layers": sum(len(s.layers) for s in stages),
              "schedule": part.schedule, "microbatches": part.microbatches, "virtual_stages": part.virtual_stages,
-             "predicted_bubble_fraction": part.bubble_fraction, "stages": rows}
+             "predicted_bubble_fraction": part.bubble_fraction, "predicted_accum_s": part.accum_s, "stages": rows}
     comm = part.comm_s
     tb = {"compute_s": part.step_time_s - part.bubble_s - comm, "comm_s": comm, "recompute_s": 0.0,
           "offload_s": 0.0, "bubble_s": part.bubble_s}

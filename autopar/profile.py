@@ -38,15 +38,24 @@ class AlphaBeta:
 
 @dataclass(frozen=True, kw_only=True)
 class LinkSpec:
-    """Alpha-beta per collective kind over one kind of link."""
+    """Alpha-beta per collective kind over one kind of link.
+
+    ``sync_s``: what each collective call costs on top of alpha when it sits between compute, as in a
+    training step, rather than in a tight loop of collectives: the ranks arrive at different times and
+    the call waits for the last one. Where ranks share cores (several gloo ranks on one CPU) the skew
+    is about a scheduling slice and dominates small collectives. ``autopar profile`` measures it; the
+    presets (one device per rank) and profiles written before it existed have 0."""
 
     name: str
     collectives: dict[str, AlphaBeta]
+    sync_s: float = 0.0
 
     def __post_init__(self) -> None:
         missing = [k for k in COLLECTIVES if k not in self.collectives]
         if missing:
             raise ClusterProfileError(f"link {self.name!r} lacks alpha/beta for {missing}; give all of {COLLECTIVES}")
+        if not (self.sync_s >= 0 and math.isfinite(self.sync_s)):
+            raise ClusterProfileError(f"link {self.name!r}: sync_s must be a finite time >= 0 s, got {self.sync_s}")
 
     @staticmethod
     def uniform(name: str, *, alpha: float, bandwidth: float) -> "LinkSpec":
@@ -61,6 +70,15 @@ class DeviceSpec:
     Achieved matmul FLOP/s = peak * max_matmul_efficiency * f / (f + matmul_half_efficiency_flops)
     for an op of f FLOPs: small ops are latency-bound, large ones approach the asymptote.
     Memory-bound ops run at memory_bandwidth * max_memory_efficiency; every op pays op_overhead_s.
+
+    ``op_overhead_s`` is the host time per op (Python, dispatcher, autograd) that the device does not
+    hide, charged once forward and once backward (twice for a contraction's two gradients), again for a
+    recomputed op, and once per micro-batch in a pipeline. ``autopar profile`` measures it (a chain of
+    tiny ops forward and backward) and scales it with the GPT-probe calibration, which also absorbs the
+    views and autograd bookkeeping the cost model does not count one by one (on this kind of 2-core
+    host ~13 us raw, ~60 us calibrated with 2 ranks). The GPU presets keep 5 us, a typical CUDA launch
+    latency (not a spec sheet number): launches are asynchronous and overlap with the kernels already
+    queued, so they only show where ops are shorter than their launch.
     """
 
     name: str
@@ -198,7 +216,10 @@ def _link(d: dict, where: str) -> LinkSpec:
             out[k] = AlphaBeta(alpha=float(v["alpha"]), beta=float(v["beta"]))
         except (TypeError, ValueError):
             raise ClusterProfileError(f"{where}.collectives.{k}: alpha and beta must be numbers, got {v!r}") from None
-    return LinkSpec(name=str(d.get("name", where)), collectives=out)
+    sync = d.get("sync_s", 0.0)
+    if not isinstance(sync, (int, float)) or isinstance(sync, bool):
+        raise ClusterProfileError(f"{where}.sync_s must be a number of seconds, got {sync!r}")
+    return LinkSpec(name=str(d.get("name", where)), collectives=out, sync_s=float(sync))
 
 
 # --- presets --------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ On a process group (spawned here, or joined under torchrun) every rank takes par
 shared hardware is measured the way training uses it (4 gloo ranks on 2 cores each see half a
 core). Measured:
 
+* per mesh dim, the extra cost of a collective call that follows compute (``measure_sync``: ranks
+  drift apart during the compute and the call waits for the last one; large where ranks share cores);
 * per mesh dim and collective kind (all-reduce, all-gather, reduce-scatter, all-to-all,
   send/recv as a ring shift), times over message sizes fitted to ``t = alpha + beta * x`` where
   x is the per-rank ring traffic the solver's ``collective_time`` charges (all-reduce
@@ -211,6 +213,29 @@ def _sweep(kind: str, mesh, d: int, device: torch.device, opts: ProfileOptions) 
     return xs, ts
 
 
+def measure_sync(mesh, d: int, device: torch.device, opts: ProfileOptions, work_s: float = 1e-3
+                 ) -> tuple[float, dict]:
+    """(seconds, raw) a collective call costs beyond its tight-loop time when compute sits between calls:
+    every rank runs ``work`` (matmuls worth ~``work_s``) then a small all-reduce on mesh dim d, against
+    ``work`` alone and the all-reduce alone; sync = T(work + call) - T(work) - T(call), at least 0.
+    Ranks that share cores drift apart during the work and the call waits for the last one."""
+    group = mesh.get_group(d)
+    a = torch.randn(64, 64, device=device)
+    small = torch.ones(256, device=device)
+    t_mm = _timed(lambda: torch.mm(a, a), device, opts.trials, opts.warmup, iters=64)
+    k = max(1, int(work_s / max(t_mm, 1e-9)))
+
+    def work():
+        for _ in range(k):
+            torch.mm(a, a)
+    call = lambda: dist.all_reduce(small, group=group)  # noqa: E731
+    t_work = _timed(work, device, opts.trials, opts.warmup, iters=8)
+    t_call = _timed(call, device, opts.trials, opts.warmup, iters=8)
+    t_both = _timed(lambda: (work(), call()), device, opts.trials, opts.warmup, iters=8)
+    sync = max(0.0, t_both - t_work - t_call)
+    return sync, {"work_s": t_work, "call_s": t_call, "work_and_call_s": t_both, "matmuls": k, "sync_s": sync}
+
+
 # --- measurements ---------------------------------------------------------------------------------
 def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) -> tuple[list[LinkSpec], dict]:
     """One LinkSpec per mesh dim (a torch DeviceMesh), fitted from every collective over the sizes."""
@@ -243,7 +268,8 @@ def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) 
             if progress:
                 progress(f"{names[d]} {kind}", done, total)
             raw[names[d]][kind] = {"traffic_bytes": xs, "seconds": ts}
-        links.append(LinkSpec(name=f"measured-{names[d]}", collectives=coll))
+        sync, raw[names[d]]["sync"] = measure_sync(mesh, d, device, opts)
+        links.append(LinkSpec(name=f"measured-{names[d]}", collectives=coll, sync_s=sync))
     raw["warnings"] = warnings
     known = [lk for lk in links if lk is not None]
     if not known:

@@ -2,13 +2,17 @@
 
 1. ``autopar profile`` measures a 2-rank mesh (2,) and a 4-rank mesh (2, 2) of gloo processes.
 2. On each mesh, candidate plans of the example GPT are solved against that measured profile: forced
-   pure DP, Megatron TP, ZeRO-3-style (every parameter sharded on dp), replicated, DPxTP, TP over
-   both dims, ... (``autopar.plan(..., fix=..., prefer=...)`` as the apply tests force them) and the
-   solver's own plan. Each plan's ``predicted.step_time_s`` is its prediction.
+   replicated (every op on the whole batch), pure DP, DP with selective and with full recompute,
+   ZeRO-3-style (every parameter sharded on dp), Megatron TP (with full recompute on (2,)), DPxTP,
+   TP over both dims (``autopar.plan(..., fix=..., prefer=..., recompute=...)`` as the apply tests force
+   them) and the solver's own plan. Each plan's ``predicted.step_time_s`` is its prediction. A
+   candidate that solves to the same plan as an earlier one (same placements and decisions) is run and
+   scored once and listed under ``same_plan_as``.
 3. Every plan is applied with ``autopar.parallelize(..., plan=...)`` and timed: forward + backward
    (what the cost model covers; bucketed DP gradient reduction runs inside backward), and the full
    step with AdamW for reference; rounds alternate between plans, medians of per-round means, the
-   slowest rank counts.
+   slowest rank counts. Each rank's CPU time of forward + backward is recorded beside the wall time
+   (``score_cpu_time``, not the target): it leaves out time a rank waits for a core other processes hold.
 
 ``--diagnose RESULTS_JSON`` re-plans the candidates of a finished run and scores a bucket-aware variant
 of the predictions (one gradient all-reduce latency per bucket, as the runtime does, instead of one per
@@ -75,15 +79,49 @@ def _data_parallel(ndim: int, dims, params: str = "R") -> dict:
             "prefer": {"root/arange*": ["R"] * ndim, "wpe/*": ["R"] * ndim, "*": _on(ndim, dims, "S(0)")}}
 
 
+def _replicated(ndim: int) -> dict:
+    """Every rank computes the whole batch: inputs, parameters and every op's output replicated."""
+    return {"fix": {"input:*": ["R"] * ndim, "param:*": ["R"] * ndim}, "prefer": {"*": ["R"] * ndim}}
+
+
+def _recompute(opts: dict, mode: str) -> dict:
+    return {**opts, "recompute": mode}
+
+
 def candidates(mesh: tuple[int, ...]) -> dict[str, dict | None]:
     """name -> plan options (None: the solver's own plan)."""
     if len(mesh) == 1:
-        return {"replicated": {"fix": {"input:*": ["R"], "param:*": ["R"]}},
-                "dp": _data_parallel(1, (0,)), "zero3": _data_parallel(1, (0,), "S(0)"),
-                "tp": _megatron(1, (0,)), "solver": None}
-    return {"replicated": {"fix": {"input:*": ["R", "R"], "param:*": ["R", "R"]}},
-            "dp": _data_parallel(2, (0, 1)), "zero3_dp": _data_parallel(2, (0,), "S(0)"),
+        dp = _data_parallel(1, (0,))
+        return {"replicated": _replicated(1), "dp": dp, "dp_recompute_selective": _recompute(dp, "selective"),
+                "dp_recompute_full": _recompute(dp, "full"), "zero3": _data_parallel(1, (0,), "S(0)"),
+                "tp": _megatron(1, (0,)), "tp_recompute_full": _recompute(_megatron(1, (0,)), "full"),
+                "solver": None}
+    dp = _data_parallel(2, (0, 1))
+    return {"replicated": _replicated(2), "dp": dp, "dp_recompute_selective": _recompute(dp, "selective"),
+            "dp_recompute_full": _recompute(dp, "full"), "zero3_dp": _data_parallel(2, (0,), "S(0)"),
             "dp_x_tp": _megatron(2, (1,), (0,)), "tp_x_tp": _megatron(2, (0, 1)), "solver": None}
+
+
+def plan_identity(plan_json: str) -> str:
+    """What the runtime executes: placements, memory decisions and pipeline of a plan (not its predictions)."""
+    d = json.loads(plan_json)
+    keep = ("param_placements", "node_shardings", "checkpoint", "offload", "optimizer_sharding", "optimizer_offload",
+            "gradient_sharding", "pipeline", "precision", "fusions")
+    return json.dumps({k: d.get(k) for k in keep}, sort_keys=True)
+
+
+def distinct(plans: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(name -> plan JSON of the first candidate of each distinct plan, name -> the earlier name it repeats)."""
+    first: dict[str, str] = {}
+    kept, same = {}, {}
+    for name, text in plans.items():
+        ident = plan_identity(text)
+        if ident in first:
+            same[name] = first[ident]
+        else:
+            first[ident] = name
+            kept[name] = text
+    return kept, same
 
 
 def _model():
@@ -96,18 +134,19 @@ def _model():
     return model, {"idx": idx, "labels": torch.roll(idx, -1, dims=1)}
 
 
-def _time(module, inputs, opt, steps: int) -> tuple[float, float]:
-    """(forward+backward seconds, full step seconds) per step, means over ``steps``."""
-    fb = full = 0.0
+def _time(module, inputs, opt, steps: int) -> tuple[float, float, float]:
+    """(forward+backward seconds, full step seconds, forward+backward CPU seconds of this process) per
+    step, means over ``steps``."""
+    fb = full = cpu = 0.0
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         module(**inputs).backward()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         opt.step()
         t2 = time.perf_counter()
-        fb, full = fb + (t1 - t0), full + (t2 - t0)
-    return fb / steps, full / steps
+        fb, full, cpu = fb + (t1 - t0), full + (t2 - t0), cpu + (c1 - c0)
+    return fb / steps, full / steps, cpu / steps
 
 
 def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: int, rounds: int, out_q) -> None:
@@ -132,7 +171,8 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
                 plan_s[name] = time.perf_counter() - t0
             texts = [(plans, plan_s)]
         dist.broadcast_object_list(texts, src=0)
-        plans, plan_s = texts[0]
+        all_plans, plan_s = texts[0]
+        plans, same = distinct(all_plans)   # a candidate that solves to an earlier one's plan is scored once
         runs = {}
         for name, text in plans.items():
             model, inputs = _model()
@@ -142,14 +182,16 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
             runs[name] = (pm, inputs, opt)
         fb = {n: [] for n in runs}
         full = {n: [] for n in runs}
+        cpu = {n: [] for n in runs}
         for _ in range(rounds):  # alternate plans so slow drift of the host hits all of them alike
             for name, (pm, inputs, opt) in runs.items():
                 dist.barrier()
-                a, b = _time(pm, inputs, opt, steps)
-                t = torch.tensor([a, b], dtype=torch.float64)
+                a, b, c = _time(pm, inputs, opt, steps)
+                t = torch.tensor([a, b, c], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank is the step time
                 fb[name].append(float(t[0]))
                 full[name].append(float(t[1]))
+                cpu[name].append(float(t[2]))
         if rank == 0:
             out = {}
             for name, text in plans.items():
@@ -157,9 +199,15 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
                 out[name] = {"predicted_s": p.predicted.step_time_s, "predicted_breakdown": p.predicted.time_breakdown,
                              "measured_fwd_bwd_s": statistics.median(fb[name]),
                              "measured_step_s": statistics.median(full[name]),
+                             "measured_fwd_bwd_cpu_s": statistics.median(cpu[name]),
+                             "rounds_fwd_bwd_cpu_s": cpu[name],
                              "rounds_fwd_bwd_s": fb[name], "rounds_step_s": full[name],
                              "plan_seconds": plan_s[name], "options": cands[name],
                              "param_placements": dict(list(p.param_placements.items())[:6])}
+            for name, other in same.items():
+                p = Plan.from_json(all_plans[name])
+                out.setdefault("_same_plan", {})[name] = {"same_plan_as": other, "options": cands[name],
+                                                          "predicted_s": p.predicted.step_time_s}
             out_q.put(out)
     except Exception:
         import traceback
@@ -185,6 +233,12 @@ def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int) -> dict:
     if "error" in res:
         raise RuntimeError(res["error"])
     return res
+
+
+def _mesh_result(rows: dict) -> tuple[dict, dict]:
+    """(scored plans, candidates that solved to an already scored plan)."""
+    same = rows.pop("_same_plan", {})
+    return rows, same
 
 
 def _profile(nproc: int, mesh: str, out: Path) -> float:
@@ -355,12 +409,17 @@ def main(argv=None) -> int:
             nproc *= s
         prof = RESULTS / f"cost_fidelity_profile_{mesh}.json"
         prof_s = _profile(nproc, mesh, prof)
-        rows = _run_mesh(shape, str(prof), args.steps, args.rounds)
+        rows, same = _mesh_result(_run_mesh(shape, str(prof), args.steps, args.rounds))
+        for name, info in same.items():
+            print(f"mesh {mesh}: candidate {name!r} solves to the same plan as {info['same_plan_as']!r}: scored once")
         res["meshes"][mesh] = {"profile": prof.name, "profile_seconds": prof_s, "plans": rows,
-                               "score": score(rows), "score_full_step": score(rows, "measured_step_s")}
+                               "same_plan_as": same,
+                               "score": score(rows), "score_full_step": score(rows, "measured_step_s"),
+                               "score_cpu_time": score(rows, "measured_fwd_bwd_cpu_s")}
         all_rows.update({f"{mesh}/{k}": v for k, v in rows.items()})
     res["overall"] = score({k: v for k, v in all_rows.items()})
     res["overall_full_step"] = score(all_rows, "measured_step_s")
+    res["overall_cpu_time"] = score(all_rows, "measured_fwd_bwd_cpu_s")
     res["targets"] = {"spearman": 0.9, "solver_within": 1.10}
     solver_ok = [m["score"].get("solver_within_10pct", False) for m in res["meshes"].values()]
     res["targets_met"] = {"spearman_overall": res["overall"]["spearman"] >= 0.9,
@@ -369,14 +428,15 @@ def main(argv=None) -> int:
     res["load_average_end"] = list(os.getloadavg())
     res["seconds"] = time.perf_counter() - t_start
     res["machine"] = _machine()
-    print(f"{'mesh/plan':22s} {'predicted':>10s} {'measured':>10s} {'full step':>10s}")
+    print(f"{'mesh/plan':28s} {'predicted':>10s} {'measured':>10s} {'CPU time':>10s} {'full step':>10s}")
     for name, r in all_rows.items():
-        print(f"{name:22s} {r['predicted_s'] * 1e3:8.2f}ms {r['measured_fwd_bwd_s'] * 1e3:8.2f}ms "
-              f"{r['measured_step_s'] * 1e3:8.2f}ms")
+        print(f"{name:28s} {r['predicted_s'] * 1e3:8.2f}ms {r['measured_fwd_bwd_s'] * 1e3:8.2f}ms "
+              f"{r['measured_fwd_bwd_cpu_s'] * 1e3:8.2f}ms {r['measured_step_s'] * 1e3:8.2f}ms")
     for mesh, m in res["meshes"].items():
         s = m["score"]
         print(f"mesh {mesh}: spearman {s['spearman']:.3f}  MAE {s['mae_s'] * 1e3:.2f} ms  mean rel err "
-              f"{s['mean_relative_error']:.2f}  solver/best {s.get('solver_vs_best', float('nan')):.3f}")
+              f"{s['mean_relative_error']:.2f}  solver/best {s.get('solver_vs_best', float('nan')):.3f}  "
+              f"(CPU time: spearman {m['score_cpu_time']['spearman']:.3f})")
     o = res["overall"]
     print(f"overall: spearman {o['spearman']:.3f}  MAE {o['mae_s'] * 1e3:.2f} ms  targets {res['targets_met']}  "
           f"load avg {res['load_average_start'][0]:.1f} -> {res['load_average_end'][0]:.1f}  ({res['seconds']:.0f} s)")

@@ -13,8 +13,11 @@ machine 1 - busy is the time a stage sat in the bubble (or waited for the other 
 
 With balanced stages of full-batch time t a step takes (m + p - 1) t / m: relative to the smallest m
 the step time should fall like ((m + 1) / m) / ((m0 + 1) / m0) for p = 2 (33 % from m = 2 to m = 16).
-The table shows measured and analytic ratios side by side, with the plan's predicted step time and
-bubble. Printed and written to benchmarks/results/pipeline.json with the machine and the load average
+The table shows measured and analytic ratios side by side, with the plan's predicted step time, its
+ratio to the smallest m, bubble and gradient accumulation. The plans are made against a profile of this
+machine measured first with ``autopar profile --nproc 2`` (``--cluster cpu-gloo`` uses the preset instead),
+so the per-micro-batch costs the planner charges (per-op overhead, send/recv latency, adding each
+micro-batch's gradients into the accumulated ones) are measured numbers. Printed and written to benchmarks/results/pipeline.json with the machine and the load average
 before and after (run it on an otherwise idle machine: other processes on the two cores stretch the
 stages unevenly). Not a test.
 """
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,7 +75,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
             for m in cfg["microbatches"]:
                 torch.manual_seed(0)
                 model = gpt.GPT(gpt.GPTConfig(**cfg["gpt"]))
-                pm = autopar.parallelize(model, mesh, inputs, cluster="cpu-gloo",
+                pm = autopar.parallelize(model, mesh, inputs, cluster=cfg["cluster"],
                                          pipeline={"schedule": sched, "microbatches": m})
                 for _ in range(cfg["warmup"]):   # builds the schedule, warms the allocator
                     _step(pm, inputs)
@@ -97,7 +101,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
                              "busy_fraction_per_rank": [statistics.median(b[r] for b in busy[(sched, m)])
                                                         for r in range(world)],
                              "predicted_s": pm.plan.predicted.step_time_s,
+                             "predicted_breakdown": pm.plan.predicted.time_breakdown,
                              "predicted_bubble_fraction": pm.plan.pipeline["predicted_bubble_fraction"],
+                             "predicted_accum_s": pm.plan.pipeline.get("predicted_accum_s", 0.0),
                              "analytic_bubble_fraction": (world - 1) / (m + world - 1),
                              "stages": [st["layers"] for st in pm.plan.pipeline["stages"]]})
             out_q.put({"rows": rows})
@@ -129,6 +135,7 @@ def _relative(rows: list[dict]) -> None:
             m = r["microbatches"]
             r["measured_vs_smallest_m"] = r["measured_s"] / base["measured_s"]
             r["analytic_vs_smallest_m"] = ((m + 1) / m) / ((m0 + 1) / m0)
+            r["predicted_vs_smallest_m"] = r["predicted_s"] / base["predicted_s"]
 
 
 def main(argv=None) -> int:
@@ -145,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all configurations (median of all steps)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-pin", action="store_true", help="do not pin each rank to its own core")
+    ap.add_argument("--cluster", default="profile",
+                    help="'profile' (default): measure this machine with `autopar profile --nproc 2` first and plan "
+                         "against it; or a preset name / profile JSON")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     ms = [int(x) for x in args.microbatches.split(",")]
@@ -153,8 +163,14 @@ def main(argv=None) -> int:
     cfg = {"gpt": dict(n_layer=args.layers, d_model=args.d_model, n_head=args.heads, vocab_size=args.vocab,
                        max_seq_len=args.seq),
            "batch": args.batch, "seq": args.seq, "microbatches": ms, "schedules": args.schedules.split(","),
-           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "pin": not args.no_pin}
+           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "pin": not args.no_pin,
+           "cluster": args.cluster}
     load_start = list(os.getloadavg())
+    if args.cluster == "profile":
+        prof = Path(args.out).with_name(Path(args.out).stem + "_profile_2.json")
+        subprocess.run([sys.executable, "-m", "autopar.cli", "profile", "--nproc", "2", "--out", str(prof)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cfg["cluster"] = str(prof)
     port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -170,14 +186,16 @@ def main(argv=None) -> int:
         return 1
     _relative(res["rows"])
     print(f"{'schedule':9s} {'m':>3s} {'measured':>10s} {'vs min m':>9s} {'analytic':>9s} {'predicted':>10s} "
-          f"{'bubble (pred)':>13s} {'busy r0/r1':>11s}")
+          f"{'pred vs min':>11s} {'bubble (pred)':>13s} {'accum (pred)':>12s} {'busy r0/r1':>11s}")
     for r in res["rows"]:
         b0, b1 = r["busy_fraction_per_rank"]
         print(f"{r['schedule']:9s} {r['microbatches']:3d} {r['measured_s'] * 1e3:8.1f}ms "
               f"{r['measured_vs_smallest_m']:9.3f} {r['analytic_vs_smallest_m']:9.3f} {r['predicted_s'] * 1e3:8.1f}ms "
-              f"{r['predicted_bubble_fraction']:13.3f} {b0:5.2f}/{b1:4.2f}")
+              f"{r['predicted_vs_smallest_m']:11.3f} {r['predicted_bubble_fraction']:13.3f} "
+              f"{r['predicted_accum_s'] * 1e3:10.1f}ms {b0:5.2f}/{b1:4.2f}")
     pinned = _cpus()[:2] if cfg["pin"] and len(_cpus()) >= 2 else []
-    res["config"] = {**cfg, "mesh": {"pp": 2}, "cluster": "cpu-gloo", "pinned_cpus": pinned}
+    res["config"] = {**cfg, "mesh": {"pp": 2}, "cluster": args.cluster if args.cluster != "profile"
+                     else Path(cfg["cluster"]).name, "pinned_cpus": pinned}
     res["machine"] = machine(load_average_start=load_start, load_average_end=list(os.getloadavg()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ run inside one fused kernel (``fused_compute_cost``) share its traffic: inputs f
 read once, values leaving it written once, one op overhead.
 
 Communication: alpha-beta per mesh dim with ring volumes, S = bytes of the full (gathered) tensor
-along that mesh dim:
+along that mesh dim, plus the link's per-call ``sync_s`` (ranks arriving at different times):
   all-reduce 2(n-1)/n*S, all-gather (n-1)/n*S, reduce-scatter (n-1)/n*S, all-to-all (n-1)/n*S.
 A placement change (src -> dst) costs its forward collective plus the collective that carries
 its gradient back (dst-side gradient placement -> src-side), where a replicated input of an op
@@ -132,7 +132,7 @@ def collective_time(kind: str, full_bytes: float, n: int, link: LinkSpec) -> flo
     ab = link.collectives[kind]
     volume = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
               "all_to_all": (n - 1) / n, "send_recv": 1.0}[kind] * full_bytes
-    return ab.alpha + ab.beta * volume
+    return ab.alpha + link.sync_s + ab.beta * volume
 
 
 def grad_placement(p: Placement) -> Placement:
@@ -170,7 +170,7 @@ def transition_time(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Pla
     for d, kind, factor in _step_plan(tuple(src), tuple(dst), tuple(mesh_shape)):
         t = collective_time(kind, nbytes / factor, mesh_shape[d], links[d])
         if bucket_bytes and kind == "all_reduce" and t:
-            alpha = links[d].collectives[kind].alpha
+            alpha = links[d].collectives[kind].alpha + links[d].sync_s   # one call per bucket
             t -= alpha * (1.0 - min(1.0, nbytes / factor / bucket_bytes))
         total += t
     return total

@@ -16,13 +16,18 @@ with ``f_s`` the micro-batches in flight on that stage: GPipe ``m``; 1F1B ``min(
 interleaved 1F1B (``v`` chunks per rank, stage ``s`` on rank ``s mod p``) the Megatron warm-up
 count ``min(m v, (v - 1) p + 2 (p - r - 1) + 1)`` divided over the rank's ``v`` chunks.
 
+Every micro-batch after the first adds its parameter gradients into the ones already there (autograd
+accumulates into ``.grad``): ``g_u`` seconds per micro-batch, a memory-bound add over the unit's
+gradient bytes (read two, write one) at the profile's bandwidth, plus one op overhead per parameter.
+It grows with ``m`` while the bubble shrinks, so at small micro-batches it sets how many pay off.
+
 Step time for ``S = p v`` stages on ``p`` ranks and ``m`` micro-batches (``R_r = sum`` of the
-stage times on rank ``r``):
+stage times on rank ``r``, ``G_r`` of their accumulation times):
 
-    T = m * max_r R_r + (p - 1) * max_r R_r / v            (GPipe, 1F1B: v = 1)
+    T = max_r (m R_r + (m - 1) G_r) + (p - 1) * max_r R_r / v            (GPipe, 1F1B: v = 1)
 
-so balanced stages of time ``t`` give the bubble fraction ``(p-1) / (v m + p - 1)``; we report
-``bubble = T - m max_r R_r`` and ``bubble / T``.
+so balanced stages of time ``t`` without accumulation give the bubble fraction ``(p-1) / (v m + p - 1)``;
+we report ``bubble = (p - 1) max_r R_r / v`` and ``bubble / T``.
 
 Partition (implemented in ``partition``): for a bound ``t_max`` on the stage time, minimize the
 sum of stage times by dynamic programming over layer boundaries,
@@ -62,6 +67,7 @@ class UnitCost:
     time_s: float
     static_bytes: float      # params + grads + optimizer state per rank
     act_bytes: float         # activations saved for backward, per micro-batch per rank
+    accum_s: float = 0.0     # adding one micro-batch's parameter gradients into the accumulated ones
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +94,7 @@ class Partition:
     step_time_s: float
     bubble_s: float
     comm_s: float
+    accum_s: float = 0.0     # gradient accumulation over the micro-batches, on the critical rank
 
     @property
     def bubble_fraction(self) -> float:
@@ -171,7 +178,7 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)
-    acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0} for u in ("prefix", "block", "suffix")}
+    acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0, "g": 0.0} for u in ("prefix", "block", "suffix")}
     boundary = 0.0
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
@@ -182,15 +189,27 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
         acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0)
         acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != "activations")
         acc[unit]["a"] += info.mult * mem.get("activations", 0.0)
+        if "grads" in mem:
+            acc[unit]["g"] += info.mult * accumulate_time(mem["grads"], profile)
     for g in gi.nodes.values():   # the last op of a block: its output crosses a stage boundary
         if g.layer is not None and g.layer[0] == layer_list and g.outputs and g.outputs[0] is not None:
             users = [u for u in g.fx_node.users] if g.fx_node is not None else []
             if any(layer_of_gnode(gi, u.name, layer_list) != g.layer for u in users):
                 boundary = max(boundary, float(g.outputs[0].nbytes))
     per = {u: UnitCost(time_s=v["t"] / (n if u == "block" else 1), static_bytes=v["w"] / (n if u == "block" else 1),
-                       act_bytes=v["a"] / (n if u == "block" else 1)) for u, v in acc.items()}
+                       act_bytes=v["a"] / (n if u == "block" else 1), accum_s=v["g"] / (n if u == "block" else 1))
+           for u, v in acc.items()}
     return UnitCosts(prefix=per["prefix"], block=per["block"], suffix=per["suffix"], num_blocks=n,
                      boundary_bytes=boundary)
+
+
+def accumulate_time(grad_bytes: float, profile: ClusterProfile) -> float:
+    """Seconds to add one micro-batch's gradient of ``grad_bytes`` (per rank) into the accumulated one:
+    ``grad += new`` reads two tensors and writes one, plus one op overhead (one add per parameter)."""
+    if grad_bytes <= 0:
+        return 0.0
+    dev = profile.device
+    return dev.op_overhead_s + 3.0 * grad_bytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
 
 
 def layer_of_gnode(gi, name: str, layer_list: str):
@@ -239,18 +258,28 @@ def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool
     comm = 0.0
     if not last and link is not None:
         ab = link.collectives["send_recv"]
-        comm = 2 * (ab.alpha + ab.beta * u.boundary_bytes)
+        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes)
     return t + comm, w, a
 
 
-def step_time(stage_times: list[float], p: int, m: int, v: int) -> tuple[float, float]:
-    """(step time, bubble) of a pipeline with these stage times (stage s on rank s mod p)."""
-    per_rank = [0.0] * p
+def _stage_accum(u: UnitCosts, j: int, i: int) -> float:
+    """Gradient accumulation seconds per micro-batch of a stage holding blocks [j, i)."""
+    return ((i - j) * u.block.accum_s + (u.prefix.accum_s if j == 0 else 0.0)
+            + (u.suffix.accum_s if i == u.num_blocks else 0.0))
+
+
+def step_time(stage_times: list[float], p: int, m: int, v: int, stage_accum: list[float] | None = None
+              ) -> tuple[float, float, float]:
+    """(step time, bubble, accumulation) of a pipeline with these stage times and per-micro-batch gradient
+    accumulation times (stage s on rank s mod p); see the module docstring."""
+    per_rank, acc_rank = [0.0] * p, [0.0] * p
     for s, t in enumerate(stage_times):
         per_rank[s % p] += t
-    r = max(per_rank)
-    total = m * r + (p - 1) * r / v
-    return total, total - m * r
+        acc_rank[s % p] += stage_accum[s] if stage_accum else 0.0
+    busy = [m * r + (m - 1) * g for r, g in zip(per_rank, acc_rank)]
+    critical = max(range(p), key=lambda r: busy[r])
+    bubble = (p - 1) * max(per_rank) / v
+    return busy[critical] + bubble, bubble, (m - 1) * acc_rank[critical]
 
 
 def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: float | None,
@@ -294,7 +323,7 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
             i = j
         bounds.reverse()
         times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
-        total, _ = step_time(times, p, m, v)
+        total, _, _ = step_time(times, p, m, v, [_stage_accum(u, j, i) for j, i in bounds])
         if best is None or total < best[0] - 1e-15:
             best = (total, bounds)
     if best is None:
@@ -304,13 +333,13 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
     mems = [table[(j, i, s)][1] for s, (j, i) in enumerate(bounds)]
     extra = [(inflight(schedule, s, p, m, v) - 1) * _stage_costs(u, j, i, None, True)[2]
              for s, (j, i) in enumerate(bounds)]
-    total, bubble = step_time(times, p, m, v)
+    total, bubble, accum = step_time(times, p, m, v, [_stage_accum(u, j, i) for j, i in bounds])
     comm = sum(_stage_costs(u, j, i, link, s == S - 1)[0] - _stage_costs(u, j, i, None, True)[0]
                for s, (j, i) in enumerate(bounds))
     return Partition(stages=tuple(tuple(range(j, i)) for j, i in bounds), schedule=schedule, microbatches=m,
                      virtual_stages=v, pp=p, stage_time_s=tuple(times), stage_memory_bytes=tuple(mems),
                      stage_extra_inflight_bytes=tuple(max(0.0, e) for e in extra),
-                     step_time_s=total, bubble_s=bubble, comm_s=comm * m)
+                     step_time_s=total, bubble_s=bubble, comm_s=comm * m, accum_s=accum)
 
 
 def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[int]:
@@ -327,7 +356,13 @@ def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[i
     if not opts:
         raise ConfigError(f"the batch of {batch} cannot be cut into at least {p} micro-batches (one per pipeline "
                           f"rank) that split over dp={dp}; use a larger batch")
-    return opts[-3:]   # more micro-batches shrink the bubble: try the few largest counts
+    # more micro-batches shrink the bubble but add per-micro-batch costs (op overheads, p2p latency, gradient
+    # accumulation): try up to 4 counts from the largest down, each at most half the one before
+    chosen: list[int] = []
+    for m in reversed(opts):
+        if not chosen or 2 * m <= chosen[-1]:
+            chosen.append(m)
+    return sorted(chosen[:4])
 
 
 TIGHTEN_STEPS = 5       # unit costs are re-solved under up to 5 tighter memory bounds when no stage fits

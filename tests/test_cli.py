@@ -181,7 +181,7 @@ def test_profile_spawns_ranks_and_writes_a_loadable_profile(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"wrote {out}" in captured.err
     prof = load_cluster(str(out))
-    assert prof.mesh_shape == (2,) and "all_reduce" in captured.out
+    assert prof.mesh_shape == (2,) and "all_reduce" in captured.out and "sync per call" in captured.out
     assert len(json.loads(out.read_text())["measurements"]["links"]["dp"]["all_reduce"]["seconds"]) == 3
 
 

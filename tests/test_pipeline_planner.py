@@ -73,6 +73,41 @@ def test_more_microbatches_less_bubble_and_1f1b_when_memory_is_short():
     assert auto.microbatches == 16 and auto.step_time_s == pytest.approx((16 + 1) * 2 * 1.0)
 
 
+def test_gradient_accumulation_gives_a_best_microbatch_count():
+    # stage of 2 blocks: R = 32/m per micro-batch, G = 0.8 s to accumulate its gradients per extra micro-batch:
+    # T(m) = m R + (m - 1) G + R (bubble, p = 2) = 48.8, 42.4, 41.6, 46.0 for m = 2, 4, 8, 16
+    def units(m, k):
+        u = _units(4, block=16.0 / m)
+        return dataclasses.replace(u, block=dataclasses.replace(u.block, accum_s=0.4))
+    best = search(units, batch=16, p=2, dp=1, config=PipelineConfig(schedule="1f1b"), budget=None, link=None)
+    assert best.microbatches == 8
+    assert best.step_time_s == pytest.approx(32 + 4 + 7 * 0.8)
+    assert best.accum_s == pytest.approx(7 * 0.8) and best.bubble_s == pytest.approx(4.0)
+    # without the accumulation term the most micro-batches win
+    flat = search(lambda m, k: _units(4, block=16.0 / m), batch=16, p=2, dp=1,
+                  config=PipelineConfig(schedule="1f1b"), budget=None, link=None)
+    assert flat.microbatches == 16
+
+
+def test_unit_costs_charge_gradient_accumulation_by_gradient_bytes():
+    from autopar.capture import capture
+    from autopar.mesh import MeshSpec
+    from autopar.solver.pipeline import unit_costs
+
+    gpt = load_example_module("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, max_seq_len=16))
+    idx = torch.randint(0, 64, (2, 16))
+    prof = PRESETS["cpu-gloo"]
+    mesh = MeshSpec.make((1,), ("dp",))
+    u = unit_costs(capture(model, {"idx": idx, "labels": idx}), "blocks", mesh, prof, prof.dim_links(mesh))
+    block = [p for n, p in model.named_parameters() if n.startswith("blocks.0.")]
+    dev = prof.device
+    want = sum(dev.op_overhead_s + 3 * p.numel() * 4 / (dev.memory_bandwidth * dev.max_memory_efficiency)
+               for p in block)
+    assert u.block.accum_s == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_two_nodes_on_ethernet_pipeline_crosses_nodes_tp_inside():
     """Known answer over the whole layout space of 2 nodes x 8 H100: pipeline across the nodes with TP
@@ -145,6 +180,21 @@ def test_microbatches_must_divide_the_batch(tiny):
         autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), pipeline={"microbatches": 3})
 
 
+def test_pp_only_mesh_with_a_measured_profile(tiny):
+    # a profile measured on the (2,) mesh (one link per mesh dim) plans a pp-only pipeline: the units are costed
+    # on one device, the stage boundary's send/recv on the measured link, its per-call sync included
+    model, inputs = tiny
+    gloo = PRESETS["cpu-gloo"]
+    link = dataclasses.replace(gloo.intra_node, sync_s=3e-3)
+    measured = dataclasses.replace(gloo, name="measured", mesh_shape=(2,), mesh_dim_links=(link,))
+    cfg = {"schedule": "gpipe", "microbatches": 2}
+    plan = autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster=measured, pipeline=cfg)
+    base = autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster="cpu-gloo", pipeline=cfg)
+    # stage 0 sends one activation and receives one gradient per micro-batch: 2 calls x 2 micro-batches
+    assert plan.predicted.time_breakdown["comm_s"] - base.predicted.time_breakdown["comm_s"] == \
+        pytest.approx(2 * 2 * 3e-3)
+
+
 def test_pp_dim_must_match_the_mesh(tiny):
     model, inputs = tiny
     with pytest.raises(MeshError, match="stages=3 does not match the mesh's 'pp' dim of size 2"):
@@ -164,13 +214,18 @@ def test_pipelined_plan_json_schema_and_table(tiny):
     p = plan.pipeline
     assert [st["layers"] for st in p["stages"]] == [["blocks.0"], ["blocks.1"]]
     assert "wte.weight" in p["stages"][0]["params"] and "ln_f.weight" in p["stages"][1]["params"]
-    assert p["predicted_bubble_fraction"] == pytest.approx(1 / 3)
-    assert plan.predicted.time_breakdown["bubble_s"] > 0
+    # T = max_r (m R_r + (m - 1) G_r) + (p - 1) max_r R_r with m = p = 2: the bubble is one slowest stage, and
+    # the second micro-batch's gradients are added into the first's (G > 0)
+    stage_t = [st["time_s"] for st in p["stages"]]
+    step, bubble = plan.predicted.step_time_s, plan.predicted.time_breakdown["bubble_s"]
+    assert bubble == pytest.approx(max(stage_t)) and p["predicted_accum_s"] > 0
+    assert any(step == pytest.approx(2 * t + p["predicted_accum_s"] + bubble) for t in stage_t)
+    assert p["predicted_bubble_fraction"] == pytest.approx(bubble / step) and p["predicted_bubble_fraction"] < 1 / 3
     assert Plan.from_json(plan.to_json()) == plan
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(json.loads(plan.to_json()))
     table = render(plan)
-    assert "schedule gpipe, 2 micro-batches, predicted bubble 33.3%" in table
+    assert f"schedule gpipe, 2 micro-batches, predicted bubble {100 * p['predicted_bubble_fraction']:.1f}%" in table
     assert "blocks.1" in table.split("parameters")[0]
     broken = json.loads(plan.to_json())
     broken["pipeline"]["stages"][1]["pp_rank"] = 0

@@ -80,6 +80,25 @@ def test_measured_dim_links():
     assert "autopar profile --mesh 4x2" in str(ei.value)
 
 
+def test_link_sync_round_trips_and_defaults_to_zero():
+    from autopar.solver.cost import collective_time
+
+    nv = PRESETS["h100-sxm"].intra_node
+    assert nv.sync_s == 0.0
+    synced = replace(nv, sync_s=2e-3)
+    p = replace(PRESETS["h100-sxm"], name="measured", mesh_shape=(2,), mesh_dim_links=(synced,))
+    d = json.loads(json.dumps(p.to_dict()))
+    assert ClusterProfile.from_dict(d).mesh_dim_links[0].sync_s == 2e-3
+    del d["mesh_dim_links"][0]["sync_s"]   # a profile written before the field existed
+    assert ClusterProfile.from_dict(d).mesh_dim_links[0].sync_s == 0.0
+    # every collective call pays it once, whatever its size
+    for nbytes in (0.5, 1e6):
+        assert collective_time("all_gather", nbytes, 2, synced) - collective_time("all_gather", nbytes, 2, nv) \
+            == pytest.approx(2e-3)
+    with pytest.raises(ClusterProfileError, match="sync_s"):
+        replace(nv, sync_s=-1.0)
+
+
 def test_with_capacity():
     p = with_capacity(PRESETS["h100-sxm"], 40 * 10**9)
     assert p.device.memory_capacity == 40 * 10**9 and PRESETS["h100-sxm"].device.memory_capacity == 80 * 10**9

@@ -116,5 +116,10 @@ def test_live_fit_explains_the_measurements(live_profile):
         assert 1 / 3 < ratios[len(ratios) // 2] < 3, (kind, xs, ts, ab)
     # the solver's collective_time prices the measured traffic with these numbers
     full = QUICK["message_sizes"][-1]
-    ab = p.mesh_dim_links[0].collectives["all_reduce"]
-    assert collective_time("all_reduce", full, 2, p.mesh_dim_links[0]) == pytest.approx(ab.alpha + ab.beta * full)
+    link = p.mesh_dim_links[0]
+    ab = link.collectives["all_reduce"]
+    assert collective_time("all_reduce", full, 2, link) == pytest.approx(ab.alpha + link.sync_s + ab.beta * full)
+    # the per-call sync cost is what the three timings leave over (work + call - work - call, at least 0)
+    sync = raw["sync"]
+    assert sync["work_s"] > 0 and sync["call_s"] > 0 and sync["matmuls"] >= 1
+    assert link.sync_s == pytest.approx(max(0.0, sync["work_and_call_s"] - sync["work_s"] - sync["call_s"]))
