@@ -72,7 +72,7 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: Devi
     Batch-split mesh dims give a partial sum: local sum of losses divided by the global number of
     counted targets (exact with ignored targets). Vocab-split mesh dims reduce the max (no
     gradient needed: log-sum-exp is shift invariant), the sum of exponentials and the target
-    logit across ranks. ``reduction``: 1 mean, 2 sum (ATen's enum). ``replicated``: return the loss
+    logit across ranks. ``reduction``: 0 none (per-row losses), 1 mean, 2 sum (ATen's enum). ``replicated``: return the loss
     summed over the batch-splitting dims (replicated), loss and count in one all-reduce per dim.
     """
     sh = placements(logits_sharding)
@@ -95,6 +95,8 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: Devi
     else:
         loss = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")
     loss = loss * valid
+    if reduction == 0:   # per row (this rank's rows where the batch is split)
+        return loss
     return rows_reduced(loss.sum(), valid.sum(), mesh, batch_dims, reduction, replicated)
 
 

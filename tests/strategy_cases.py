@@ -53,14 +53,15 @@ class Embed(nn.Module):
 
 
 class CE(nn.Module):
-    def __init__(self, ignore: bool):
+    def __init__(self, ignore: bool, reduction: str = "mean"):
         super().__init__()
         self.ignore = ignore
+        self.reduction = reduction
 
     def forward(self, logits, target):
         if self.ignore:
             target = target.masked_fill(target == 0, -100)
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction=self.reduction)
 
 
 def _x(*shape):
@@ -93,6 +94,10 @@ CASES = {
                       [aten.cross_entropy_loss.default]),
     "cross_entropy_ignore": (lambda: CE(True), lambda: (torch.randn(8, 12), torch.randint(0, 12, (8,))),
                              [aten.cross_entropy_loss.default]),
+    "cross_entropy_none": (lambda: CE(True, "none"), lambda: (torch.randn(8, 12), torch.randint(0, 12, (8,))),
+                           [aten.cross_entropy_loss.default]),
+    "cross_entropy_sum": (lambda: CE(False, "sum"), lambda: (torch.randn(8, 12), torch.randint(0, 12, (8,))),
+                          [aten.cross_entropy_loss.default]),
     "pointwise": (lambda: Fn(lambda x, b: F.gelu(x + b) * x - x / (b + 3.0), (4, 8)), _x(4, 4, 8),
                   [aten.add.Tensor, aten.gelu.default, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor]),
     "silu_neg": (lambda: Fn(lambda x: -F.silu(x)), _x(4, 8), [aten.silu.default, aten.neg.default]),

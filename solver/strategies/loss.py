@@ -22,11 +22,21 @@ def _supported(node: GNode) -> bool:
     return weight is None and not smoothing
 
 
+def _reduction(node: GNode) -> int:
+    args = node.fx_node.args
+    r = args[3] if len(args) > 3 else node.fx_node.kwargs.get("reduction", 1)
+    return 1 if r is None else int(r)
+
+
 @register(aten.cross_entropy_loss.default)
 def cross_entropy_rule(node: GNode, n: int, in_metas: list[TensorMeta]) -> list[Strategy1D]:
     logits, target = in_metas[:2]
     if not _supported(node) or len(in_metas) != 2 or len(logits.shape) != 2:
         return []
+    if _reduction(node) == 0:   # one loss per row: split rows give this rank's rows
+        return [Strategy1D((R, R), (R,)),
+                Strategy1D((Shard(0), Shard(0)), (Shard(0),)),
+                Strategy1D((Shard(1), R), (R,))]
     return [Strategy1D((R, R), (R,)),
             Strategy1D((Shard(0), Shard(0)), (P_SUM,)),
             Strategy1D((Shard(1), R), (R,))]
