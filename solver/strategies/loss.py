@@ -2,7 +2,8 @@
 (vocab-parallel: max, sum-exp and target logit reduced across ranks; replicated output).
 
 Mean reduction stays exact with ignored targets: the runtime divides local sums by the global
-count of counted targets.
+count of counted targets. With ``reduction="none"`` (one loss per row) a split batch gives this
+rank's rows (Shard(0) output), a split vocabulary the full rows.
 """
 from __future__ import annotations
 
