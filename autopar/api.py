@@ -154,12 +154,13 @@ def _check_dtypes(model: nn.Module, example_inputs: ExampleInputs) -> None:
     """Parameters and floating inputs must be float64/32/16 or bfloat16 (complex and float8 are not planned)."""
     import torch
     import torch.utils._pytree as pytree
+    from torch.distributed.tensor import DTensor
 
     ok = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
     named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
     named += [(f"input {i}", x) for i, x in enumerate(pytree.tree_leaves(example_inputs)) if isinstance(x, torch.Tensor)]
     for what, t in named:
-        if type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+        if isinstance(t, DTensor):
             raise ConfigError(f"{what} is already a DTensor: this model was parallelized before (autopar or "
                               f"torch.distributed.tensor); plan a fresh copy of the original model")
         if (t.is_complex() or t.is_floating_point()) and t.dtype not in ok:

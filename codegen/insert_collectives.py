@@ -44,12 +44,6 @@ def _is_tensor_input(a: object, ctx: ShardingContext) -> bool:
     return isinstance(a, fx.Node) and a.name in ctx.gi.nodes and isinstance(a.meta.get("val"), torch.Tensor)
 
 
-def deferred_grad_dims(ctx: ShardingContext) -> dict[str, tuple[int, ...]]:
-    """Parameters whose every use only needs its gradient summed over some mesh dims (data parallel):
-    placeholder name -> those dims. Their reduction is left to the bucketed reducer (DDP semantics)."""
-    return deferred_grads(ctx)[0]
-
-
 def deferred_grads(ctx: ShardingContext) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """(deferred parameters: placeholder -> mesh dims, pass-through ops).
 
@@ -185,9 +179,10 @@ def _replicate_loss_in_place(node: fx.Node, src: str) -> bool:
     dim (else the count is all-reduced inside it and the loss again at the output)."""
     if node.target is not parallel_ops.sharded_cross_entropy or len(node.users) != 1:
         return False
-    args = list(node.args) + [None] * (7 - len(node.args))
-    partial = " ".join("P(sum)" if p == "S(0)" else "R" for p in args[3].split())
-    if src != partial or args[5] not in (None, 1, 2):
+    if len(node.args) == 7:   # made replicated already (the loss returned twice)
+        return node.args[6] is True
+    logits, target, mesh, sharding, ignore, reduction = node.args   # as substitute_parallel_ops writes it
+    if src != " ".join("P(sum)" if p == "S(0)" else "R" for p in sharding.split()) or reduction not in (1, 2):
         return False
-    node.args = tuple(args[:4]) + (-100 if args[4] is None else args[4], 1 if args[5] is None else args[5], True)
+    node.args = (logits, target, mesh, sharding, ignore, reduction, True)
     return True
