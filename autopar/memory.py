@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from autopar.errors import ConfigError
@@ -63,11 +65,24 @@ class MemoryReport:
                 "final": dict(self.final)}
 
 
+class _ModTracker(ModTracker):
+    """ModTracker whose post-backward hook of a module waits for its non-leaf inputs only. Its hook on the
+    inputs is a multi-grad hook, which holds every gradient it waits for until the last one arrives: on a
+    parameter leaf passed in as an input (autopar's recompute regions take their parameters as inputs) it
+    kept the gradient AccumulateGrad would have moved into ``.grad``, so that it made a copy and both
+    lived on: the measurement, not the step, doubled those gradients."""
+
+    def _fw_pre_hook(self, mod, input):
+        args, _ = tree_flatten(input)
+        return super()._fw_pre_hook(mod, tuple(a for a in args if not (isinstance(a, torch.Tensor) and a.is_leaf)))
+
+
 class _Tracker(MemTracker):
     """MemTracker that routes host allocations to its own count and keeps per-category maxima."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
+        self._mod_tracker = _ModTracker()   # observes without holding gradients (see _ModTracker)
         self.device = device
         self.host_depth = 0
         self.host_live = 0

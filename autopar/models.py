@@ -8,6 +8,8 @@ errors and must not capture, plan or run anything.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import importlib.util
 import inspect
@@ -104,9 +106,11 @@ def load_example_module(name: str) -> ModuleType:
     return module
 
 
-def build_model(spec: str, *, batch: int, seq: int, device: str | torch.device = "meta"
+def build_model(spec: str, *, batch: int, seq: int, device: str | torch.device = "meta", n_layer: int | None = None
                 ) -> tuple[nn.Module, ExampleInputs]:
     """A model and its example inputs for ``spec``: a built-in name or ``module:callable``.
+    ``n_layer``: a built-in with that many blocks instead of its own (e.g. a deeper tiny model, where
+    activations outweigh parameters as in real training).
 
     Built-ins return ``{"idx": LongTensor[batch, seq], "labels": LongTensor[batch, seq]}``: meta
     tensors on ``device="meta"``, otherwise random tokens from a fixed seed. A ``module:callable``
@@ -116,8 +120,14 @@ def build_model(spec: str, *, batch: int, seq: int, device: str | torch.device =
     if not (isinstance(batch, int) and isinstance(seq, int)) or batch < 1 or seq < 1:
         raise ConfigError(f"batch and seq must be positive integers, got batch={batch!r}, seq={seq!r}")
     dev = torch.device(device)
+    if n_layer is not None and (spec not in BUILTIN_MODELS or not isinstance(n_layer, int) or n_layer < 1):
+        raise ConfigError(f"n_layer={n_layer!r}: give a positive int, for a built-in model "
+                          f"({', '.join(BUILTIN_MODELS)})")
     if spec in BUILTIN_MODELS:
-        return _build_builtin(spec, BUILTIN_MODELS[spec], batch=batch, seq=seq, device=dev)
+        ms = BUILTIN_MODELS[spec]
+        if n_layer is not None:
+            ms = dataclasses.replace(ms, config={**ms.config, "n_layer": n_layer})
+        return _build_builtin(spec, ms, batch=batch, seq=seq, device=dev)
     if ":" in spec:
         return _build_callable(spec, batch=batch, seq=seq, device=dev)
     raise ConfigError(f"unknown model {spec!r}; use one of {', '.join(BUILTIN_MODELS)} "

@@ -89,8 +89,10 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh: Devi
         vocab = logits.shape[1] * _product(mesh.size(d) for d in vocab_dims)
         start, stop = local_range(vocab, 1, sh, mesh)
         mine = (target >= start) & (target < stop)
-        idx = (target - start).clamp(0, stop - start - 1).unsqueeze(-1)
-        tl = redistribute(logits.gather(-1, idx).squeeze(-1) * mine, part, row, mesh=mesh)
+        idx = (target - start).clamp(0, stop - start - 1)
+        # indexing, not gather: gather's backward keeps the whole logits shard, indexing only the indices
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        tl = redistribute(logits[rows, idx] * mine, part, row, mesh=mesh)
         loss = torch.log(sumexp) + m - tl
     else:
         loss = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")

@@ -1,7 +1,10 @@
 """Memory fidelity: the plan's predicted per-rank peak next to the peak autopar.memory measures.
 
-For the GPT and LLaMA examples (gpt-tiny / llama-tiny shapes) on 2- and 4-rank gloo meshes (one
-mesh dim, ``dp``, batch split), one training step (forward, backward, AdamW step; after one
+For the GPT and LLaMA examples (gpt-tiny / llama-tiny widths, 8 blocks instead of 2, batch 16,
+sequence 64: activations outweigh parameters and AdamW states there, as in real LLM training; with
+2 blocks, batch 8 and sequence 32 parameters and optimizer states dominate and no plan fits 40 % of
+the data-parallel peak) on 2- and 4-rank gloo meshes (one mesh dim, ``dp``, batch split), every row
+on the same shapes, one training step (forward, backward, AdamW step; after one
 untracked warm-up step, so optimizer states exist as in steady state) is measured per rank by
 category (params, grads, optimizer, activations, other, host) for these plans:
 
@@ -20,7 +23,7 @@ offload yet): its prediction is the base plan's, so its error says how much offl
 measurement, not how well it was predicted.
 Writes benchmarks/results/memory_fidelity.json with machine info.
 
-    python benchmarks/memory_fidelity.py [--worlds 2,4] [--batch 8] [--seq 32]
+    python benchmarks/memory_fidelity.py [--worlds 2,4] [--layers 8] [--batch 16] [--seq 64]
 """
 from __future__ import annotations
 
@@ -89,7 +92,8 @@ def _measure(pm, inputs) -> dict:
     return t.report.to_dict()
 
 
-def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q, only: tuple[str, ...] = ()) -> None:
+def _worker(rank: int, world: int, port: int, layers: int, batch: int, seq: int, out_q,
+            only: tuple[str, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -101,7 +105,7 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q, only:
         rows = []
         for spec in MODELS:
             torch.manual_seed(0)
-            model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+            model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu", n_layer=layers)
             for name, plan, replaced in _plans(model, inputs, world):
                 if only and name not in only:
                     continue
@@ -129,13 +133,14 @@ def _worker(rank: int, world: int, port: int, batch: int, seq: int, out_q, only:
     exit_worker(out_q)
 
 
-def run_world(world: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = ()) -> list[dict]:
+def run_world(world: int, layers: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = ()
+              ) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, seq, q, only)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, layers, batch, seq, q, only)) for r in range(world)]
     for p in procs:
         p.start()
     res = q.get(timeout=timeout)
@@ -168,8 +173,9 @@ def _mib(n: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", default="2,4", help="comma-separated rank counts (default 2,4)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=8, help="blocks per model (default 8)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--rows", default="", help="comma-separated rows to measure (default all; a partial run "
                                                  "does not write the results file)")
@@ -177,7 +183,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = []
     for world in (int(w) for w in args.worlds.split(",")):
-        rows += run_world(world, args.batch, args.seq, args.timeout, tuple(r for r in args.rows.split(",") if r))
+        rows += run_world(world, args.layers, args.batch, args.seq, args.timeout,
+                          tuple(r for r in args.rows.split(",") if r))
     rows = [_summarize(r) if "measured" in r else r for r in rows]
     print(f"{'model':10s} {'ranks':>5s} {'plan':9s} {'pred MiB':>8s} {'meas MiB':>8s} {'err':>7s}  "
           f"{'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'other':>7s} {'host':>7s}  decisions")
@@ -202,7 +209,8 @@ def main(argv=None) -> int:
     within = [r for r in scored if abs(r["worst_relative_error"]) <= 0.10]
     print(f"solved plans predicted within +-10% on every rank: {len(within)}/{len(scored)}")
     out = {"rows": rows, "target": 0.10, "solved_within_target": len(within), "solved_rows": len(scored),
-           "config": {"models": list(MODELS), "batch": args.batch, "seq": args.seq, "worlds": args.worlds,
+           "config": {"models": list(MODELS), "n_layer": args.layers, "batch": args.batch, "seq": args.seq,
+                      "worlds": args.worlds,
                       "cluster": "cpu-gloo", "optimizer": "AdamW(lr=1e-4)", "step": "forward+backward+step"},
            "wall_s": time.time() - t0, "machine": machine()}
     if args.rows:

@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 OUTPUT = "__output__"
 _MODES = ("keep", "sel", "full")   # activation recompute modes of a repeated block
 _UNIT = float(2 ** 20)   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
+# a loss whose backward holds several input-sized gradients at once: cross-entropy's nll_loss backward
+# makes the gradient of the log-probabilities, log_softmax's backward the logits' one from it (both live)
+_BACKWARD_START_COPIES = {C.aten.cross_entropy_loss.default: 2}
 
 
 @dataclass
@@ -92,6 +95,9 @@ class KeyInfo:
     in_metas: list[TensorMeta]
     compute: list[C.OpCost] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)
+    # output index -> (the producer keeps it itself, {(consumer key, argument)} through which the tensor
+    # autograd keeps left it: solver.saved's kept_by); None where not traced
+    kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
 
 
 @dataclass
@@ -177,6 +183,8 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
                        fallback=fallback, in_metas=in_metas)
+        if saved is not None:
+            info.kept_by = _kept_by(saved.get(node.name), gi)
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
@@ -196,8 +204,34 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
     return keys
 
 
+def _kept_by(rec: Saved | None, gi: GraphIndex) -> dict[int, tuple[bool, frozenset[tuple[str, int]]]]:
+    """solver.saved's kept_by of one node in graph keys: output -> (kept by the producer, consumer edges)."""
+    out: dict[int, tuple[bool, set]] = {}
+    for i, consumer, arg in (rec.kept_by if rec is not None else ()):
+        own, via = out.setdefault(i, (False, set()))
+        if consumer is None:
+            out[i] = (True, via)
+        elif consumer in gi.nodes:
+            via.add((gi.nodes[consumer].key, arg))
+    return {i: (own, frozenset(via)) for i, (own, via) in out.items()}
+
+
 def _keeps_param_copy(node: GNode) -> bool:
     return node.kind == "op" and node.target not in C.FREE_OPS
+
+
+def _kept_copy(u: KeyInfo, o: int, kv: str, a: int, consumer: KeyInfo | None) -> str | None:
+    """How a resharded copy on edge (u, o) -> (kv, a) stays for backward: "only" (the consumer keeps the
+    copy, the producer's own tensor is not kept: the copy replaces it), "also" (kept besides the
+    producer's tensor, or a parameter's gathered copy), None (not kept)."""
+    if consumer is None:
+        return None
+    if u.kept_by is None:   # not traced: a parameter's copy is kept by every op but free ones
+        return "also" if u.node.kind == "param" and _keeps_param_copy(consumer.node) else None
+    own, via = u.kept_by.get(o, (False, frozenset()))
+    if (kv, a) not in via:
+        return None
+    return "only" if u.node.kind != "param" and not own and len(via) == 1 else "also"
 
 
 class ShardingILP:
@@ -226,6 +260,7 @@ class ShardingILP:
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
         self._last: dict[str, int] = {}
         self._remat_vars: dict[str, tuple] = {}
+        self._max_vars: list[tuple[pulp.LpVariable, list]] = []   # v >= each c x: settled to the max (settle_remat)
         self._blocks_end = max((i for i, n in enumerate(gi.nodes.values())
                                 if n.layer is not None and n.layer[0] in gi.shared_lists), default=-1)
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
@@ -266,18 +301,42 @@ class ShardingILP:
     def add_backward_start_grad(self) -> None:
         """The gradient backward creates first (e.g. of the logits, from the loss) is live at the backward
         start with every kept activation: per strategy of the graph output's producer, the local bytes of
-        its largest floating-point input (category "backward_grad", backward-start row)."""
+        its largest floating-point input, times the copies its backward holds at once
+        (_BACKWARD_START_COPIES; category "backward_grad", backward-start row)."""
         for ref in self.gi.output_refs:
             node = self.gi.nodes[ref.src]
             out = node.outputs[ref.out] if node.outputs else None
             if node.kind != "op" or out is None or not out.dtype.is_floating_point or len(out.shape) > 0:
                 continue   # only a scalar loss starts backward
             info = self.keys[node.key]
+            copies = _BACKWARD_START_COPIES.get(node.target, 1)
             for j, s in enumerate(info.strategies):
-                b = max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
-                         if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
+                b = copies * max((C.local_bytes(m, p, self.mesh.shape) for m, p in zip(info.in_metas, s.inputs)
+                                  if m is not None and p is not None and m.dtype.is_floating_point), default=0.0)
                 if b:
                     self.mem_terms["backward_grad"].append((b, self.x[node.key][j]))
+
+    def _loss_grad_edges(self) -> set[tuple[str, int, str, int]]:
+        """Edges the loss's first gradient flows back through before it meets an op that computes (the loss's
+        floating-point inputs and the free ops, views, before them): a resharding there runs its backward
+        collective at the backward start, on top of that gradient (add_edge_vars charges it)."""
+        out: set[tuple[str, int, str, int]] = set()
+        todo = [self.gi.nodes[r.src] for r in self.gi.output_refs]
+        seen: set[str] = set()
+        while todo:
+            v = todo.pop()
+            if v.name in seen or v.kind != "op":
+                continue
+            seen.add(v.name)
+            for ai, ref in enumerate(v.inputs):
+                u = self.gi.nodes[ref.src]
+                meta = u.outputs[ref.out] if u.outputs else None
+                if meta is None or not meta.dtype.is_floating_point:
+                    continue
+                out.add((u.key, ref.out, v.key, ai))
+                if u.target in C.FREE_OPS:
+                    todo.append(u)
+        return out
 
     def add_recompute_hold(self) -> None:
         """H (MiB) >= what every block keeps and H >= every gradient: the recompute row's stand-in for
@@ -314,11 +373,18 @@ class ShardingILP:
         per_block = info.mult / self.gi.layer_counts[group]
         act = [per_block * m.get("activations", 0.0) for m in info.memory]
         fwd = [per_block * c.fwd_s for c in info.compute]
-        contraction = C.contraction_flops(info.node, info.in_metas) > 0
         bwd = [per_block * c.bwd_s for c in info.compute]
+        # selective recompute keeps a matmul's or attention's outputs whether or not autograd would keep
+        # them (codegen.checkpoint_regions: MUST_SAVE), at least what it keeps: bytes per strategy
+        sel: list[float] = []
+        if C.contraction_flops(info.node, info.in_metas) > 0:
+            sel = [max(a, per_block * sum(C.local_bytes(o, p, self.mesh.shape)
+                                          for o, p in zip(info.node.outputs, s.outputs)
+                                          if o is not None and p is not None and o.dtype.is_floating_point))
+                   for a, s in zip(act, info.strategies)]
         terms = self.blocks[group]
-        if any(act) or any(fwd):
-            terms["keys"].append((xs, act, fwd, contraction, bwd))
+        if any(act) or any(fwd) or any(sel):
+            terms["keys"].append((xs, act, fwd, sel, bwd))
         out = info.node.outputs[0] if info.node.outputs else None
         pos = self._pos(info.node)
         if out is not None and out.dtype.is_floating_point and pos > self._last.get(group, -1):
@@ -354,8 +420,8 @@ class ShardingILP:
         The product of a key's strategy choice x_{k,s} and the mode fractions is exact without big-M:
         continuous v_{k,s,m} >= 0 with  sum_m v_{k,s,m} = x_{k,s}  and  sum_s v_{k,s,m} = c_m / N,
         so v_{k,s,m} = x_{k,s} c_m / N for the chosen s. Per rank, with a_{k,s} the bytes one block
-        keeps for key k, f_{k,s} its forward seconds, b_s the block boundary's bytes:
-          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
+        keeps for key k, o_{k,s} its outputs' bytes, f_{k,s} its forward seconds, b_s the block boundary's bytes:
+          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} max(a_{k,s}, o_{k,s}) [k is a matmul/attention])
                    + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
           time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
                    + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
@@ -363,7 +429,9 @@ class ShardingILP:
                    included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
                    priced on an x stands for y; collectives before the block's first op are outside its
                    checkpoint region)
-          T_g   >= A_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s}
+          T_g   >= A_g + M_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
+          M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest collective
+          its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
         T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
         its H >= kept, add_recompute_hold).
         With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
@@ -394,8 +462,8 @@ class ShardingILP:
                     if act[j]:
                         a_block.append((act[j], xs[j]))
                         kept.append((n * act[j], v["keep"][j]))
-                        if contraction:
-                            kept.append((n * act[j], v["sel"][j]))
+                    if contraction and contraction[j]:   # the bytes selective recompute keeps
+                        kept.append((n * contraction[j], v["sel"][j]))
                     if "off" in v:
                         off.append((act[j], fwd[j], bwd[j], v["off"][j]))
                     if fwd[j]:
@@ -407,6 +475,13 @@ class ShardingILP:
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
             bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
+            if t.get("grad_comm"):   # the largest collective of its backward, on top
+                gc = self._var(f"remat_comm_{gidx}", lowBound=0)   # MiB
+                for ci, (c, x) in enumerate(t["grad_comm"]):
+                    self.prob += gc >= c / _UNIT * x, f"remat_comm_{gidx}_{ci}"
+                a_block.append((_UNIT, gc))
+                bound += max(c for c, _ in t["grad_comm"])
+                self._max_vars.append((gc, [(c / _UNIT, x) for c, x in t["grad_comm"]]))
             self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
                 f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
@@ -501,6 +576,8 @@ class ShardingILP:
     def settle_remat(self) -> None:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
         recompute row does not bind; reports read it)."""
+        for v, terms in self._max_vars:
+            v.varValue = max((c * _value(x) for c, x in terms), default=0.0)
         for g, (cnt, tr, a_block) in self._remat_vars.items():
             some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
             tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
@@ -541,6 +618,7 @@ class ShardingILP:
         return edges
 
     def add_edge_vars(self) -> None:
+        loss_grad = self._loss_grad_edges()
         for ei, (ku, o, kv, a, mult) in enumerate(self._edge_list()):
             u = self.keys[ku]
             meta = u.node.outputs[o]
@@ -556,7 +634,11 @@ class ShardingILP:
                 for j, s in enumerate(self.keys[kv].strategies):
                     inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
                     qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
-            keeps = u.node.kind == "param" and kv != OUTPUT and _keeps_param_copy(self.keys[kv].node)
+            keeps = _kept_copy(u, o, kv, a, self.keys.get(kv))
+            # a copy kept inside a repeated block that recompute may drop is charged through add_remat_vars
+            group = self._block_group(u) if keeps and u.node.kind != "param" else None
+            routed: dict[int, tuple[object, float]] = {}
+            bgroup = self._block_group(self.keys[kv]) if kv in self.keys else None
 
             def coef(p, q):
                 is_param = u.node.kind == "param"
@@ -565,8 +647,28 @@ class ShardingILP:
                 if c is None:
                     c = self._cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], self.mesh.shape, self.links,
                                                            param=is_param)
-                mem = C.local_bytes(meta, q[0], self.mesh.shape) if keeps and p != q[0] else 0.0
+                mem = 0.0
+                if keeps and p != q[0]:   # the consumer keeps the resharded copy (in its placement)
+                    mem = C.local_bytes(meta, q[0], self.mesh.shape)
+                    if keeps == "only":   # ... instead of the producer's tensor, which add_node_vars charges
+                        mem -= C.local_bytes(meta, p, self.mesh.shape)
                 return mult * c.total, mult * mem, mult * c.fwd_s
+
+            def add(t, mem, var, fwd, p=None, q=None):
+                if bgroup is not None and p is not None and p != q[0] and var is not None:
+                    # the block's backward runs this resharding's collective on the gradient: its result in
+                    # the producer's placement and a staging buffer as large as the larger side
+                    lp, lq = (C.local_bytes(meta, r, self.mesh.shape) for r in (p, q[0]))
+                    self.blocks[bgroup]["grad_comm"].append((mult / self.gi.layer_counts[bgroup] * (lp + max(lp, lq)),
+                                                             var))
+                if (ku, o, kv, a) in loss_grad and p is not None and p != q[0] and var is not None:
+                    # the gradient's backward collective: its result in the producer's placement and the
+                    # staging buffer of the gathered chunks, both live at the backward start
+                    self.mem_terms["backward_grad"].append((2 * mult * C.local_bytes(meta, p, self.mesh.shape), var))
+                if group is not None:
+                    routed[id(var)] = (var, mem)
+                    mem = 0.0
+                self._add_edge_term(kv, t, mem, var, fwd, ei)
 
             xu = self.x[ku]
             xv = self.x.get(kv)
@@ -574,7 +676,8 @@ class ShardingILP:
                 for q, qidx in qgroups.items():
                     t, mem, fwd = coef(q[0], q)
                     for j in qidx:
-                        self._add_edge_term(kv, t, mem, xv[j], fwd, ei)
+                        add(t, mem, xv[j], fwd, q[0], q)
+                self._route_kept_copy(group, xv, routed, mult)
                 continue
             if len(pgroups) == 1 or len(qgroups) == 1:  # no y needed: the cost rides on one side's x
                 for p, pidx in pgroups.items():
@@ -587,7 +690,8 @@ class ShardingILP:
                         else:
                             vars_ = [xu[j] for j in pidx]
                         for var in vars_:
-                            self._add_edge_term(kv, t, mem, var, fwd, ei)
+                            add(t, mem, var, fwd, p, q)
+                self._route_kept_copy(group, xv if len(pgroups) == 1 else xu, routed, mult)
                 continue
             ys = {}
             for pi, p in enumerate(pgroups):
@@ -595,11 +699,22 @@ class ShardingILP:
                     y = self._var(f"y{ei}_{pi}_{qi}", lowBound=0)
                     ys[(p, q)] = y
                     t, mem, fwd = coef(p, q)
-                    self._add_edge_term(kv, t, mem, y, fwd, ei)
+                    add(t, mem, y, fwd, p, q)
             for pi, (p, pidx) in enumerate(pgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for p in pgroups) == pulp.lpSum(xv[j] for j in qidx), f"eq{ei}_{qi}"
+            self._route_kept_copy(group, list(ys.values()), routed, mult)
+
+    def _route_kept_copy(self, group: str | None, onehot: list, routed: dict, mult: float) -> None:
+        """A resharded copy kept in a repeated block (bytes per variable of the one-hot ``onehot``: an edge's
+        y or one side's x, summing to 1) joins the block's terms like a key's kept bytes (add_remat_vars)."""
+        if group is None or not any(m for _, m in routed.values()):
+            return
+        n = self.gi.layer_counts[group]
+        act = [routed.get(id(v), (v, 0.0))[1] / n for v in onehot]
+        zeros = [0.0] * len(onehot)
+        self.blocks[group]["keys"].append((list(onehot), act, zeros, [], zeros))
 
     def _var(self, name: str, **kw) -> pulp.LpVariable:
         if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there

@@ -1,13 +1,20 @@
 """Which tensors autograd keeps for backward, per graph node: measured, not guessed.
 
 The captured graph runs once on fake tensors (FakeTensorMode: shapes only, on the captured device,
-CPU for meta-built models) with every floating-point placeholder requiring grad, under
+CPU for meta-built models) with the parameters requiring grad (buffers and user inputs do not, as in
+training: ``x * rope_cos`` keeps nothing of ``x`` then), under
 ``torch.autograd.graph.saved_tensors_hooks``. Every tensor autograd packs is traced to
 its root storage (``_base`` of a view) and attributed:
 
 * to the node (or placeholder) whose output it is, as "output ``i`` of node ``n`` is kept", or
 * when it is no node's output (an op's internal result such as layer_norm's mean/rstd or the
   log-softmax that cross-entropy keeps), to the node running at the time, as extra bytes.
+
+Each saved root also records where it is kept: through which consumer (node, argument index, the
+argument numbering of ``autopar.graph.tensor_inputs``) the saved tensor or view left its producer,
+or by the producer itself. A consumer whose input the plan reshards keeps the resharded copy in its
+own placement (solver.ilp charges it there); parameters are recorded this way too (a gathered copy
+is kept only by an op that saves that parameter: embedding's backward needs only the indices).
 
 Each root is counted once, however many ops save it (q, k and v of attention are views of one
 projection output; the layer-norm output feeds three linears). Parameters kept by the ops that use
@@ -17,24 +24,30 @@ Scaled dot-product attention may take its math fallback under fake tensors (whic
 attention matrix); on CPU and CUDA the fused kernels keep q, k, v, the output and the log-sum-exp,
 so for that op the fused kernels' set is recorded.
 
-Result per node: ``Saved(outputs, extra_bytes)``; a strategy's local bytes are the kept outputs'
+Result per node: ``Saved(outputs, extra_bytes, kept_by)``; a strategy's local bytes are the kept outputs'
 local sizes plus ``extra_bytes`` divided by the shard factor of the node's first input
 (solver.cost.saved_bytes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from autopar.graph import tensor_inputs
+
 SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
+_getitem = __import__("operator").getitem
 
 
 @dataclass(frozen=True)
 class Saved:
     outputs: frozenset[int]          # indices of the node's outputs autograd keeps
     extra_bytes: float               # kept internal results of the op (global bytes)
+    # (output index, consumer node, argument index) through which a kept output (or a view of it) reached
+    # the op that saved it; consumer None: the producer itself keeps it (its own placement)
+    kept_by: frozenset[tuple[int, str | None, int]] = field(default=frozenset())
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
@@ -47,8 +60,9 @@ def _nbytes(t: torch.Tensor) -> float:
     return float(t.numel() * t.element_size())
 
 
-def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
-    """Node name -> what autograd keeps of it (nodes that keep nothing are absent)."""
+def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> dict[str, Saved]:
+    """Node name -> what autograd keeps of it (nodes that keep nothing are absent). ``grad_inputs``: the
+    placeholders that require grad (the parameters; None: every floating-point placeholder)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -65,7 +79,7 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
             # (HF's .to(x.device)) run and ops choose the kernels they choose there
             device = v.device if v.device.type != "meta" else torch.device("cpu")
             t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
-            if t.is_floating_point():
+            if t.is_floating_point() and (grad_inputs is None or n.name in grad_inputs):
                 t.requires_grad_(True)
             args.append(t)
 
@@ -73,27 +87,50 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
     alive: list[torch.Tensor] = []              # keeps ids unique while the run lasts
     kept: dict[int, tuple[str, int] | None] = {}
     extra: dict[str, float] = {}
-    state = {"node": None, "mute": False}
+    hop: dict[int, tuple[str, int]] = {}        # id(view) -> (consumer of its root's producer, argument index)
+    kept_by: dict[tuple[str, int], set[tuple[str | None, int]]] = {}
+    state = {"node": None, "mute": False, "args": ()}
 
-    def note(t: torch.Tensor, current: str) -> None:
+    def first_hop(t: torch.Tensor, r: torch.Tensor, node: fx.Node, args) -> tuple[str | None, int] | None:
+        """Where ``t`` (root ``r``) left its producer on the way to ``node``'s inputs ``args``."""
+        if id(t) in hop:
+            return hop[id(t)]
+        for ai, a in enumerate(args):
+            if a is t or (isinstance(a, torch.Tensor) and a is r):
+                return (node.name, ai)
+        for ai, a in enumerate(args):   # a view the op made of one of its inputs
+            if isinstance(a, torch.Tensor) and _root(a) is r:
+                return hop.get(id(a), (node.name, ai))
+        return None
+
+    def note(t: torch.Tensor, current: fx.Node) -> None:
         r = _root(t)
+        src = owner.get(id(r))
+        if src is not None:
+            where = (None, -1) if src[0] == current.name else first_hop(t, r, current, state["args"])
+            if where is not None:
+                kept_by.setdefault(src, set()).add(where)
         if id(r) in kept:
             return
         alive.append(r)
-        src = owner.get(id(r))
         kept[id(r)] = src
         if src is None:
-            extra[current] = extra.get(current, 0.0) + _nbytes(r)
+            extra[current.name] = extra.get(current.name, 0.0) + _nbytes(r)
 
     def pack(t):
         if not state["mute"] and state["node"] is not None and isinstance(t, torch.Tensor):
-            note(t, state["node"].name)
+            note(t, state["node"])
         return t
+
+    by_name = {n.name: n for n in gm.graph.nodes}
 
     class _Run(fx.Interpreter):
         def run_node(self, n):
             state["node"] = n
             state["mute"] = n.target in SDPA
+            state["args"] = tuple(self.env[by_name[r.src]] if n.target is not _getitem
+                                  else self.env[by_name[r.src]][r.out]
+                                  for r in tensor_inputs(n)) if n.op == "call_function" else ()
             out = super().run_node(n)
             state["mute"] = False
             outs = out if isinstance(out, (tuple, list)) else [out]
@@ -102,11 +139,16 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
                     r = _root(t)
                     alive.append(r)
                     owner.setdefault(id(r), (n.name, i))   # a view's root belongs to its producer
+                    if r is not t and owner[id(r)][0] != n.name:   # a view: remember where it left the root
+                        where = first_hop(t, r, n, state["args"])
+                        if where is not None:
+                            hop[id(t)] = where
+                            alive.append(t)
             if n.target in SDPA and isinstance(out, torch.Tensor) and out.requires_grad:
                 for a in n.args[:3]:
                     if isinstance(a, fx.Node):
-                        note(self.env[a], n.name)
-                note(out, n.name)
+                        note(self.env[a], n)
+                note(out, n)
                 q = self.env[n.args[0]]
                 extra[n.name] = extra.get(n.name, 0.0) + q.numel() / q.shape[-1] * 4.0   # fp32 log-sum-exp
             return out
@@ -119,4 +161,5 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
         if src is not None:
             outputs.setdefault(src[0], set()).add(src[1])
     names = set(outputs) | set(extra)
-    return {n: Saved(frozenset(outputs.get(n, ())), extra.get(n, 0.0)) for n in names}
+    return {n: Saved(frozenset(outputs.get(n, ())), extra.get(n, 0.0),
+                     frozenset((i, *w) for (m, i), ws in kept_by.items() if m == n for w in ws)) for n in names}

@@ -244,7 +244,7 @@ def local_step(spec: str, checkpoint: tuple[str, ...] = (), offload: tuple[str, 
 
 
 def check_budget_fraction(rank: int, world: int, spec: str, mesh_shape: tuple[int, ...], fraction: float,
-                          batch: int = 8, seq: int = 32) -> dict:
+                          batch: int = 8, seq: int = 32, n_layer: int | None = None) -> dict:
     """Plan data-parallel without recompute or ZeRO (parameters replicated) for its predicted peak, then let
     the solver plan under ``fraction`` of it (recompute, ZeRO and placements free, the batch split); run
     one measured step of that plan (``autopar.memory``, optimizer states of a first step already live)
@@ -252,7 +252,7 @@ def check_budget_fraction(rank: int, world: int, spec: str, mesh_shape: tuple[in
     from autopar import zero as Z
 
     torch.manual_seed(0)
-    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu")
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu", n_layer=n_layer)
     ref = copy.deepcopy(model)
     replicated = {"input:*": ["S(0)"] * len(mesh_shape), "param:*": ["R"] * len(mesh_shape)}
     base = shared_plan(model, inputs, mesh_shape, fix=replicated, recompute="none", zero=0)
