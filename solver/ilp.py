@@ -260,7 +260,9 @@ class ShardingILP:
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms
         self._last: dict[str, int] = {}
         self._remat_vars: dict[str, tuple] = {}
-        self._max_vars: list[tuple[pulp.LpVariable, list]] = []   # v >= each c x: settled to the max (settle_remat)
+        self._max_vars: list[tuple[pulp.LpVariable, list]] = []   # v >= each edge's sum c x: settled to the max
+        self._products: list[tuple] = []        # (K, K's terms, [(bit, w >= K bit)]): settled exactly (settle_remat)
+        self._bits: dict[tuple[int, str], list[pulp.LpVariable]] = {}   # (block list, mode) -> its count in binary
         self._blocks_end = max((i for i, n in enumerate(gi.nodes.values())
                                 if n.layer is not None and n.layer[0] in gi.shared_lists), default=-1)
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
@@ -271,6 +273,7 @@ class ShardingILP:
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
         self.merge_trivial = True
         self._cost_cache: dict[tuple, C.OpCost] = {}
+        self._shard_factors: dict[tuple, int] = {}
 
     # -- variables ---------------------------------------------------------------------------
     def add_node_vars(self) -> None:
@@ -475,21 +478,84 @@ class ShardingILP:
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
             bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
-            if t.get("grad_comm"):   # the largest collective of its backward, on top
+            if t.get("grad_comm"):   # the largest collective of its backward, on top: one row per edge
+                by_edge: dict[int, list] = defaultdict(list)
+                for e, c, x in t["grad_comm"]:
+                    by_edge[e].append((c / _UNIT, x))
                 gc = self._var(f"remat_comm_{gidx}", lowBound=0)   # MiB
-                for ci, (c, x) in enumerate(t["grad_comm"]):
-                    self.prob += gc >= c / _UNIT * x, f"remat_comm_{gidx}_{ci}"
+                for e, terms in by_edge.items():
+                    self.prob += gc >= pulp.lpSum(c * x for c, x in terms), f"remat_comm_{gidx}_{e}"
                 a_block.append((_UNIT, gc))
-                bound += max(c for c, _ in t["grad_comm"])
-                self._max_vars.append((gc, [(c / _UNIT, x) for c, x in t["grad_comm"]]))
+                bound += _UNIT * max(max(c for c, _ in terms) for terms in by_edge.values())
+                self._max_vars.append((gc, list(by_edge.values())))
+            off_copies: tuple[list, list] = ([], [])
+            if t.get("kept_copy"):
+                kc_bound, off_copies = self._kept_copies(gidx, n, cnt, t["kept_copy"], kept, a_block)
+                bound += kc_bound
             self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
                 f"remat_peak_{gidx}"
             self.mem_terms["blocks"] += kept + boundary
             self.mem_terms["recompute"].append((_UNIT, tr))   # the kept boundaries are in H >= blocks (add_recompute_hold)
             self.time_terms["recompute"] += rtime
             if off:
-                O.add_block_offload(self, gidx, n, off, self.host)
+                O.add_block_offload(self, gidx, n, off, self.host, *off_copies)
             self._remat_vars[g] = (cnt, tr, a_block)
+
+    def _kept_copies(self, gidx: int, n: int, cnt: dict, terms: list, kept: list, a_block: list
+                     ) -> tuple[float, tuple[list, list]]:
+        """Resharded copies the consumers in a block keep for backward (``terms``: (edge, bytes per block,
+        y or x)), all edges together: K_g = sum c y (MiB, one row) is kept by the blocks that keep
+        everything and goes to host with the offloaded ones (recomputed blocks make them again), so
+        kept += K_g c_keep and host += K_g c_off, products exact through the count in binary (_times_count);
+        an offloaded block copies E_g = sum y tensors more (E_g c_off launches). T_g holds K_g.
+        Returns K_g's upper bound in bytes (for T_g's big-M) and the offloaded copies' terms: (bytes, tensors)."""
+        lo, hi, edges = 0.0, 0.0, defaultdict(list)
+        for e, c, x in terms:
+            edges[e].append(c / _UNIT)
+        for cs in edges.values():   # an edge's terms are one-hot: at most its largest, at least its smallest
+            hi += max(0.0, max(cs))
+            lo += min(0.0, min(cs))
+        k_terms = [(c / _UNIT, x) for _, c, x in terms]
+        k = self._aux(f"kc{gidx}", k_terms, lo, hi)
+        a_block.append((_UNIT, k))
+        kept += [(_UNIT * c, w) for c, w in self._times_count(f"kc{gidx}_keep", k, k_terms, lo, hi,
+                                                              self._count_bits(gidx, "keep", cnt["keep"], n))]
+        if "off" not in cnt:
+            return _UNIT * hi, ([], [])
+        bits = self._count_bits(gidx, "off", cnt["off"], n)
+        copies = [(_UNIT * c, w) for c, w in self._times_count(f"kc{gidx}_off", k, k_terms, lo, hi, bits)]
+        e_terms = [(1.0, x) for _, _, x in terms]
+        e = self._aux(f"ke{gidx}", e_terms, 0.0, float(len(edges)))
+        return _UNIT * hi, (copies, self._times_count(f"ke{gidx}_off", e, e_terms, 0.0, float(len(edges)), bits))
+
+    def _aux(self, name: str, terms: list, lo: float, hi: float) -> pulp.LpVariable:
+        """A continuous variable equal to sum c v (one row), so that rows using it stay sparse."""
+        k = self._var(name, lowBound=lo, upBound=hi)
+        self.prob += k == pulp.lpSum(c * v for c, v in terms), name
+        return k
+
+    def _count_bits(self, gidx: int, mode: str, count, n: int) -> list[pulp.LpVariable]:
+        """A block list's count of ``mode`` in binary: count = sum_b 2^b beta_b (made once)."""
+        if (gidx, mode) not in self._bits:
+            bits = [self._var(f"cb{gidx}_{mode}_{b}", cat="Binary") for b in range(n.bit_length())]
+            self.prob += pulp.lpSum(2 ** b * x for b, x in enumerate(bits)) == count, f"cb{gidx}_{mode}"
+            self._bits[(gidx, mode)] = bits
+        return self._bits[(gidx, mode)]
+
+    def _times_count(self, name: str, k: pulp.LpVariable, k_terms: list, lo: float, hi: float,
+                     bits: list) -> list[tuple[float, pulp.LpVariable]]:
+        """Terms whose sum is at least K * count (K = ``k`` in [lo, hi], count = sum 2^b beta_b): w_b >=
+        K - hi (1 - beta_b) and w_b >= lo beta_b, McCormick's lower envelope, exact for binary beta; tight
+        where a row or the objective bounds w from above (memory rows, time), settled after solving."""
+        ws = []
+        for b, beta in enumerate(bits):
+            w = self._var(f"{name}_{b}", lowBound=min(lo, 0.0))
+            self.prob += w >= k - hi * (1 - beta), f"{name}_{b}"
+            if lo < 0:
+                self.prob += w >= lo * beta, f"{name}_{b}_lo"
+            ws.append((beta, w))
+        self._products.append((k, k_terms, ws))
+        return [(2.0 ** b, w) for b, (_, w) in enumerate(ws)]
 
     def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
         """Time terms for the forward collectives recomputed blocks run again: F (c_sel + c_full) with
@@ -576,8 +642,12 @@ class ShardingILP:
     def settle_remat(self) -> None:
         """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
         recompute row does not bind; reports read it)."""
-        for v, terms in self._max_vars:
-            v.varValue = max((c * _value(x) for c, x in terms), default=0.0)
+        for v, edges in self._max_vars:
+            v.varValue = max((sum(c * _value(x) for c, x in terms) for terms in edges), default=0.0)
+        for k, terms, ws in self._products:
+            k.varValue = sum(c * _value(x) for c, x in terms)
+            for beta, w in ws:
+                w.varValue = k.varValue * round(_value(beta))
         for g, (cnt, tr, a_block) in self._remat_vars.items():
             some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
             tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
@@ -637,8 +707,9 @@ class ShardingILP:
             keeps = _kept_copy(u, o, kv, a, self.keys.get(kv))
             # a copy kept inside a repeated block that recompute may drop is charged through add_remat_vars
             group = self._block_group(u) if keeps and u.node.kind != "param" else None
-            routed: dict[int, tuple[object, float]] = {}
             bgroup = self._block_group(self.keys[kv]) if kv in self.keys else None
+            nbytes = meta.nbytes
+            local = lambda pl: nbytes / self._shard_factor(pl)   # noqa: E731 (C.local_bytes, cached)
 
             def coef(p, q):
                 is_param = u.node.kind == "param"
@@ -649,24 +720,25 @@ class ShardingILP:
                                                            param=is_param)
                 mem = 0.0
                 if keeps and p != q[0]:   # the consumer keeps the resharded copy (in its placement)
-                    mem = C.local_bytes(meta, q[0], self.mesh.shape)
+                    mem = local(q[0])
                     if keeps == "only":   # ... instead of the producer's tensor, which add_node_vars charges
-                        mem -= C.local_bytes(meta, p, self.mesh.shape)
+                        mem -= local(p)
                 return mult * c.total, mult * mem, mult * c.fwd_s
 
             def add(t, mem, var, fwd, p=None, q=None):
                 if bgroup is not None and p is not None and p != q[0] and var is not None:
                     # the block's backward runs this resharding's collective on the gradient: its result in
                     # the producer's placement and a staging buffer as large as the larger side
-                    lp, lq = (C.local_bytes(meta, r, self.mesh.shape) for r in (p, q[0]))
-                    self.blocks[bgroup]["grad_comm"].append((mult / self.gi.layer_counts[bgroup] * (lp + max(lp, lq)),
+                    lp, lq = local(p), local(q[0])
+                    self.blocks[bgroup]["grad_comm"].append((ei, mult / self.gi.layer_counts[bgroup] * (lp + max(lp, lq)),
                                                              var))
                 if (ku, o, kv, a) in loss_grad and p is not None and p != q[0] and var is not None:
                     # the gradient's backward collective: its result in the producer's placement and the
                     # staging buffer of the gathered chunks, both live at the backward start
-                    self.mem_terms["backward_grad"].append((2 * mult * C.local_bytes(meta, p, self.mesh.shape), var))
+                    self.mem_terms["backward_grad"].append((2 * mult * local(p), var))
                 if group is not None:
-                    routed[id(var)] = (var, mem)
+                    if mem and var is not None:   # one-block bytes, charged through add_remat_vars
+                        self.blocks[group]["kept_copy"].append((ei, mem / self.gi.layer_counts[group], var))
                     mem = 0.0
                 self._add_edge_term(kv, t, mem, var, fwd, ei)
 
@@ -677,7 +749,6 @@ class ShardingILP:
                     t, mem, fwd = coef(q[0], q)
                     for j in qidx:
                         add(t, mem, xv[j], fwd, q[0], q)
-                self._route_kept_copy(group, xv, routed, mult)
                 continue
             if len(pgroups) == 1 or len(qgroups) == 1:  # no y needed: the cost rides on one side's x
                 for p, pidx in pgroups.items():
@@ -691,7 +762,6 @@ class ShardingILP:
                             vars_ = [xu[j] for j in pidx]
                         for var in vars_:
                             add(t, mem, var, fwd, p, q)
-                self._route_kept_copy(group, xv if len(pgroups) == 1 else xu, routed, mult)
                 continue
             ys = {}
             for pi, p in enumerate(pgroups):
@@ -704,17 +774,12 @@ class ShardingILP:
                 self.prob += pulp.lpSum(ys[(p, q)] for q in qgroups) == pulp.lpSum(xu[j] for j in pidx), f"ep{ei}_{pi}"
             for qi, (q, qidx) in enumerate(qgroups.items()):
                 self.prob += pulp.lpSum(ys[(p, q)] for p in pgroups) == pulp.lpSum(xv[j] for j in qidx), f"eq{ei}_{qi}"
-            self._route_kept_copy(group, list(ys.values()), routed, mult)
 
-    def _route_kept_copy(self, group: str | None, onehot: list, routed: dict, mult: float) -> None:
-        """A resharded copy kept in a repeated block (bytes per variable of the one-hot ``onehot``: an edge's
-        y or one side's x, summing to 1) joins the block's terms like a key's kept bytes (add_remat_vars)."""
-        if group is None or not any(m for _, m in routed.values()):
-            return
-        n = self.gi.layer_counts[group]
-        act = [routed.get(id(v), (v, 0.0))[1] / n for v in onehot]
-        zeros = [0.0] * len(onehot)
-        self.blocks[group]["keys"].append((list(onehot), act, zeros, [], zeros))
+    def _shard_factor(self, placements: tuple) -> int:
+        f = self._shard_factors.get(placements)
+        if f is None:
+            f = self._shard_factors[placements] = C._shard_factor(placements, self.mesh.shape)
+        return f
 
     def _var(self, name: str, **kw) -> pulp.LpVariable:
         if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there

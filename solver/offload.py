@@ -62,10 +62,15 @@ def host_link(profile: ClusterProfile) -> HostLink | None:
                     cpu_step_bandwidth=HOST_NODE_MEMORY_BANDWIDTH * CPU_ADAM_EFFICIENCY / profile.gpus_per_node)
 
 
-def add_block_offload(ilp, gidx: int, n: int, terms: list[tuple[float, float, float, list]], link: HostLink) -> None:
+def add_block_offload(ilp, gidx: int, n: int, terms: list[tuple[float, float, float, list]], link: HostLink,
+                      copies: list | tuple = (), copy_tensors: list | tuple = ()) -> None:
     """The "off" mode's time for block list number ``gidx`` of ``n`` blocks. ``terms``: per (key, strategy)
-    (bytes one block keeps, forward s, backward s, v_off variable) as add_remat_vars records them."""
-    down, up, launches = [], [], []
+    (bytes one block keeps, forward s, backward s, v_off variable) as add_remat_vars records them;
+    ``copies`` / ``copy_tensors``: (coefficient, variable) terms of the bytes and the tensors of the resharded
+    copies all offloaded blocks keep, already multiplied by c_off (add_remat_vars' kept copies)."""
+    down = [(c / link.bandwidth, v) for c, v in copies]
+    up = list(down)
+    launches = [(2 * link.launch_s * c, v) for c, v in copy_tensors]
     for act, fwd, bwd, v in terms:
         down.append((n * (act / link.bandwidth - fwd), v))
         up.append((n * (act / link.bandwidth - bwd), v))
@@ -76,7 +81,7 @@ def add_block_offload(ilp, gidx: int, n: int, terms: list[tuple[float, float, fl
     ilp.prob += w_fwd >= pulp.lpSum(c * v for c, v in down), f"off_fwd_{gidx}"
     ilp.prob += w_bwd >= pulp.lpSum(c * v for c, v in up), f"off_bwd_{gidx}"
     ilp.time_terms["offload"] += [(1.0, w_fwd), (1.0, w_bwd)] + launches
-    ilp.mem_terms["host"] += [(n * act, v) for act, _, _, v in terms if act]
+    ilp.mem_terms["host"] += [(n * act, v) for act, _, _, v in terms if act] + list(copies)
 
 
 def add_optimizer_offload(ilp, link: HostLink) -> None:
