@@ -24,23 +24,34 @@ Constraints
     backward start:  P + O + A_rest + sum_g kept_g + G_edges + G_out  <= budget
     end of backward / optimizer step:  P + O + Grad + Grad_buckets     <= budget
     recompute:       P + O + A_before + sum_g T_g + H              <= budget   (when blocks recompute)
-                     H >= sum_g kept_g,  H >= Grad   (add_recompute_hold)
+                     H >= sum_g kept_g,  H >= Grad   (remat.add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
      A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
-     G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
-     G_out: the first gradient of backward (the loss's input, e.g. the logits) (add_backward_start_grad);
+     G_edges: resharded copies a consumer keeps for backward (solver.saved's kept_by: a parameter's
+       gathered copy, or an activation's copy, instead of the producer's tensor where only the copy is
+       kept), sum_e m_e sum y G_{e,p,q}; inside a repeated block they join kept_g (below);
+     G_out: the first gradient of backward (the loss's input, e.g. the logits; cross-entropy holds two)
+       and the backward collectives of the reshardings it flows through (add_backward_start_grad,
+       add_edge_vars);
      Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
-     O and Grad less the ZeRO-1/2 shares (add_zero_vars);
-     kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
-  Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
-  selectively / recomputed fully; their forward time, compute and the collectives inside the block
-  (a ZeRO-3 parameter's all-gather among them), joins the objective (category "recompute").
+     O and Grad less the ZeRO-1/2 shares (zero_rows.add_zero_vars);
+     kept_g, B_g, T_g: repeated blocks under the recompute decisions (remat.add_remat_vars).
+  Recompute (solver/remat.py, add_remat_vars): per repeated-block list, integer counts of blocks kept /
+  recomputed selectively / recomputed fully; their forward time, compute and the collectives inside
+  the block (a ZeRO-3 parameter's all-gather among them), joins the objective (category "recompute").
+  A recomputed block in backward (T_g) holds its activations, the resharded copies its consumers keep
+  and its largest backward collective: M_g >= sum_{p,q} c_{e,p,q} y_{e,p,q}, one row per edge e into
+  the block (y of an edge is one-hot). The copies kept by all blocks of a list are one sum
+  K_g = sum_e sum_{p,q} G_{e,p,q} y_{e,p,q} / N (one row); the blocks that keep everything keep it,
+  K_g c_keep, offloaded ones move it, K_g c_off, each product exact with the count in binary,
+  c = sum_b 2^b beta_b, and w_b >= K_g - K_max (1 - beta_b), w_b >= K_min beta_b (remat._times_count):
+  a few rows per list where one v per (y, mode) made llama3-8b's ILP 9x larger.
   Offload (solver/offload.py, only where the host is not the device): a fourth count per block list,
   blocks whose saved activations go to host memory (their copies' time beyond the block's compute
   joins the objective, category "offload"; add_block_offload), and one binary for optimizer states
   on the host (O_dev >= O - U z replaces O in the rows; grads down, params up and the CPU step join
   the objective; add_optimizer_offload).
-  ZeRO-1/2 (add_zero_vars): per parameter key and placement, binaries w1 + w2 <= x for optimizer
+  ZeRO-1/2 (solver/zero_rows.py, add_zero_vars): per parameter key and placement, binaries w1 + w2 <= x for optimizer
   states (and gradients) sharded over the parameter's replicated mesh dims; their all-gather (and
   reduce-scatter) joins the objective (category "comm"). ZeRO-3 is a sharded parameter placement.
 An edge whose producer (or consumer) has a single placement group needs no y: its cost is
@@ -68,10 +79,13 @@ import pulp
 from autopar.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.graph import GNode, GraphIndex, TensorMeta
 from autopar.mesh import MeshSpec
-from autopar.placement import Partial, Placement, Replicate, Shard, parse_sharding, zero_sharding
+from autopar.placement import Placement, Replicate, Shard, parse_sharding
 from autopar.profile import ClusterProfile, LinkSpec
 from autopar.solver import cost as C
 from autopar.solver import offload as O
+from autopar.solver import remat as R
+from autopar.solver import zero_rows as Z
+from autopar.solver.remat import UNIT as _UNIT, value as _value
 from autopar.solver.saved import Saved
 from autopar.solver.strategies import Strategy, strategies_for
 from autopar.solver.strategies.base import in_meta
@@ -79,7 +93,6 @@ from autopar.solver.strategies.base import in_meta
 log = logging.getLogger(__name__)
 OUTPUT = "__output__"
 _MODES = ("keep", "sel", "full")   # activation recompute modes of a repeated block
-_UNIT = float(2 ** 20)   # memory rows in MiB: bytes misled HiGHS presolve, GiB its tolerances on small models
 # a loss whose backward holds several input-sized gradients at once: cross-entropy's nll_loss backward
 # makes the gradient of the log-probabilities, log_softmax's backward the logits' one from it (both live)
 _BACKWARD_START_COPIES = {C.aten.cross_entropy_loss.default: 2}
@@ -291,7 +304,7 @@ class ShardingILP:
             self.x[key] = xs
             group = self._block_group(info)
             if group is not None:
-                self._record_block_key(group, info, xs)
+                R.record_block_key(self, group, info, xs)
             for j, (c, mem) in enumerate(zip(info.compute, info.memory)):
                 if c.total:
                     self.time_terms["compute"].append((info.mult * c.total, xs[j]))
@@ -341,23 +354,6 @@ class ShardingILP:
                     todo.append(u)
         return out
 
-    def add_recompute_hold(self) -> None:
-        """H (MiB) >= what every block keeps and H >= every gradient: the recompute row's stand-in for
-        max_i (kept by blocks before i + gradients after i), which moves from gradients (first block
-        recomputed) to kept activations (last). Call after add_zero_vars (ZeRO-2 shrinks gradients)."""
-        if not self._remat_vars:
-            return
-        hold = self._var("recompute_hold", lowBound=0)
-        self.prob += hold >= self._mem(("blocks",)) * (1 / _UNIT), "hold_kept"
-        self.prob += hold >= self._mem(("grads",)) * (1 / _UNIT), "hold_grads"
-        self.mem_terms["recompute_hold"].append((_UNIT, hold))
-
-    def settle_hold(self) -> None:
-        """After solving: H at its bound (reports read it; the solver may leave it higher where it does not bind)."""
-        for c, v in self.mem_terms.get("recompute_hold", []):
-            v.varValue = max(float(pulp.value(self._mem(("blocks",))) or 0.0),
-                             float(pulp.value(self._mem(("grads",))) or 0.0)) / _UNIT
-
     def add_grad_buckets(self) -> None:
         """At the end of backward the bucketed reducer (autopar.grad_sync) holds a flat copy of every
         data-parallel gradient it all-reduced until it writes the sums back: per parameter key and
@@ -370,30 +366,6 @@ class ShardingILP:
             for j, s in enumerate(info.strategies):
                 if any(isinstance(p, Replicate) and n > 1 for p, n in zip(s.outputs[0], self.mesh.shape)):
                     self.mem_terms["grad_buckets"].append((info.mult * info.memory[j]["grads"], self.x[key][j]))
-
-    def _record_block_key(self, group: str, info: KeyInfo, xs) -> None:
-        """Per strategy: bytes one block keeps and forward seconds one block spends for this key."""
-        per_block = info.mult / self.gi.layer_counts[group]
-        act = [per_block * m.get("activations", 0.0) for m in info.memory]
-        fwd = [per_block * c.fwd_s for c in info.compute]
-        bwd = [per_block * c.bwd_s for c in info.compute]
-        # selective recompute keeps a matmul's or attention's outputs whether or not autograd would keep
-        # them (codegen.checkpoint_regions: MUST_SAVE), at least what it keeps: bytes per strategy
-        sel: list[float] = []
-        if C.contraction_flops(info.node, info.in_metas) > 0:
-            sel = [max(a, per_block * sum(C.local_bytes(o, p, self.mesh.shape)
-                                          for o, p in zip(info.node.outputs, s.outputs)
-                                          if o is not None and p is not None and o.dtype.is_floating_point))
-                   for a, s in zip(act, info.strategies)]
-        terms = self.blocks[group]
-        if any(act) or any(fwd) or any(sel):
-            terms["keys"].append((xs, act, fwd, sel, bwd))
-        out = info.node.outputs[0] if info.node.outputs else None
-        pos = self._pos(info.node)
-        if out is not None and out.dtype.is_floating_point and pos > self._last.get(group, -1):
-            # the block's last floating-point result stands for the tensor a checkpoint keeps
-            self._last[group] = pos
-            terms["boundary"] = [(xs, [C.local_bytes(out, s.outputs[0], self.mesh.shape) for s in info.strategies])]
 
     def _block_group(self, info: KeyInfo) -> str | None:
         """The repeated-block list an op belongs to, when recompute is decided for it."""
@@ -416,247 +388,33 @@ class ShardingILP:
             self._positions = {name: i for i, name in enumerate(self.gi.nodes)}
         return self._positions[node.name]
 
+    # -- memory decisions: recompute (solver/remat.py), ZeRO-1/2 (solver/zero_rows.py) ------------
     def add_remat_vars(self) -> None:
-        """Activation recompute per repeated-block list g of N blocks: integer counts c_keep + c_sel +
-        c_full = N of blocks that keep everything, recompute selectively (matmul and attention
-        outputs kept, cheap ops recomputed) or recompute fully (only the block's input is kept).
-        The product of a key's strategy choice x_{k,s} and the mode fractions is exact without big-M:
-        continuous v_{k,s,m} >= 0 with  sum_m v_{k,s,m} = x_{k,s}  and  sum_s v_{k,s,m} = c_m / N,
-        so v_{k,s,m} = x_{k,s} c_m / N for the chosen s. Per rank, with a_{k,s} the bytes one block
-        keeps for key k, o_{k,s} its outputs' bytes, f_{k,s} its forward seconds, b_s the block boundary's bytes:
-          kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} max(a_{k,s}, o_{k,s}) [k is a matmul/attention])
-                   + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
-          time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
-                   + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
-                   (both modes re-run the block's forward collectives, a ZeRO-3 parameter's all-gather
-                   included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
-                   priced on an x stands for y; collectives before the block's first op are outside its
-                   checkpoint region)
-          T_g   >= A_g + M_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
-          M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest collective
-          its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
-        T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
-        its H >= kept, add_recompute_hold).
-        With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
-        activations go to host memory and come back, one block at a time, in backward) joins the counts;
-        its time is solver.offload.add_block_offload's."""
-        for gidx, (g, t) in enumerate(self.blocks.items()):
-            n = self.gi.layer_counts[g]
-            cnt = {m: self._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in self.modes}
-            self.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
-            kept, rtime, boundary, a_block, off = [], [], [], [], []
-            if self.recompute is not None:   # told: every block of the list in that mode
-                self.prob += cnt[{"selective": "sel", "full": "full"}[self.recompute]] == n, f"remat_told_{gidx}"
-            recorded = list(t.get("keys", []))
-            boundary_entry = t.get("boundary", [])
-            for ki, (xs, act, fwd, contraction, bwd) in enumerate(recorded + [(b[0], b[1], None, None, None)
-                                                                            for b in boundary_entry]):
-                is_boundary = fwd is None
-                v = {m: [self._var(f"v{gidx}_{ki}_{j}_{m}", lowBound=0) for j in range(len(xs))] for m in self.modes}
-                for j in range(len(xs)):
-                    self.prob += pulp.lpSum(v[m][j] for m in self.modes) == xs[j], f"vx{gidx}_{ki}_{j}"
-                for m in self.modes:
-                    self.prob += n * pulp.lpSum(v[m]) == cnt[m], f"vc{gidx}_{ki}_{m}"
-                for j in range(len(xs)):
-                    if is_boundary:
-                        if act[j]:
-                            boundary += [(n * act[j], v["sel"][j]), (n * act[j], v["full"][j])]
-                        continue
-                    if act[j]:
-                        a_block.append((act[j], xs[j]))
-                        kept.append((n * act[j], v["keep"][j]))
-                    if contraction and contraction[j]:   # the bytes selective recompute keeps
-                        kept.append((n * contraction[j], v["sel"][j]))
-                    if "off" in v:
-                        off.append((act[j], fwd[j], bwd[j], v["off"][j]))
-                    if fwd[j]:
-                        rtime.append((n * fwd[j], v["full"][j]))
-                        if not contraction:
-                            rtime.append((n * fwd[j], v["sel"][j]))
-            rtime += self._recomputed_comm(gidx, n, cnt, t.get("comm", []))
-            u = self._var(f"u{gidx}", cat="Binary")
-            self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
-            tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
-            bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
-            if t.get("grad_comm"):   # the largest collective of its backward, on top: one row per edge
-                by_edge: dict[int, list] = defaultdict(list)
-                for e, c, x in t["grad_comm"]:
-                    by_edge[e].append((c / _UNIT, x))
-                gc = self._var(f"remat_comm_{gidx}", lowBound=0)   # MiB
-                for e, terms in by_edge.items():
-                    self.prob += gc >= pulp.lpSum(c * x for c, x in terms), f"remat_comm_{gidx}_{e}"
-                a_block.append((_UNIT, gc))
-                bound += _UNIT * max(max(c for c, _ in terms) for terms in by_edge.values())
-                self._max_vars.append((gc, list(by_edge.values())))
-            off_copies: tuple[list, list] = ([], [])
-            if t.get("kept_copy"):
-                kc_bound, off_copies = self._kept_copies(gidx, n, cnt, t["kept_copy"], kept, a_block)
-                bound += kc_bound
-            self.prob += tr >= pulp.lpSum(c / _UNIT * x for c, x in a_block) - bound / _UNIT * (1 - u), \
-                f"remat_peak_{gidx}"
-            self.mem_terms["blocks"] += kept + boundary
-            self.mem_terms["recompute"].append((_UNIT, tr))   # the kept boundaries are in H >= blocks (add_recompute_hold)
-            self.time_terms["recompute"] += rtime
-            if off:
-                O.add_block_offload(self, gidx, n, off, self.host, *off_copies)
-            self._remat_vars[g] = (cnt, tr, a_block)
+        R.add_remat_vars(self)
 
-    def _kept_copies(self, gidx: int, n: int, cnt: dict, terms: list, kept: list, a_block: list
-                     ) -> tuple[float, tuple[list, list]]:
-        """Resharded copies the consumers in a block keep for backward (``terms``: (edge, bytes per block,
-        y or x)), all edges together: K_g = sum c y (MiB, one row) is kept by the blocks that keep
-        everything and goes to host with the offloaded ones (recomputed blocks make them again), so
-        kept += K_g c_keep and host += K_g c_off, products exact through the count in binary (_times_count);
-        an offloaded block copies E_g = sum y tensors more (E_g c_off launches). T_g holds K_g.
-        Returns K_g's upper bound in bytes (for T_g's big-M) and the offloaded copies' terms: (bytes, tensors)."""
-        lo, hi, edges = 0.0, 0.0, defaultdict(list)
-        for e, c, x in terms:
-            edges[e].append(c / _UNIT)
-        for cs in edges.values():   # an edge's terms are one-hot: at most its largest, at least its smallest
-            hi += max(0.0, max(cs))
-            lo += min(0.0, min(cs))
-        k_terms = [(c / _UNIT, x) for _, c, x in terms]
-        k = self._aux(f"kc{gidx}", k_terms, lo, hi)
-        a_block.append((_UNIT, k))
-        kept += [(_UNIT * c, w) for c, w in self._times_count(f"kc{gidx}_keep", k, k_terms, lo, hi,
-                                                              self._count_bits(gidx, "keep", cnt["keep"], n))]
-        if "off" not in cnt:
-            return _UNIT * hi, ([], [])
-        bits = self._count_bits(gidx, "off", cnt["off"], n)
-        copies = [(_UNIT * c, w) for c, w in self._times_count(f"kc{gidx}_off", k, k_terms, lo, hi, bits)]
-        e_terms = [(1.0, x) for _, _, x in terms]
-        e = self._aux(f"ke{gidx}", e_terms, 0.0, float(len(edges)))
-        return _UNIT * hi, (copies, self._times_count(f"ke{gidx}_off", e, e_terms, 0.0, float(len(edges)), bits))
-
-    def _aux(self, name: str, terms: list, lo: float, hi: float) -> pulp.LpVariable:
-        """A continuous variable equal to sum c v (one row), so that rows using it stay sparse."""
-        k = self._var(name, lowBound=lo, upBound=hi)
-        self.prob += k == pulp.lpSum(c * v for c, v in terms), name
-        return k
-
-    def _count_bits(self, gidx: int, mode: str, count, n: int) -> list[pulp.LpVariable]:
-        """A block list's count of ``mode`` in binary: count = sum_b 2^b beta_b (made once)."""
-        if (gidx, mode) not in self._bits:
-            bits = [self._var(f"cb{gidx}_{mode}_{b}", cat="Binary") for b in range(n.bit_length())]
-            self.prob += pulp.lpSum(2 ** b * x for b, x in enumerate(bits)) == count, f"cb{gidx}_{mode}"
-            self._bits[(gidx, mode)] = bits
-        return self._bits[(gidx, mode)]
-
-    def _times_count(self, name: str, k: pulp.LpVariable, k_terms: list, lo: float, hi: float,
-                     bits: list) -> list[tuple[float, pulp.LpVariable]]:
-        """Terms whose sum is at least K * count (K = ``k`` in [lo, hi], count = sum 2^b beta_b): w_b >=
-        K - hi (1 - beta_b) and w_b >= lo beta_b, McCormick's lower envelope, exact for binary beta; tight
-        where a row or the objective bounds w from above (memory rows, time), settled after solving."""
-        ws = []
-        for b, beta in enumerate(bits):
-            w = self._var(f"{name}_{b}", lowBound=min(lo, 0.0))
-            self.prob += w >= k - hi * (1 - beta), f"{name}_{b}"
-            if lo < 0:
-                self.prob += w >= lo * beta, f"{name}_{b}_lo"
-            ws.append((beta, w))
-        self._products.append((k, k_terms, ws))
-        return [(2.0 ** b, w) for b, (_, w) in enumerate(ws)]
-
-    def _recomputed_comm(self, gidx: int, n: int, cnt: dict, comm: list) -> list:
-        """Time terms for the forward collectives recomputed blocks run again: F (c_sel + c_full) with
-        F = sum_e sum_{p,q} T^fwd y / N one block's forward collectives. The product of the integer
-        count and F is exact with the count in binary, c_sel + c_full = sum_b 2^b beta_b, and
-        z_b >= F - F_max (1 - beta_b), z_b >= 0 (F <= F_max; at most log2(N) + 1 bits)."""
-        if not comm:
-            return []
-        f = self._var(f"rf{gidx}", lowBound=0)   # one dense row defines F; the bit rows stay sparse
-        self.prob += f == pulp.lpSum(fwd / n * var for _, fwd, var in comm), f"rf{gidx}"
-        per_edge: dict[int, float] = defaultdict(float)
-        for e, fwd, _ in comm:
-            per_edge[e] = max(per_edge[e], fwd / n)
-        f_max = sum(per_edge.values())
-        bits = [self._var(f"rb{gidx}_{b}", cat="Binary") for b in range(n.bit_length())]
-        self.prob += pulp.lpSum(2 ** b * x for b, x in enumerate(bits)) == cnt["sel"] + cnt["full"], f"rb{gidx}"
-        out = []
-        for b, beta in enumerate(bits):
-            z = self._var(f"rz{gidx}_{b}", lowBound=0)
-            self.prob += z >= f - f_max * (1 - beta), f"rz{gidx}_{b}"
-            out.append((2.0 ** b, z))
-        return out
-
-    def add_zero_vars(self) -> None:
-        """ZeRO-1/2 per parameter key k and placement s with a ZeRO sharding z(s) (placement.zero_sharding:
-        its replicated mesh dims, n_s ways): binaries w1_{k,s} + w2_{k,s} <= x_{k,s}. Per rank they take
-        (1 - 1/n_s) of the optimizer state (w1, w2) and of the gradient (w2) off the memory rows, and add
-        to the objective the all-gather of the stepped parameter, AG(z(s) -> s), for both, and for ZeRO-2
-        the reduce-scatter RS(P -> z(s)) its hook runs inside backward, in full: the all-reduce it
-        replaces overlapped backward in the bucketed reducer (autopar.grad_sync), so dropping it saves
-        little step time; the edges keep pricing it (an upper bound for ZeRO-2's step time).
-        Decided per key: identical repeated blocks share it, as they share placements; a per-parameter
-        choice lets the solver shard just enough of the optimizer state. ``zero`` given: w_zero = x."""
-        if self.zero == 0:
-            return
-        for i, (key, info) in enumerate(self.keys.items()):
-            if info.node.kind != "param" or key in self.merged:
-                continue
-            meta = info.node.outputs[0]
-            rows = []
-            for j, s in enumerate(info.strategies):
-                sh = s.outputs[0]
-                zs = zero_sharding(meta.shape, sh, self.mesh.shape)
-                if zs is None:
-                    continue
-                ways = C._shard_factor(zs, self.mesh.shape) // C._shard_factor(sh, self.mesh.shape)
-                mem = info.memory[j]
-                partial = tuple(Partial("sum") if a != b else a for a, b in zip(sh, zs))
-                ag = C.transition_time(meta, zs, sh, self.mesh.shape, self.links)
-                rs = C.transition_time(meta, partial, zs, self.mesh.shape, self.links)
-                w1 = self._var(f"z1_{i}_{j}", cat="Binary")
-                w2 = self._var(f"z2_{i}_{j}", cat="Binary")
-                self.prob += w1 + w2 <= self.x[key][j], f"zero_{i}_{j}"
-                if self.zero is not None:
-                    self.prob += (w1 if self.zero == 1 else w2) == self.x[key][j], f"zero_told_{i}_{j}"
-                keep = 1.0 - 1.0 / ways
-                self.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
-                                                (-info.mult * keep * mem["optimizer"], w2)]
-                self.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
-                self.mem_terms["grad_buckets"].append((-info.mult * mem["grads"], w2))
-                self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + rs), w2)]
-                rows.append((j, zs, w1, w2))
-            if rows:
-                self._zero_vars[key] = rows
-
-    def exclude_zero_with_offload(self) -> None:
-        """Optimizer states either move to the host (HostOptimizer) or are sharded (ZeRO-1/2), not both:
-        the runtimes do not compose. One row, sum w <= W (1 - z) with W the number of ZeRO binaries."""
-        ws = [w for rows in self._zero_vars.values() for _, _, w1, w2 in rows for w in (w1, w2) if w is not None]
-        if ws and self.opt_offload is not None:
-            self.prob += pulp.lpSum(ws) <= len(ws) * (1 - self.opt_offload[0]), "zero_or_offload"
-
-    def zero_choice(self) -> dict[str, tuple[int, tuple]]:
-        """After solving: param key -> (ZeRO stage, ZeRO sharding) where ZeRO was chosen."""
-        out = {}
-        for key, rows in self._zero_vars.items():
-            for j, zs, w1, w2 in rows:
-                if _value(w1) > 0.5:
-                    out[key] = (1, zs)
-                elif _value(w2) > 0.5:
-                    out[key] = (2, zs)
-        return out
+    def add_recompute_hold(self) -> None:
+        R.add_recompute_hold(self)
 
     def settle_remat(self) -> None:
-        """After solving: T_g at its value (the solver may leave it anywhere above its bound where the
-        recompute row does not bind; reports read it)."""
-        for v, edges in self._max_vars:
-            v.varValue = max((sum(c * _value(x) for c, x in terms) for terms in edges), default=0.0)
-        for k, terms, ws in self._products:
-            k.varValue = sum(c * _value(x) for c, x in terms)
-            for beta, w in ws:
-                w.varValue = k.varValue * round(_value(beta))
-        for g, (cnt, tr, a_block) in self._remat_vars.items():
-            some = sum(round(_value(c)) for m, c in cnt.items() if m != "keep") > 0
-            tr.varValue = sum(c * _value(x) for c, x in a_block) / _UNIT if some else 0.0
+        R.settle_remat(self)
+
+    def settle_hold(self) -> None:
+        R.settle_hold(self)
 
     def remat_counts(self) -> dict[str, tuple[int, int]]:
-        return {g: (round(_value(cnt["full"])), round(_value(cnt["sel"]))) for g, (cnt, _, _) in self._remat_vars.items()}
+        return R.remat_counts(self)
 
     def offload_counts(self) -> dict[str, int]:
-        return {g: round(_value(cnt["off"])) for g, (cnt, _, _) in self._remat_vars.items() if "off" in cnt}
+        return R.offload_counts(self)
+
+    def add_zero_vars(self) -> None:
+        Z.add_zero_vars(self)
+
+    def exclude_zero_with_offload(self) -> None:
+        Z.exclude_zero_with_offload(self)
+
+    def zero_choice(self) -> dict[str, tuple[int, tuple]]:
+        return Z.zero_choice(self, _value)
 
     def _follow_exprs(self, info: KeyInfo, producer: set[tuple[str, int]]):
         """Trivial ops merged into the op they follow: a one-input op whose strategies are one per
@@ -867,13 +625,6 @@ def _native_stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def _value(v) -> float:
-    if v is None:
-        return 1.0
-    val = v.value()
-    return float(val) if val is not None else 0.0
 
 
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
