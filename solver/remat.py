@@ -96,9 +96,11 @@ def add_remat_vars(ilp: ShardingILP) -> None:
                included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
                priced on an x stands for y; collectives before the block's first op are outside its
                checkpoint region)
-      T_g   >= A_g + M_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
-      M_g >= c_{e,p,q} y_{e,p,q} for every resharding edge e into the block (the largest collective
-      its backward runs on a gradient: result and staging, c = l(p) + max(l(p), l(q)))
+      T_g   >= A_g + K_g + M_g - U (1 - u_g),  N u_g >= c_sel + c_full,  A_g = sum a_{k,s} x_{k,s},
+      M_g >= sum_{p,q} c_{e,p,q} y_{e,p,q}, one row per resharding edge e into the block (y of an edge
+      is one-hot: the largest collective its backward runs on a gradient, result and staging,
+      c = l(p) + max(l(p), l(q)))
+      kept  += K_g c_keep  (the resharded copies consumers keep, one sum per list: _kept_copies)
     T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
     its H >= kept, add_recompute_hold).
     With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
@@ -183,15 +185,18 @@ def _kept_copies(ilp: ShardingILP, gidx: int, n: int, cnt: dict, terms: list, ke
     k_terms = [(c / UNIT, x) for _, c, x in terms]
     k = _aux(ilp, f"kc{gidx}", k_terms, lo, hi)
     a_block.append((UNIT, k))
-    kept += [(UNIT * c, w) for c, w in _times_count(ilp, f"kc{gidx}_keep", k, k_terms, lo, hi,
-                                                          _count_bits(ilp, gidx, "keep", cnt["keep"], n))]
+    keep_bits = _count_bits(ilp, gidx, "keep", cnt["keep"], n)
+    kept += [(UNIT * c, w) for c, w in _times_count(ilp, f"kc{gidx}_keep", k, k_terms, lo, hi, keep_bits,
+                                                    cnt["keep"], n)]
     if "off" not in cnt:
         return UNIT * hi, ([], [])
     bits = _count_bits(ilp, gidx, "off", cnt["off"], n)
-    copies = [(UNIT * c, w) for c, w in _times_count(ilp, f"kc{gidx}_off", k, k_terms, lo, hi, bits)]
+    copies = [(UNIT * c, w) for c, w in _times_count(ilp, f"kc{gidx}_off", k, k_terms, lo, hi, bits,
+                                                           cnt["off"], n)]
     e_terms = [(1.0, x) for _, _, x in terms]
     e = _aux(ilp, f"ke{gidx}", e_terms, 0.0, float(len(edges)))
-    return UNIT * hi, (copies, _times_count(ilp, f"ke{gidx}_off", e, e_terms, 0.0, float(len(edges)), bits))
+    return UNIT * hi, (copies, _times_count(ilp, f"ke{gidx}_off", e, e_terms, 0.0, float(len(edges)), bits,
+                                                 cnt["off"], n))
 
 
 def _aux(ilp: ShardingILP, name: str, terms: list, lo: float, hi: float) -> pulp.LpVariable:
@@ -211,10 +216,12 @@ def _count_bits(ilp: ShardingILP, gidx: int, mode: str, count, n: int) -> list[p
 
 
 def _times_count(ilp: ShardingILP, name: str, k: pulp.LpVariable, k_terms: list, lo: float, hi: float,
-                 bits: list) -> list[tuple[float, pulp.LpVariable]]:
-    """Terms whose sum is at least K * count (K = ``k`` in [lo, hi], count = sum 2^b beta_b): w_b >=
-    K - hi (1 - beta_b) and w_b >= lo beta_b, McCormick's lower envelope, exact for binary beta; tight
-    where a row or the objective bounds w from above (memory rows, time), settled after solving."""
+                 bits: list, count, n: int) -> list[tuple[float, pulp.LpVariable]]:
+    """Terms whose sum is at least K * count (K = ``k`` in [lo, hi], count = sum 2^b beta_b in [0, n]):
+    w_b >= K - hi (1 - beta_b) and w_b >= lo beta_b, McCormick's lower envelope, exact for binary beta;
+    tight where a row or the objective bounds w from above (memory rows, time), settled after solving.
+    One more row, sum_b 2^b w_b >= n K - hi (n - count) (the envelope on the count itself, exact at
+    count = n), keeps the LP relaxation tight where fractional bits would let the sum fall to ~0."""
     ws = []
     for b, beta in enumerate(bits):
         w = ilp._var(f"{name}_{b}", lowBound=min(lo, 0.0))
@@ -222,8 +229,10 @@ def _times_count(ilp: ShardingILP, name: str, k: pulp.LpVariable, k_terms: list,
         if lo < 0:
             ilp.prob += w >= lo * beta, f"{name}_{b}_lo"
         ws.append((beta, w))
+    terms = [(2.0 ** b, w) for b, (_, w) in enumerate(ws)]
+    ilp.prob += pulp.lpSum(c * w for c, w in terms) >= n * k - hi * (n - count), f"{name}_all"
     ilp._products.append((k, k_terms, ws))
-    return [(2.0 ** b, w) for b, (_, w) in enumerate(ws)]
+    return terms
 
 
 def _recomputed_comm(ilp: ShardingILP, gidx: int, n: int, cnt: dict, comm: list) -> list:
