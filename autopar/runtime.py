@@ -13,7 +13,8 @@ plain local gradients into it, and a post-accumulate hook publishes them as ``pa
 DTensor with the parameter's spec sharing the local gradient's storage. Before each forward the
 local gradients are re-synchronized with ``param.grad`` (``zero_grad(set_to_none=True)`` sets it to
 None; a gradient assigned by the user is adopted), so accumulation, zeroing and optimizers behave
-exactly as with ``to_local()``.
+exactly as with ``to_local()``. Gradients the bucketed reducer sums (``autopar.grad_sync``) are
+published by the reducer instead, once they are views of its bucket.
 """
 from __future__ import annotations
 
@@ -79,13 +80,15 @@ class ParallelModule(nn.Module):
         ready_order = sorted(deferred, key=lambda name: -max((position[u.name] for u in node[name].users), default=0))
         self.__dict__["_leaves"] = {}   # FQN -> (param, its local tensor as a grad-requiring leaf)
         self.__dict__["_owners"] = {}   # FQN -> (module holding the parameter, attribute name)
+        # ZeRO-2 parameters reduce-scatter their own gradients (autopar.zero); the reducer all-reduces the rest
+        fqn_of = {name: cap.param_fqns[name][0] for name in deferred}
+        reduced = [(fqn_of[name], deferred[name]) for name in ready_order
+                   if fqn_of[name] not in plan.gradient_sharding]
+        self.__dict__["_reduced"] = {fqn for fqn, _ in reduced}   # their gradients are published by the reducer
         for kind, name in order:
             if kind == "param":
                 self._leaf(name)
-        # ZeRO-2 parameters reduce-scatter their own gradients (autopar.zero); the reducer all-reduces the rest
-        fqn_of = {name: cap.param_fqns[name][0] for name in deferred}
-        params = [(self._leaf(fqn_of[name]), deferred[name]) for name in ready_order
-                  if fqn_of[name] not in plan.gradient_sharding]
+        params = [(self._leaf(fqn), dims, self._publisher(fqn)) for fqn, dims in reduced]
         self.__dict__["grad_reducer"] = GradReducer(params, mesh) if params else None
         self.__dict__["zero"] = ZeroShards(self, plan, mesh, {fqn_of[n]: d for n, d in deferred.items()}) \
             if plan.optimizer_sharding else None
@@ -107,9 +110,15 @@ class ParallelModule(nn.Module):
             return local
         if p.requires_grad:
             local.requires_grad_(True)
-            local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
+            if fqn not in self._reduced:       # the reducer publishes once the gradient is in its bucket
+                local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
         self._leaves[fqn] = (p, local)
         return local
+
+    def _publisher(self, fqn: str):
+        """What the reducer calls once the local gradient of ``fqn`` sits in its bucket (None: plain parameter)."""
+        entry = self._leaves.get(fqn)
+        return None if entry is None else functools.partial(_publish_grad, entry[0])
 
     def extra_repr(self) -> str:
         return f"mesh={tuple(self.mesh.shape)}, input_mode={self.input_mode!r}"

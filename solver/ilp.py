@@ -22,14 +22,14 @@ Constraints
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
   memory rows, one per peak of a training step (memory_exprs, add_memory_row; in MiB):
     backward start:  P + O + A_rest + sum_g kept_g + G_edges + G_out  <= budget
-    end of backward / optimizer step:  P + O + Grad + Grad_buckets     <= budget
+    end of backward / optimizer step:  P + O + Grad + B                <= budget
     recompute:       P + O + A_before + sum_g T_g + H              <= budget   (when blocks recompute)
                      H >= sum_g kept_g,  H >= Grad   (add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
      A: bytes autograd keeps for backward, measured per node by solver.saved (not by rule);
      G_edges: gathered parameter copies an op keeps for backward (sum_e m_e sum y G_{e,p,q});
      G_out: the first gradient of backward (the loss's input, e.g. the logits) (add_backward_start_grad);
-     Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
+     B: the data-parallel gradients the reducer copies into its last bucket, at most one bucket (add_grad_buckets);
      O and Grad less the ZeRO-1/2 shares (add_zero_vars);
      kept_g, B_g, T_g: repeated blocks under the recompute decisions (add_remat_vars).
   Recompute (add_remat_vars): per repeated-block list, integer counts of blocks kept / recomputed
@@ -232,6 +232,9 @@ class ShardingILP:
         self.x: dict[str, list[pulp.LpVariable]] = {}
         self.time_terms: dict[str, list] = defaultdict(list)     # compute / comm -> [(coef, var)]
         self.mem_terms: dict[str, list] = defaultdict(list)      # params/grads/optimizer/activations
+        self._bucket_terms: list = []                             # data-parallel gradient bytes (add_grad_buckets)
+        self._bucket_cap = float(C.GRAD_BUCKET_BYTES)
+        self._bucket_copy: tuple | None = None
         self.edge_terms: dict[str, list] = defaultdict(list)     # consumer key -> [(coef, var)]
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
         self.merge_trivial = True
@@ -291,23 +294,48 @@ class ShardingILP:
         self.mem_terms["recompute_hold"].append((_UNIT, hold))
 
     def settle_hold(self) -> None:
-        """After solving: H at its bound (reports read it; the solver may leave it higher where it does not bind)."""
+        """After solving: H and B at their bounds (reports read them; the solver may leave them higher where
+        they do not bind)."""
+        if self._bucket_copy is not None:
+            copy, grads, cap = self._bucket_copy
+            copy.varValue = max(0.0, min(float(pulp.value(grads) or 0.0), cap))
         for c, v in self.mem_terms.get("recompute_hold", []):
             v.varValue = max(float(pulp.value(self._mem(("blocks",))) or 0.0),
                              float(pulp.value(self._mem(("grads",))) or 0.0)) / _UNIT
 
     def add_grad_buckets(self) -> None:
-        """At the end of backward the bucketed reducer (autopar.grad_sync) holds a flat copy of every
-        data-parallel gradient it all-reduced until it writes the sums back: per parameter key and
-        placement with a replicated mesh dim of size > 1 (where its gradient is a partial sum when the
-        batch is split there), its gradient bytes again (category "grad_buckets", step row); ZeRO-2
-        parameters reduce-scatter instead (add_zero_vars takes them off)."""
+        """The bucketed reducer (autopar.grad_sync) concatenates a full bucket of data-parallel gradients
+        into a flat buffer and makes the gradients views of it: for that moment a bucket exists twice.
+        The last bucket is launched at the end of backward, with every gradient live, so the step row
+        holds min(data-parallel gradient bytes, one bucket) more (a parameter larger than a bucket is a
+        bucket alone, reduced without a copy). Collects the gradient bytes per parameter key and
+        placement with a replicated mesh dim of size > 1 (where the gradient is a partial sum when the
+        batch is split there); ZeRO-2 parameters reduce-scatter instead (add_zero_vars takes them off);
+        add_bucket_copy adds the capped term."""
         for key, info in self.keys.items():
             if info.node.kind != "param":
                 continue
             for j, s in enumerate(info.strategies):
                 if any(isinstance(p, Replicate) and n > 1 for p, n in zip(s.outputs[0], self.mesh.shape)):
-                    self.mem_terms["grad_buckets"].append((info.mult * info.memory[j]["grads"], self.x[key][j]))
+                    self._bucket_terms.append((info.mult * info.memory[j]["grads"], self.x[key][j]))
+
+    def add_bucket_copy(self) -> None:
+        """B (MiB) >= min(sum of the collected gradient bytes, the largest bucket) on the step row: B >= G - M b,
+        B >= cap b with one binary b (the solver takes the smaller); without a cap to reach, B is G itself.
+        Call after add_zero_vars."""
+        terms = self._bucket_terms
+        most = sum(max(c, 0.0) for c, _ in terms)
+        if most <= self._bucket_cap:
+            self.mem_terms["grad_buckets"] += terms
+            return
+        cap, big = self._bucket_cap / _UNIT, most / _UNIT
+        copy = self._var("bucket_copy", lowBound=0)
+        capped = self._var("bucket_capped", cat="Binary")
+        grads = pulp.lpSum(c * v for c, v in terms) * (1 / _UNIT)
+        self.prob += copy >= grads - big * capped, "bucket_copy_grads"
+        self.prob += copy >= cap * capped, "bucket_copy_cap"
+        self.mem_terms["grad_buckets"].append((_UNIT, copy))
+        self._bucket_copy = (copy, grads, cap)
 
     def _record_block_key(self, group: str, info: KeyInfo, xs) -> None:
         """Per strategy: bytes one block keeps and forward seconds one block spends for this key."""
@@ -474,7 +502,7 @@ class ShardingILP:
                 self.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
                                                 (-info.mult * keep * mem["optimizer"], w2)]
                 self.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
-                self.mem_terms["grad_buckets"].append((-info.mult * mem["grads"], w2))
+                self._bucket_terms.append((-info.mult * mem["grads"], w2))
                 self.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + rs), w2)]
                 rows.append((j, zs, w1, w2))
             if rows:
@@ -653,6 +681,7 @@ class ShardingILP:
         if self.remat:
             self.add_remat_vars()
         self.add_zero_vars()
+        self.add_bucket_copy()
         self.add_recompute_hold()
         if self.host is not None:   # after every optimizer-state term (ZeRO's included): it replaces O by O_dev
             O.add_optimizer_offload(self, self.host)
@@ -804,6 +833,7 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
     if ilp.remat:
         ilp.add_remat_vars()
     ilp.add_zero_vars()
+    ilp.add_bucket_copy()
     ilp.add_recompute_hold()
     if ilp.host is not None:   # as build() does
         O.add_optimizer_offload(ilp, ilp.host)
