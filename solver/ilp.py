@@ -131,6 +131,12 @@ def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> li
     return out
 
 
+def _on_mesh(target: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> tuple[Placement, ...]:
+    """A split or partial sum over a mesh dim of size 1 is the whole tensor: Replicate (so a plan's
+    ``fix`` written for data parallelism also applies on a mesh of one device)."""
+    return tuple(Replicate() if n == 1 else p for p, n in zip(target, mesh_shape))
+
+
 def _match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] | None = None
                ) -> tuple[str, ...] | None:
     """The placements of the first pattern matching the key, an FQN or ``param:<fqn>`` (first wins)."""
@@ -162,6 +168,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
             target = parse_sharding(list(want), field=f"fix[{key!r}]")
             if len(target) != mesh.ndim:
                 raise ShardingError(f"fix for {key}: {list(want)} has {len(target)} placements for a {mesh.ndim}-D mesh")
+            target = _on_mesh(target, mesh.shape)
             kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
             if not kept:
                 raise ShardingError(
@@ -172,7 +179,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
         elif node.kind == "op" and prefer:
             soft = _match_fix(key, node, prefer, used)
             if soft is not None:
-                target = parse_sharding(list(soft), field=f"prefer[{key!r}]")
+                target = _on_mesh(parse_sharding(list(soft), field=f"prefer[{key!r}]"), mesh.shape)
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
