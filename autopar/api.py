@@ -223,7 +223,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
                                    fuse=mesh_device(mesh).type == "cuda")
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
-    buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}
+    buffers = {fqn: ctx.output_sharding(name) for name, fqn in (*cap.buffer_fqns.items(), *cap.constant_fqns.items())}
     shard_parameters(model, plan, mesh)
     return ParallelModule(model, gm, cap, plan, mesh, inputs, buffers, input_mode=input_mode)
 

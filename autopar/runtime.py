@@ -66,9 +66,21 @@ class ParallelModule(nn.Module):
                 order.append(("param", cap.param_fqns[n.name][0]))
             elif n.name in cap.buffer_fqns:
                 order.append(("buffer", cap.buffer_fqns[n.name]))
+            elif n.name in cap.constant_fqns:
+                order.append(("constant", cap.constant_fqns[n.name]))
             else:
                 order.append(("input", n.name))
         self._order = order
+        # tensors the model makes in forward from constants (torch.tensor(...)), lifted by torch.export
+        constants = {}
+        for kind, name in order:
+            if kind == "constant":
+                c = cap.program.constants[name]
+                if c.device.type == "meta":
+                    raise ConfigError(f"the model's forward makes the constant tensor {name!r}, which was captured on "
+                                      f"the meta device; capture (plan) the model on a real device to apply it")
+                constants[name] = local_chunk(c.to(mesh.device_type), buffer_shardings[name], mesh)
+        self.__dict__["_constants"] = constants
         self._inputs = {i.arg or i.name: i for i in cap.user_inputs}          # forward() argument -> spec
         self._arg_of = {i.name: i.arg or i.name for i in cap.user_inputs}    # placeholder -> argument
         self._input_shardings = input_shardings
@@ -159,6 +171,8 @@ class ParallelModule(nn.Module):
                 flat.append(local)
             elif kind == "buffer":
                 flat.append(local_chunk(self.get_buffer(name), self._buffer_shardings[name], self.mesh))
+            elif kind == "constant":
+                flat.append(self._constants[name])
             else:
                 x = given[self._arg_of[name]]
                 # global inputs: this rank's block; the backward gathers an input's gradient in full, as on one device

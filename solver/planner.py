@@ -57,7 +57,7 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
     try:
-        saved = saved_tensors(cap.program.graph_module)
+        saved = saved_tensors(cap.program.graph_module, frozen={*cap.buffer_fqns, *cap.constant_fqns})
     except Exception as e:  # an op the meta device cannot run: fall back to "every op keeps its outputs"
         log.warning("could not trace the tensors kept for backward (%s: %s); assuming every op keeps its outputs",
                     type(e).__name__, e)

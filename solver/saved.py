@@ -47,8 +47,10 @@ def _nbytes(t: torch.Tensor) -> float:
     return float(t.numel() * t.element_size())
 
 
-def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
-    """Node name -> what autograd keeps of it (nodes that keep nothing are absent)."""
+def saved_tensors(gm: fx.GraphModule, frozen: set[str] | frozenset[str] = frozenset()) -> dict[str, Saved]:
+    """Node name -> what autograd keeps of it (nodes that keep nothing are absent). ``frozen``:
+    placeholders that never require grad (buffers such as BatchNorm's running statistics, which some
+    ops refuse to take with requires_grad); every other floating-point placeholder requires grad."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -65,7 +67,7 @@ def saved_tensors(gm: fx.GraphModule) -> dict[str, Saved]:
             # (HF's .to(x.device)) run and ops choose the kernels they choose there
             device = v.device if v.device.type != "meta" else torch.device("cpu")
             t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
-            if t.is_floating_point():
+            if t.is_floating_point() and n.name not in frozen:
                 t.requires_grad_(True)
             args.append(t)
 
