@@ -92,6 +92,7 @@ class KeyInfo:
     in_metas: list[TensorMeta]
     compute: list[C.OpCost] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)
+    remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
 
 
 @dataclass
@@ -176,7 +177,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
-                       fallback=fallback, in_metas=in_metas)
+                       fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
@@ -317,6 +318,7 @@ class ShardingILP:
         contraction = C.contraction_flops(info.node, info.in_metas) > 0
         bwd = [per_block * c.bwd_s for c in info.compute]
         terms = self.blocks[group]
+        terms["extra"].append((per_block * info.remat_extra.fwd_s, per_block * info.remat_extra.bwd_s))
         if any(act) or any(fwd):
             terms["keys"].append((xs, act, fwd, contraction, bwd))
         out = info.node.outputs[0] if info.node.outputs else None
@@ -403,6 +405,7 @@ class ShardingILP:
                         if not contraction:
                             rtime.append((n * fwd[j], v["sel"][j]))
             rtime += self._recomputed_comm(gidx, n, cnt, t.get("comm", []))
+            rtime += [(sum(e[0] for e in t.get("extra", [])), cnt["sel"]), (sum(e[1] for e in t.get("extra", [])), cnt["full"])]
             u = self._var(f"u{gidx}", cat="Binary")
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
