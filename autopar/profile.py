@@ -280,15 +280,15 @@ def _presets() -> dict[str, ClusterProfile]:
             sources={"device": "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column",
                      "inter_node": "NVIDIA DGX A100 datasheet: 8x ConnectX-6 200 Gb/s HDR InfiniBand per node"}),
         # This kind of machine: 2 CPU cores shared by all gloo ranks over loopback. Rough values read on it
-        # (one process, fp32 GEMM ~50 GFLOP/s; gloo loopback ~1 GB/s, ~100 us latency; checkpointing per
-        # block op: selective ~300 us, full ~90 us, measured on the profile's GPT probes in one process under
-        # load ~3); `autopar profile` measures the real ones.
+        # (one process, fp32 GEMM ~50 GFLOP/s; gloo loopback ~1 GB/s, ~100 us latency); `autopar profile`
+        # measures the real ones. The checkpoint surcharges stay 0 (not measured) here: a measured profile of
+        # this host had selective ~300 us and full ~90 us per block op (one process, load ~3), which makes
+        # selective recompute dearer than full on it, unlike on GPUs.
         "cpu-gloo": ClusterProfile(
             name="cpu-gloo",
             device=DeviceSpec(name="cpu", peak_flops={"float32": 50e9, "bfloat16": 10e9, "float16": 5e9},
                               memory_bandwidth=10e9, memory_capacity=4 * GiB, max_matmul_efficiency=1.0,
-                              matmul_half_efficiency_flops=2e6, op_overhead_s=10e-6,
-                              selective_op_overhead_s=300e-6, recompute_op_overhead_s=90e-6),
+                              matmul_half_efficiency_flops=2e6, op_overhead_s=10e-6),
             gpus_per_node=8,
             intra_node=LinkSpec.uniform("gloo-loopback", alpha=100e-6, bandwidth=1e9),
             inter_node=LinkSpec.uniform("gloo-tcp", alpha=200e-6, bandwidth=0.5e9),

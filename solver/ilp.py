@@ -360,6 +360,7 @@ class ShardingILP:
           kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
                    + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
           time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
+                   + c_sel E_sel + c_full E_full  (one block's per-op checkpoint surcharges, cost.checkpoint_overhead)
                    + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
                    (both modes re-run the block's forward collectives, a ZeRO-3 parameter's all-gather
                    included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
