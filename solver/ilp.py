@@ -92,6 +92,7 @@ class KeyInfo:
     in_metas: list[TensorMeta]
     compute: list[C.OpCost] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)
+    remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
 
 
 @dataclass
@@ -183,7 +184,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
-                       fallback=fallback, in_metas=in_metas)
+                       fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
             if node.kind == "param":
@@ -352,6 +353,7 @@ class ShardingILP:
         contraction = C.contraction_flops(info.node, info.in_metas) > 0
         bwd = [per_block * c.bwd_s for c in info.compute]
         terms = self.blocks[group]
+        terms["extra"].append((per_block * info.remat_extra.fwd_s, per_block * info.remat_extra.bwd_s))
         if any(act) or any(fwd):
             terms["keys"].append((xs, act, fwd, contraction, bwd))
         out = info.node.outputs[0] if info.node.outputs else None
@@ -393,6 +395,7 @@ class ShardingILP:
           kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} a_{k,s} [k is a matmul/attention])
                    + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
           time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
+                   + c_sel E_sel + c_full E_full  (one block's per-op checkpoint surcharges, cost.checkpoint_overhead)
                    + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
                    (both modes re-run the block's forward collectives, a ZeRO-3 parameter's all-gather
                    included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
@@ -438,6 +441,7 @@ class ShardingILP:
                         if not contraction:
                             rtime.append((n * fwd[j], v["sel"][j]))
             rtime += self._recomputed_comm(gidx, n, cnt, t.get("comm", []))
+            rtime += [(sum(e[0] for e in t.get("extra", [])), cnt["sel"]), (sum(e[1] for e in t.get("extra", [])), cnt["full"])]
             u = self._var(f"u{gidx}", cat="Binary")
             self.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
             tr = self._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
