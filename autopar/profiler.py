@@ -370,15 +370,12 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
     return spec, host_bw, raw
 
 
-def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
-    """(overhead seconds, roofline seconds) the cost model gives the probe GPT's forward+backward on one
-    device, and a closure that runs it."""
+def _probe_model(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
+    """The probe GPT (layers, d_model, heads, vocab, seq, batch) on ``device``, its inputs, its captured
+    graph (blocks not folded) and a one-device profile of ``spec``."""
     from autopar.capture import capture
     from autopar.graph import index_graph
     from autopar.models import load_example_module
-    from autopar.solver.cost import compute_cost
-    from autopar.solver.strategies import strategies_for
-    from autopar.solver.strategies.base import in_meta
 
     layers, dm, heads, vocab, seq, batch = probe
     m = load_example_module("gpt")
@@ -389,6 +386,17 @@ def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device)
     gi = index_graph(capture(model, inputs, fold_layers=False))
     profile = ClusterProfile(name="probe", device=spec, gpus_per_node=1, intra_node=_LOOPBACK, inter_node=_LOOPBACK,
                              host_bandwidth=1.0)
+    return model, inputs, gi, profile
+
+
+def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
+    """(overhead seconds, roofline seconds) the cost model gives the probe GPT's forward+backward on one
+    device, and a closure that runs it."""
+    from autopar.solver.cost import compute_cost
+    from autopar.solver.strategies import strategies_for
+    from autopar.solver.strategies.base import in_meta
+
+    model, inputs, gi, profile = _probe_model(spec, probe, device)
     bare = replace(profile, device=replace(spec, op_overhead_s=0.0))
     full = roof = 0.0
     for node in gi.nodes.values():
@@ -434,22 +442,11 @@ def _probe_blocks(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device
     """The probe GPT, its inputs, and per checkpoint mode what the cost model charges for re-running its
     blocks (selective: the ops other than contractions, full: every op) and how many op nodes the blocks
     hold (what solver.cost.checkpoint_overhead charges per op)."""
-    from autopar.capture import capture
-    from autopar.graph import index_graph
-    from autopar.models import load_example_module
     from autopar.solver.cost import checkpoint_overhead, compute_cost, contraction_flops
     from autopar.solver.strategies import strategies_for
     from autopar.solver.strategies.base import in_meta
 
-    layers, dm, heads, vocab, seq, batch = probe
-    m = load_example_module("gpt")
-    torch.manual_seed(0)
-    model = m.GPT(m.GPTConfig(n_layer=layers, d_model=dm, n_head=heads, vocab_size=vocab, max_seq_len=seq)).to(device)
-    idx = torch.randint(0, vocab, (batch, seq), device=device)
-    inputs = {"idx": idx, "labels": idx}
-    gi = index_graph(capture(model, inputs, fold_layers=False))
-    profile = ClusterProfile(name="probe", device=spec, gpus_per_node=1, intra_node=_LOOPBACK, inter_node=_LOOPBACK,
-                             host_bandwidth=1.0)
+    model, inputs, gi, profile = _probe_model(spec, probe, device)
     counted = replace(spec, selective_op_overhead_s=1.0, recompute_op_overhead_s=1.0)
     sel = full = ops = 0.0
     for node in gi.nodes.values():
