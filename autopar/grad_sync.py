@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from autopar.errors import ConfigError
+
 
 class GradReducer:
     """``params``: (leaf tensor, mesh dims its gradient is a partial sum over, publish) in the order
@@ -62,6 +64,22 @@ class GradReducer:
         self.dims.append(key[0])
         for p in params:
             self.bucket_of[id(p)] = idx
+
+    def replace(self, old: torch.Tensor, new: torch.Tensor, publish: Callable | None) -> None:
+        """The leaf ``old`` was replaced by ``new`` (its parameter was assigned anew): reduce ``new`` in its place."""
+        b = self.bucket_of.pop(id(old), None)
+        if b is None:
+            return
+        if new.dtype != old.dtype or new.shape != old.shape:
+            raise ConfigError(f"a data-parallel parameter was replaced by one of dtype {new.dtype} and shape "
+                              f"{tuple(new.shape)}, not {old.dtype} {tuple(old.shape)}; copy values into the "
+                              f"parameter in place (load_state_dict without assign=True) or parallelize again")
+        params = self.buckets[b]
+        params[next(i for i, q in enumerate(params) if q is old)] = new
+        self.bucket_of[id(new)] = b
+        self._publish.pop(id(old), None)
+        self._publish[id(new)] = publish
+        self._handles.append(new.register_post_accumulate_grad_hook(self._on_grad))
 
     def prepare(self) -> None:
         """Before a forward whose backward will accumulate: remember gradients already held."""

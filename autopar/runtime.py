@@ -124,6 +124,8 @@ class ParallelModule(nn.Module):
             local.requires_grad_(True)
             if fqn not in self._reduced:       # the reducer publishes once the gradient is in its bucket
                 local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
+            elif entry is not None and self.__dict__.get("grad_reducer") is not None:   # a replaced parameter
+                self.grad_reducer.replace(entry[1], local, functools.partial(_publish_grad, p))
         self._leaves[fqn] = (p, local)
         return local
 

@@ -85,3 +85,24 @@ def small_buckets(rank: int, world: int, accumulate: bool) -> dict:
             "views": sum(p.grad._base is not None for p in shared), "in_shared": len(shared),
             "bucket_buffers": len(bases),
             "grad_storage_bytes": sum(storages.values()), "grad_bytes": grad_bytes}
+
+
+def replaced_parameter(rank: int, world: int) -> dict:
+    """A data-parallel parameter assigned anew after parallelize (a new DTensor Parameter) is reduced like
+    the one it replaced: its gradient equals one device's."""
+    from torch.distributed.tensor import DTensor
+    torch.manual_seed(0)
+    model, inputs = build_model("gpt-tiny", batch=4, seq=16, device="cpu")
+    ref = copy.deepcopy(model)
+    pm = autopar.parallelize(model, init_device_mesh("cpu", (world,)), inputs, **DP)
+    old = pm.blocks[0].mlp.fc.weight
+    new_local = old.to_local().detach().clone() * 0.5
+    pm.blocks[0].mlp.fc.weight = torch.nn.Parameter(DTensor.from_local(new_local, old.device_mesh, old.placements))
+    with torch.no_grad():
+        ref.blocks[0].mlp.fc.weight.mul_(0.5)
+    pm(**inputs).backward()
+    ref(**inputs).backward()
+    refp = dict(ref.named_parameters())
+    errs = {n: float((p.grad.full_tensor() - refp[n].grad).abs().max()) for n, p in pm.named_parameters()}
+    return {"err": errs["blocks.0.mlp.fc.weight"], "max_err": max(errs.values()),
+            "reduced": any(q is pm.blocks[0].mlp.fc.weight._local_tensor for b in pm.grad_reducer.buckets for q in b)}

@@ -22,3 +22,9 @@ def test_gradients_are_views_of_their_buckets(dist2):
     assert r["views"] == r["in_shared"] and r["bucket_buffers"] == r["shared_buckets"], r
     # the gradients kept after backward hold their bytes once: no second (flat) copy is kept alive
     assert r["grad_storage_bytes"] == r["grad_bytes"], r
+
+
+def test_replaced_parameter_is_reduced(dist2):
+    from grad_sync_check import replaced_parameter
+    r = dist2.run(replaced_parameter)[0]
+    assert r["reduced"] and r["err"] < 1e-5 and r["max_err"] < 1e-5, r
