@@ -241,7 +241,6 @@ class ShardingILP:
         self.time_terms: dict[str, list] = defaultdict(list)     # compute / comm -> [(coef, var)]
         self.mem_terms: dict[str, list] = defaultdict(list)      # params/grads/optimizer/activations
         self._bucket_terms: list = []                             # data-parallel gradient bytes (add_grad_buckets)
-        self._bucket_cap = float(C.GRAD_BUCKET_BYTES)
         self._bucket_copy: tuple | None = None
         self.edge_terms: dict[str, list] = defaultdict(list)     # consumer key -> [(coef, var)]
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
@@ -333,10 +332,10 @@ class ShardingILP:
         Call after add_zero_vars."""
         terms = self._bucket_terms
         most = sum(max(c, 0.0) for c, _ in terms)
-        if most <= self._bucket_cap:
+        if most <= C.GRAD_BUCKET_BYTES:
             self.mem_terms["grad_buckets"] += terms
             return
-        cap, big = self._bucket_cap / _UNIT, most / _UNIT
+        cap, big = C.GRAD_BUCKET_BYTES / _UNIT, most / _UNIT
         copy = self._var("bucket_copy", lowBound=0)
         capped = self._var("bucket_capped", cat="Binary")
         grads = pulp.lpSum(c * v for c, v in terms) * (1 / _UNIT)
