@@ -5,6 +5,7 @@ Wires capture -> solver -> codegen; the only module besides the CLI that imports
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -223,7 +224,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
                                    fuse=mesh_device(mesh).type == "cuda")
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
-    buffers = {fqn: ctx.output_sharding(name) for name, fqn in cap.buffer_fqns.items()}
+    buffers = {fqn: ctx.output_sharding(name) for name, fqn in (*cap.buffer_fqns.items(), *cap.constant_fqns.items())}
     shard_parameters(model, plan, mesh)
     return ParallelModule(model, gm, cap, plan, mesh, inputs, buffers, input_mode=input_mode)
 
@@ -241,15 +242,37 @@ def parallelize(model: nn.Module, mesh, example_inputs: ExampleInputs, *, plan: 
         if cluster is None:
             cluster = "cpu-gloo" if mesh.device_type == "cpu" else "h100-sxm"
         text = [None]
+        failed: BaseException | None = None
         if not dist.is_initialized() or dist.get_rank() == 0:
-            p = autopar_plan(model, example_inputs, mesh_shape=tuple(mesh.shape),
-                             mesh_dim_names=mesh.mesh_dim_names, cluster=cluster, memory_budget=memory_budget,
-                             **options)
-            text = [p.to_json()]
+            try:
+                p = autopar_plan(model, example_inputs, mesh_shape=tuple(mesh.shape),
+                                 mesh_dim_names=mesh.mesh_dim_names, cluster=cluster, memory_budget=memory_budget,
+                                 **options)
+                text = [p.to_json()]
+            except Exception as e:     # every rank raises it, none waits in the broadcast for a plan
+                failed = e
+                text = [json.dumps({"planning_error": type(e).__name__, "message": str(e),
+                                    "min_feasible_bytes": getattr(e, "min_feasible_bytes", None)})]
         if dist.is_initialized():
             dist.broadcast_object_list(text, src=0)
+        if failed is not None:
+            raise failed
+        if text[0].startswith('{"planning_error"'):
+            raise _planning_error(json.loads(text[0]))
         plan = Plan.from_json(text[0])
     return apply(model, plan, mesh, input_mode=input_mode)
 
 
 autopar_plan = plan
+
+
+def _planning_error(d: dict) -> AutoparError:
+    """On ranks other than 0: the error planning raised on rank 0, as the same autopar error class."""
+    from autopar import errors
+    cls = getattr(errors, d["planning_error"], None)
+    msg = d["message"]
+    if cls is errors.InfeasiblePlanError:
+        return cls(msg, min_feasible_bytes=d.get("min_feasible_bytes"))
+    if isinstance(cls, type) and issubclass(cls, AutoparError) and cls is not errors.RankFailureError:
+        return cls(msg)
+    return AutoparError(f"planning failed on rank 0 with {d['planning_error']}: {msg}")

@@ -48,6 +48,7 @@ class CapturedModel:
     on_meta: bool = False
     folded_layers: dict[str, int] = field(default_factory=dict)  # ModuleList FQN -> true length when folded
     model_params: tuple[tuple[str, tuple[int, ...]], ...] = ()   # every (FQN, shape) of the full model
+    constant_fqns: dict[str, str] = field(default_factory=dict)  # placeholder -> lifted constant tensor's name
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -228,6 +229,7 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     sig = program.graph_signature
     param_fqns: dict[str, tuple[str, ...]] = {}
     buffer_fqns: dict[str, str] = {}
+    constant_fqns: dict[str, str] = {}
     user_inputs: list[InputSpec] = []
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     leaf_args = iter(_leaf_arg_names(model, args, kwargs))
@@ -237,6 +239,8 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
             param_fqns[name] = fqn_to_group.get(spec.target, (spec.target,))
         elif spec.kind == InputKind.BUFFER:
             buffer_fqns[name] = spec.target
+        elif spec.kind == InputKind.CONSTANT_TENSOR:   # a tensor made in forward (e.g. torch.tensor(...)), lifted
+            constant_fqns[name] = spec.target
         elif spec.kind == InputKind.USER_INPUT:
             val = placeholders[name].meta.get("val")
             arg = next(leaf_args, name)
@@ -246,4 +250,5 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     shapes = {fqns[0]: tuple(int(s) for s in placeholders[n].meta["val"].shape) for n, fqns in param_fqns.items()}
     log.info("captured %d graph nodes, %d parameters", len(program.graph.nodes), len(param_fqns))
     return CapturedModel(program=program, args=args, kwargs=kwargs, param_fqns=param_fqns, buffer_fqns=buffer_fqns,
-                         user_inputs=tuple(user_inputs), param_shapes=shapes, on_meta=on_meta)
+                         user_inputs=tuple(user_inputs), param_shapes=shapes, on_meta=on_meta,
+                         constant_fqns=constant_fqns)

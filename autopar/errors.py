@@ -32,6 +32,9 @@ class InfeasiblePlanError(AutoparError):
         super().__init__(message)
         self.min_feasible_bytes = min_feasible_bytes
 
+    def __reduce__(self):  # keeps min_feasible_bytes when the error crosses a process boundary
+        return _infeasible, (str(self), self.min_feasible_bytes)
+
 
 class PlanMismatchError(AutoparError):
     """A plan does not belong to this model or these inputs (names the parameter or input)."""
@@ -58,3 +61,7 @@ class RankFailureError(AutoparError):
 
 def _rank_failure(message: str, lost_ranks: tuple[int, ...]) -> RankFailureError:
     return RankFailureError(message, lost_ranks=lost_ranks)
+
+
+def _infeasible(message: str, min_feasible_bytes: int | None) -> InfeasiblePlanError:
+    return InfeasiblePlanError(message, min_feasible_bytes=min_feasible_bytes)

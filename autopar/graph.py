@@ -168,6 +168,8 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
                 kind, fqns = "param", cap.param_fqns[n.name]
             elif n.name in cap.buffer_fqns:
                 kind, fqns = "buffer", (cap.buffer_fqns[n.name],)
+            elif n.name in cap.constant_fqns:      # a lifted constant: planned as a buffer is
+                kind, fqns = "buffer", (cap.constant_fqns[n.name],)
             else:
                 kind, fqns = "input", ()
             lay = _layer_of_path(fqns[0]) if fqns else None

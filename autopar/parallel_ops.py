@@ -52,16 +52,18 @@ def local_range(size: int, dim: int, sharding: Sharding, mesh: DeviceMesh) -> tu
     return start, start + size
 
 
-def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, mesh: DeviceMesh, weight_sharding: str
-                             ) -> torch.Tensor:
+def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, mesh: DeviceMesh, weight_sharding: str,
+                             padding_idx: int = -1) -> torch.Tensor:
     """Embedding whose weight rows (the vocabulary) are split: each rank looks up the ids in its rows
-    and writes zeros for the others; the output is a partial sum over the vocab-splitting mesh dims."""
+    and writes zeros for the others; the output is a partial sum over the vocab-splitting mesh dims.
+    ``padding_idx`` (global row, -1: none; as ``aten.embedding``): that row gets no gradient."""
     sh = placements(weight_sharding)
     vocab = weight.shape[0] * _product(mesh.size(d) for d, p in enumerate(sh) if p == Shard(0))
     start, stop = local_range(vocab, 0, sh, mesh)
     outside = (indices < start) | (indices >= stop)
     local_ids = (indices - start).masked_fill(outside, 0)
-    out = F.embedding(local_ids, weight)
+    pad = padding_idx - start if padding_idx is not None and start <= padding_idx < stop else None
+    out = F.embedding(local_ids, weight, padding_idx=pad)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 

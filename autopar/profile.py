@@ -79,6 +79,14 @@ class DeviceSpec:
     host ~13 us raw, ~60 us calibrated with 2 ranks). The GPU presets keep 5 us, a typical CUDA launch
     latency (not a spec sheet number): launches are asynchronous and overlap with the kernels already
     queued, so they only show where ops are shorter than their launch.
+
+    ``selective_op_overhead_s`` / ``recompute_op_overhead_s``: what activation checkpointing costs per op
+    of a checkpointed block (every op node of the captured graph, views included) beyond the recomputed
+    ops' own time that the cost model already charges: the selective policy (a Python dispatch mode that
+    decides per dispatched op, in the forward and again in the recompute) and full checkpointing (saved-
+    tensor hooks, the recompute's views and bookkeeping). ``autopar profile`` measures both on its GPT
+    probes (blocks checkpointed as codegen does, against the same probes plain). 0 = not measured (the
+    GPU presets and profiles written before these fields existed): only the recomputed ops are charged.
     """
 
     name: str
@@ -89,6 +97,8 @@ class DeviceSpec:
     matmul_half_efficiency_flops: float = 2e9
     max_memory_efficiency: float = 0.8
     op_overhead_s: float = 5e-6
+    selective_op_overhead_s: float = 0.0
+    recompute_op_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for k, v in self.peak_flops.items():
@@ -99,6 +109,10 @@ class DeviceSpec:
         for name in ("memory_bandwidth", "memory_capacity", "max_matmul_efficiency", "max_memory_efficiency"):
             if not getattr(self, name) > 0:
                 raise ClusterProfileError(f"device.{name} must be positive, got {getattr(self, name)}")
+        for name in ("op_overhead_s", "selective_op_overhead_s", "recompute_op_overhead_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ClusterProfileError(f"device.{name} must be a finite time >= 0 s, got {v!r}")
 
     def flops_for(self, dtype: str) -> float:
         return self.peak_flops.get(dtype, self.peak_flops["float32"])
@@ -267,7 +281,9 @@ def _presets() -> dict[str, ClusterProfile]:
                      "inter_node": "NVIDIA DGX A100 datasheet: 8x ConnectX-6 200 Gb/s HDR InfiniBand per node"}),
         # This kind of machine: 2 CPU cores shared by all gloo ranks over loopback. Rough values read on it
         # (one process, fp32 GEMM ~50 GFLOP/s; gloo loopback ~1 GB/s, ~100 us latency); `autopar profile`
-        # measures the real ones.
+        # measures the real ones. The checkpoint surcharges stay 0 (not measured) here: a measured profile of
+        # this host had selective ~300 us and full ~90 us per block op (one process, load ~3), which makes
+        # selective recompute dearer than full on it, unlike on GPUs.
         "cpu-gloo": ClusterProfile(
             name="cpu-gloo",
             device=DeviceSpec(name="cpu", peak_flops={"float32": 50e9, "bfloat16": 10e9, "float16": 5e9},

@@ -4,8 +4,9 @@ On a process group (spawned here, or joined under torchrun) every rank takes par
 shared hardware is measured the way training uses it (4 gloo ranks on 2 cores each see half a
 core). Measured:
 
-* per mesh dim, the extra cost of a collective call that follows compute (``measure_sync``: ranks
-  drift apart during the compute and the call waits for the last one; large where ranks share cores);
+* per mesh dim, the extra cost of a collective call that follows compute over what its alpha-beta fit
+  charges (``measure_sync``: ranks drift apart during the compute and the call waits for the last one;
+  large where ranks share cores);
 * per mesh dim and collective kind (all-reduce, all-gather, reduce-scatter, all-to-all,
   send/recv as a ring shift), times over message sizes fitted to ``t = alpha + beta * x`` where
   x is the per-rank ring traffic the solver's ``collective_time`` charges (all-reduce
@@ -18,11 +19,14 @@ core). Measured:
   backward), and host<->device bandwidth on CUDA (pinned copies; on CPU the memory bandwidth);
 * a calibration: forward+backward of small GPTs (the example model) timed and compared with
   what the cost model charges for their captured ops; the per-op overhead and the throughputs
-  are scaled by least squares so the two agree (:func:`calibrate`).
+  are scaled by least squares so the two agree (:func:`autopar.calibrate.calibrate`);
+* per op of a checkpointed block, what selective and full activation checkpointing cost beyond the
+  recomputed ops (the same probes with their blocks checkpointed,
+  :func:`autopar.calibrate.measure_checkpoint_overhead`).
 
 The result is a :class:`~autopar.profile.ClusterProfile` with one measured link per mesh dim,
-plus the raw samples under ``measurements`` (ignored by the loader). Each point is the fastest of
-a few timed trials (noise from other processes only adds time), maximum over ranks. Library code logs and calls
+plus the raw samples under ``measurements`` (ignored by the loader). Each point is the median of
+a few timed trials (what a step pays per call, see ``_timed``), maximum over ranks. Library code logs and calls
 ``progress``; it never prints.
 """
 from __future__ import annotations
@@ -71,6 +75,18 @@ def fit_linear(x: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
         a = 0.0
         b = float(np.sum(w * w * xs * ts) / np.sum(w * w * xs * xs))
     return float(a), float(b)
+
+
+def fit_per_op(ops: Sequence[float], base: Sequence[float], timed: Sequence[float]) -> float:
+    """Seconds per op ``s`` with ``timed_i - base_i = s * ops_i``: least squares weighted by 1/base_i^2
+    (relative error, so a small probe, where the surcharge stands out of the noise, counts as much as a
+    large one); at least 0 (a surcharge the noise hides is none)."""
+    n, b, t = (np.asarray(v, dtype=float) for v in (ops, base, timed))
+    if not (n.shape == b.shape == t.shape and n.ndim == 1) or not np.all(b > 0) or not np.any(n > 0):
+        raise ConfigError(f"need op counts (some > 0), base times > 0 and timed times of one length, got "
+                          f"{n.tolist()}, {b.tolist()}, {t.tolist()}")
+    w = 1.0 / b ** 2
+    return max(0.0, float(np.sum(w * n * (t - b)) / np.sum(w * n * n)))
 
 
 def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> AlphaBeta:
@@ -131,10 +147,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, trials: int, warmup: int, iters: int = 1) -> float:
-    """Fastest of ``trials`` runs of ``iters`` back-to-back calls (per call), maximum over all ranks.
+    """Median of ``trials`` runs of ``iters`` back-to-back calls (per call), maximum over all ranks.
 
-    The minimum keeps other processes' noise out (a shared host); the maximum over ranks is what a
-    synchronous step waits for."""
+    The median, not the fastest run: a training step pays every call's typical time, and the fastest
+    run hides how unevenly calls take. On gloo ranks that share cores the spread is mostly in the
+    collectives (a tight loop of small all-reduces measured 1.0 ms fastest, 3.2 ms median, while
+    matmuls spread 1.3x), so the fastest runs priced collectives low against compute. The maximum over
+    ranks is what a synchronous step waits for."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -147,7 +166,7 @@ def _timed(fn: Callable[[], object], device: torch.device, trials: int, warmup: 
             fn()
         _sync(device)
         samples.append((time.perf_counter() - t0) / iters)
-    med = torch.tensor([min(samples)], dtype=torch.float64, device=device)
+    med = torch.tensor([float(np.median(samples))], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(med, op=dist.ReduceOp.MAX)
     return float(med.item())
@@ -213,27 +232,31 @@ def _sweep(kind: str, mesh, d: int, device: torch.device, opts: ProfileOptions) 
     return xs, ts
 
 
-def measure_sync(mesh, d: int, device: torch.device, opts: ProfileOptions, work_s: float = 1e-3
-                 ) -> tuple[float, dict]:
-    """(seconds, raw) a collective call costs beyond its tight-loop time when compute sits between calls:
-    every rank runs ``work`` (matmuls worth ~``work_s``) then a small all-reduce on mesh dim d, against
-    ``work`` alone and the all-reduce alone; sync = T(work + call) - T(work) - T(call), at least 0.
-    Ranks that share cores drift apart during the work and the call waits for the last one."""
-    group = mesh.get_group(d)
+def measure_sync(mesh, d: int, device: torch.device, opts: ProfileOptions, all_reduce: AlphaBeta,
+                 work_s: float = 1e-3) -> tuple[float, dict]:
+    """(seconds, raw) a collective call costs beyond what its alpha-beta fit charges when compute sits
+    between calls, as in a training step: every rank runs ``work`` (matmuls worth ~``work_s``) then a
+    small all-reduce through the runtime's reshard path on mesh dim d, against ``work`` alone;
+    sync = T(work + call) - T(work) - (alpha + beta x), at least 0, with ``all_reduce`` the fit of the same
+    call over message sizes (x its ring traffic). Ranks that share cores drift apart during the work and
+    the call waits for the last one. Timed over twice the usual trials: it is a difference of medians."""
     a = torch.randn(64, 64, device=device)
-    small = torch.ones(256, device=device)
+    n = mesh.size(d)
+    nbytes = max(64 * n * n, min(opts.message_sizes) // (64 * n * n) * 64 * n * n)
+    call = _runtime_call("all_reduce", nbytes, mesh, d, device)
+    trials = 2 * opts.trials
     t_mm = _timed(lambda: torch.mm(a, a), device, opts.trials, opts.warmup, iters=64)
     k = max(1, int(work_s / max(t_mm, 1e-9)))
 
     def work():
         for _ in range(k):
             torch.mm(a, a)
-    call = lambda: dist.all_reduce(small, group=group)  # noqa: E731
-    t_work = _timed(work, device, opts.trials, opts.warmup, iters=8)
-    t_call = _timed(call, device, opts.trials, opts.warmup, iters=8)
-    t_both = _timed(lambda: (work(), call()), device, opts.trials, opts.warmup, iters=8)
-    sync = max(0.0, t_both - t_work - t_call)
-    return sync, {"work_s": t_work, "call_s": t_call, "work_and_call_s": t_both, "matmuls": k, "sync_s": sync}
+    t_work = _timed(work, device, trials, opts.warmup, iters=8)
+    t_both = _timed(lambda: (work(), call()), device, trials, opts.warmup, iters=8)
+    fitted = all_reduce.alpha + all_reduce.beta * _TRAFFIC["all_reduce"](n) * nbytes
+    sync = max(0.0, t_both - t_work - fitted)
+    return sync, {"work_s": t_work, "work_and_call_s": t_both, "fitted_call_s": fitted, "bytes": nbytes,
+                  "matmuls": k, "sync_s": sync}
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -268,7 +291,7 @@ def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) 
             if progress:
                 progress(f"{names[d]} {kind}", done, total)
             raw[names[d]][kind] = {"traffic_bytes": xs, "seconds": ts}
-        sync, raw[names[d]]["sync"] = measure_sync(mesh, d, device, opts)
+        sync, raw[names[d]]["sync"] = measure_sync(mesh, d, device, opts, coll["all_reduce"])
         links.append(LinkSpec(name=f"measured-{names[d]}", collectives=coll, sync_s=sync))
     raw["warnings"] = warnings
     known = [lk for lk in links if lk is not None]
@@ -343,72 +366,10 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
                       max_matmul_efficiency=1.0, matmul_half_efficiency_flops=half, max_memory_efficiency=1.0,
                       op_overhead_s=overhead)
     if opts.probes:
+        from autopar.calibrate import calibrate, measure_checkpoint_overhead
         spec, raw["calibration"] = calibrate(spec, device, opts)
+        spec, raw["checkpoint"] = measure_checkpoint_overhead(spec, device, opts)
     return spec, host_bw, raw
-
-
-def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
-    """(overhead seconds, roofline seconds) the cost model gives the probe GPT's forward+backward on one
-    device, and a closure that runs it."""
-    from dataclasses import replace
-
-    from autopar.capture import capture
-    from autopar.graph import index_graph
-    from autopar.models import load_example_module
-    from autopar.solver.cost import compute_cost
-    from autopar.solver.strategies import strategies_for
-    from autopar.solver.strategies.base import in_meta
-
-    layers, dm, heads, vocab, seq, batch = probe
-    m = load_example_module("gpt")
-    torch.manual_seed(0)
-    model = m.GPT(m.GPTConfig(n_layer=layers, d_model=dm, n_head=heads, vocab_size=vocab, max_seq_len=seq)).to(device)
-    idx = torch.randint(0, vocab, (batch, seq), device=device)
-    inputs = {"idx": idx, "labels": idx}
-    gi = index_graph(capture(model, inputs, fold_layers=False))
-    profile = ClusterProfile(name="probe", device=spec, gpus_per_node=1, intra_node=_LOOPBACK, inter_node=_LOOPBACK,
-                             host_bandwidth=1.0)
-    bare = replace(profile, device=replace(spec, op_overhead_s=0.0))
-    full = roof = 0.0
-    for node in gi.nodes.values():
-        if node.kind != "op":
-            continue
-        strat = strategies_for(node, gi.nodes, (1,))[0][0]  # a mesh of one: the replicated strategy
-        metas = [in_meta(node, gi.nodes, i) for i in range(len(node.inputs))]
-        full += compute_cost(node, strat, metas, profile, (1,)).total
-        roof += compute_cost(node, strat, metas, bare, (1,)).total
-    return full - roof, roof, lambda: model(**inputs).backward()
-
-
-_LOOPBACK = LinkSpec.uniform("none", alpha=0.0, bandwidth=1e12)
-
-
-def calibrate(spec: DeviceSpec, device: torch.device, opts: ProfileOptions) -> tuple[DeviceSpec, dict]:
-    """Scale the per-op overhead (k_o) and the throughputs (1/k_r) so the cost model's forward+backward time
-    of GPT probes, k_o * overhead + k_r * roofline, fits their measured time (least squares, relative error).
-
-    Micro-benchmarks miss what a real step pays (autograd, dispatch, kernels less tuned than a square
-    GEMM, backward ops dearer than 2x forward); the probes see it at the shapes a transformer has."""
-    from dataclasses import replace
-
-    rows = []
-    for probe in opts.probes:
-        o, r, run = _probe_costs(spec, probe, device)
-        t = _timed(run, device, opts.trials, opts.warmup)
-        rows.append({"probe": list(probe), "overhead_s": o, "roofline_s": r, "measured_s": t})
-    ts = np.array([row["measured_s"] for row in rows])
-    terms = np.array([[row["overhead_s"], row["roofline_s"]] for row in rows])
-    (k_o, k_r), *_ = np.linalg.lstsq(terms / ts[:, None], np.ones_like(ts), rcond=None)
-    if not (k_o > 0 and k_r > 0):  # the probes cannot tell the terms apart: scale both alike
-        total = terms.sum(1) / ts
-        k_o = k_r = float(np.sum(total) / np.sum(total * total))
-    k_o, k_r = float(k_o), float(k_r)
-    out = replace(spec, op_overhead_s=spec.op_overhead_s * k_o,
-                  peak_flops={k: v / k_r for k, v in spec.peak_flops.items()},
-                  memory_bandwidth=spec.memory_bandwidth / k_r)
-    for row in rows:
-        row["calibrated_s"] = k_o * row["overhead_s"] + k_r * row["roofline_s"]
-    return out, {"overhead_scale": k_o, "throughput_scale": 1.0 / k_r, "probes": rows}
 
 
 def _op_overhead(device: torch.device, opts: ProfileOptions) -> float:

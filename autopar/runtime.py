@@ -13,7 +13,8 @@ plain local gradients into it, and a post-accumulate hook publishes them as ``pa
 DTensor with the parameter's spec sharing the local gradient's storage. Before each forward the
 local gradients are re-synchronized with ``param.grad`` (``zero_grad(set_to_none=True)`` sets it to
 None; a gradient assigned by the user is adopted), so accumulation, zeroing and optimizers behave
-exactly as with ``to_local()``.
+exactly as with ``to_local()``. Gradients the bucketed reducer sums (``autopar.grad_sync``) are
+published by the reducer instead, once they are views of its bucket.
 """
 from __future__ import annotations
 
@@ -65,9 +66,21 @@ class ParallelModule(nn.Module):
                 order.append(("param", cap.param_fqns[n.name][0]))
             elif n.name in cap.buffer_fqns:
                 order.append(("buffer", cap.buffer_fqns[n.name]))
+            elif n.name in cap.constant_fqns:
+                order.append(("constant", cap.constant_fqns[n.name]))
             else:
                 order.append(("input", n.name))
         self._order = order
+        # tensors the model makes in forward from constants (torch.tensor(...)), lifted by torch.export
+        constants = {}
+        for kind, name in order:
+            if kind == "constant":
+                c = cap.program.constants[name]
+                if c.device.type == "meta":
+                    raise ConfigError(f"the model's forward makes the constant tensor {name!r}, which was captured on "
+                                      f"the meta device; capture (plan) the model on a real device to apply it")
+                constants[name] = local_chunk(c.to(mesh.device_type), buffer_shardings[name], mesh)
+        self.__dict__["_constants"] = constants
         self._inputs = {i.arg or i.name: i for i in cap.user_inputs}          # forward() argument -> spec
         self._arg_of = {i.name: i.arg or i.name for i in cap.user_inputs}    # placeholder -> argument
         self._input_shardings = input_shardings
@@ -79,13 +92,15 @@ class ParallelModule(nn.Module):
         ready_order = sorted(deferred, key=lambda name: -max((position[u.name] for u in node[name].users), default=0))
         self.__dict__["_leaves"] = {}   # FQN -> (param, its local tensor as a grad-requiring leaf)
         self.__dict__["_owners"] = {}   # FQN -> (module holding the parameter, attribute name)
+        # ZeRO-2 parameters reduce-scatter their own gradients (autopar.zero); the reducer all-reduces the rest
+        fqn_of = {name: cap.param_fqns[name][0] for name in deferred}
+        reduced = [(fqn_of[name], deferred[name]) for name in ready_order
+                   if fqn_of[name] not in plan.gradient_sharding]
+        self.__dict__["_reduced"] = {fqn for fqn, _ in reduced}   # their gradients are published by the reducer
         for kind, name in order:
             if kind == "param":
                 self._leaf(name)
-        # ZeRO-2 parameters reduce-scatter their own gradients (autopar.zero); the reducer all-reduces the rest
-        fqn_of = {name: cap.param_fqns[name][0] for name in deferred}
-        params = [(self._leaf(fqn_of[name]), deferred[name]) for name in ready_order
-                  if fqn_of[name] not in plan.gradient_sharding]
+        params = [(self._leaf(fqn), dims, self._publisher(fqn)) for fqn, dims in reduced]
         self.__dict__["grad_reducer"] = GradReducer(params, mesh) if params else None
         self.__dict__["zero"] = ZeroShards(self, plan, mesh, {fqn_of[n]: d for n, d in deferred.items()}) \
             if plan.optimizer_sharding else None
@@ -107,9 +122,17 @@ class ParallelModule(nn.Module):
             return local
         if p.requires_grad:
             local.requires_grad_(True)
-            local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
+            if fqn not in self._reduced:       # the reducer publishes once the gradient is in its bucket
+                local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
+            elif entry is not None and self.__dict__.get("grad_reducer") is not None:   # a replaced parameter
+                self.grad_reducer.replace(entry[1], local, functools.partial(_publish_grad, p))
         self._leaves[fqn] = (p, local)
         return local
+
+    def _publisher(self, fqn: str):
+        """What the reducer calls once the local gradient of ``fqn`` sits in its bucket (None: plain parameter)."""
+        entry = self._leaves.get(fqn)
+        return None if entry is None else functools.partial(_publish_grad, entry[0])
 
     def extra_repr(self) -> str:
         return f"mesh={tuple(self.mesh.shape)}, input_mode={self.input_mode!r}"
@@ -150,6 +173,8 @@ class ParallelModule(nn.Module):
                 flat.append(local)
             elif kind == "buffer":
                 flat.append(local_chunk(self.get_buffer(name), self._buffer_shardings[name], self.mesh))
+            elif kind == "constant":
+                flat.append(self._constants[name])
             else:
                 x = given[self._arg_of[name]]
                 # global inputs: this rank's block; the backward gathers an input's gradient in full, as on one device

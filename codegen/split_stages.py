@@ -16,7 +16,8 @@ the values live at its left boundary and returns those live at its right one:
 * the last stage returns the model's output (a single tensor as itself, several as a tuple).
 
 Requires: an exported graph without buffer mutations. Ensures: running the stages in sequence,
-feeding each stage's outputs to the next, gives the model's output. Imports autopar's core only.
+feeding each stage's outputs to the next, gives the model's output; every tensor a stage sends on is
+contiguous (a non-contiguous one is cloned at the end of the stage that makes it). Imports autopar's core only.
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def split_stages(cap: CapturedModel, layer_list: str, stage_layers: list[list[in
     placeholders = {n.name: n for n in cap.graph.nodes if n.op == "placeholder"}
     attr_of = {name: fqns[0] for name, fqns in cap.param_fqns.items()}
     attr_of.update(cap.buffer_fqns)
+    attr_of.update(cap.constant_fqns)   # lifted constants are read from the program like buffers
     user = [n for n in placeholders if n not in attr_of]
     stage_of = assign_stages(cap, layer_list, stage_layers)
     nstages = len(stage_layers)
@@ -155,6 +157,16 @@ def _build_stage(cap: CapturedModel, s: int, layers: list[int], ins: list[str], 
         new = graph.node_copy(node, lambda a: env[a.name])
         env[node.name] = new
     result = [value(next(n for n in cap.graph.nodes if n.name == o)) if o not in env else env[o] for o in outs]
+    if not single:
+        # values sent to the next stage go through point-to-point sends, which take contiguous tensors only
+        # (e.g. an expanded rotary table): a non-contiguous one made here is copied once, in the graph
+        for i, (o, node) in enumerate(zip(outs, result)):
+            val = node.meta.get("val")
+            if stage_of.get(o) == s and isinstance(val, torch.Tensor) and not val.is_contiguous():
+                copy = graph.call_function(torch.ops.aten.clone.default, (node,),
+                                           {"memory_format": torch.contiguous_format})
+                copy.meta = {**node.meta, "val": val.clone(memory_format=torch.contiguous_format)}
+                result[i] = copy
     graph.output(result[0] if single else tuple(result))
     gm = fx.GraphModule(root, graph, class_name=f"Stage{s}")
     return StageGraph(index=s, module=gm, inputs=tuple(ins), outputs=tuple(outs), param_fqns=tuple(fqns),

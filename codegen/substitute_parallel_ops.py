@@ -27,8 +27,9 @@ def substitute_parallel_ops(gm: fx.GraphModule, ctx: ShardingContext) -> fx.Grap
             w = ctx.input_sharding(node.name, 0)
             if "S(0)" in w.split():
                 mesh = mesh or mesh_node(gm)
+                pad = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
                 node.target = parallel_ops.vocab_parallel_embedding
-                node.args, node.kwargs = (node.args[0], node.args[1], mesh, w), {}
+                node.args, node.kwargs = (node.args[0], node.args[1], mesh, w, pad), {}
         elif node.target == aten.cross_entropy_loss.default:
             logits = ctx.input_sharding(node.name, 0)
             if any(p in ("S(0)", "S(1)") for p in logits.split()):

@@ -124,6 +124,17 @@ def roofline_cost(flops: float, nbytes: float, dtype: str, dev: DeviceSpec) -> O
     return OpCost(dev.op_overhead_s + mem_t, dev.op_overhead_s + 2 * mem_t)
 
 
+def checkpoint_overhead(node: GNode, dev: DeviceSpec) -> OpCost:
+    """Seconds a checkpointed block pays for ``node`` beyond recomputing it (fwd_s: under the selective
+    policy, bwd_s: under full checkpointing): every dispatched op of the block, views included, passes
+    the selective policy's dispatch mode in the forward and again in the recompute, and full
+    checkpointing re-runs views and its saved-tensor hooks (DeviceSpec's measured per-op surcharges).
+    Python-level nodes (getitem) dispatch nothing."""
+    if node.kind != "op" or node.target is operator.getitem:
+        return OpCost(0.0, 0.0)
+    return OpCost(dev.selective_op_overhead_s, dev.recompute_op_overhead_s)
+
+
 # --- communication ------------------------------------------------------------------------
 def collective_time(kind: str, full_bytes: float, n: int, link: LinkSpec) -> float:
     """alpha-beta time of one collective over n ranks; full_bytes is the unsharded size on that dim."""

@@ -22,7 +22,7 @@ Constraints
   sum_p y_{e,p,q} = sum_{s: grp_a(s)=q} x_{v,s}      for every e, q                 (add_edge_vars)
   memory rows, one per peak of a training step (memory_exprs, add_memory_row; in MiB):
     backward start:  P + O + A_rest + sum_g kept_g + G_edges + G_out  <= budget
-    end of backward / optimizer step:  P + O + Grad + Grad_buckets     <= budget
+    end of backward / optimizer step:  P + O + Grad + B                <= budget
     recompute:       P + O + A_before + sum_g T_g + H              <= budget   (when blocks recompute)
                      H >= sum_g kept_g,  H >= Grad   (remat.add_recompute_hold)
      P, Grad, O: parameter, gradient and AdamW bytes of placeholders (sum_k m_k sum_s x M_{k,s});
@@ -33,12 +33,13 @@ Constraints
      G_out: the first gradient of backward (the loss's input, e.g. the logits; cross-entropy holds two)
        and the backward collectives of the reshardings it flows through (add_backward_start_grad,
        add_edge_vars);
-     Grad_buckets: flat copies of the data-parallel gradients the bucketed reducer holds (add_grad_buckets);
+     B: the data-parallel gradients the reducer copies into its last bucket, at most one bucket (add_grad_buckets);
      O and Grad less the ZeRO-1/2 shares (zero_rows.add_zero_vars);
      kept_g, B_g, T_g: repeated blocks under the recompute decisions (remat.add_remat_vars).
   Recompute (solver/remat.py, add_remat_vars): per repeated-block list, integer counts of blocks kept /
   recomputed selectively / recomputed fully; their forward time, compute and the collectives inside
-  the block (a ZeRO-3 parameter's all-gather among them), joins the objective (category "recompute").
+  the block (a ZeRO-3 parameter's all-gather among them) and the per-op checkpoint surcharges
+  (cost.checkpoint_overhead), joins the objective (category "recompute").
   A recomputed block in backward (T_g) holds its activations, the resharded copies its consumers keep
   and its largest backward collective: M_g >= sum_{p,q} c_{e,p,q} y_{e,p,q}, one row per edge e into
   the block (y of an edge is one-hot). The copies kept by all blocks of a list are one sum
@@ -111,6 +112,7 @@ class KeyInfo:
     # output index -> (the producer keeps it itself, {(consumer key, argument)} through which the tensor
     # autograd keeps left it: solver.saved's kept_by); None where not traced
     kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
+    remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
 
 
 @dataclass
@@ -150,6 +152,12 @@ def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> li
     return out
 
 
+def _on_mesh(target: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> tuple[Placement, ...]:
+    """A split or partial sum over a mesh dim of size 1 is the whole tensor: Replicate (so a plan's
+    ``fix`` written for data parallelism also applies on a mesh of one device)."""
+    return tuple(Replicate() if n == 1 else p for p, n in zip(target, mesh_shape))
+
+
 def _match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] | None = None
                ) -> tuple[str, ...] | None:
     """The placements of the first pattern matching the key, an FQN or ``param:<fqn>`` (first wins)."""
@@ -181,6 +189,7 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
             target = parse_sharding(list(want), field=f"fix[{key!r}]")
             if len(target) != mesh.ndim:
                 raise ShardingError(f"fix for {key}: {list(want)} has {len(target)} placements for a {mesh.ndim}-D mesh")
+            target = _on_mesh(target, mesh.shape)
             kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
             if not kept:
                 raise ShardingError(
@@ -191,11 +200,11 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
         elif node.kind == "op" and prefer:
             soft = _match_fix(key, node, prefer, used)
             if soft is not None:
-                target = parse_sharding(list(soft), field=f"prefer[{key!r}]")
+                target = _on_mesh(parse_sharding(list(soft), field=f"prefer[{key!r}]"), mesh.shape)
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
-                       fallback=fallback, in_metas=in_metas)
+                       fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
         if saved is not None:
             info.kept_by = _kept_by(saved.get(node.name), gi)
         for s in strategies:
@@ -282,6 +291,8 @@ class ShardingILP:
         self.x: dict[str, list[pulp.LpVariable]] = {}
         self.time_terms: dict[str, list] = defaultdict(list)     # compute / comm -> [(coef, var)]
         self.mem_terms: dict[str, list] = defaultdict(list)      # params/grads/optimizer/activations
+        self._bucket_terms: list = []                             # data-parallel gradient bytes (add_grad_buckets)
+        self._bucket_copy: tuple | None = None
         self.edge_terms: dict[str, list] = defaultdict(list)     # consumer key -> [(coef, var)]
         self.merged: dict[str, tuple[str, int]] = {}              # follower key -> (producer key, output)
         self.merge_trivial = True
@@ -355,17 +366,38 @@ class ShardingILP:
         return out
 
     def add_grad_buckets(self) -> None:
-        """At the end of backward the bucketed reducer (autopar.grad_sync) holds a flat copy of every
-        data-parallel gradient it all-reduced until it writes the sums back: per parameter key and
-        placement with a replicated mesh dim of size > 1 (where its gradient is a partial sum when the
-        batch is split there), its gradient bytes again (category "grad_buckets", step row); ZeRO-2
-        parameters reduce-scatter instead (add_zero_vars takes them off)."""
+        """The bucketed reducer (autopar.grad_sync) concatenates a full bucket of data-parallel gradients
+        into a flat buffer and makes the gradients views of it: for that moment a bucket exists twice.
+        The last bucket is launched at the end of backward, with every gradient live, so the step row
+        holds min(data-parallel gradient bytes, one bucket) more (a parameter larger than a bucket is a
+        bucket alone, reduced without a copy). Collects the gradient bytes per parameter key and
+        placement with a replicated mesh dim of size > 1 (where the gradient is a partial sum when the
+        batch is split there); ZeRO-2 parameters reduce-scatter instead (add_zero_vars takes them off);
+        add_bucket_copy adds the capped term."""
         for key, info in self.keys.items():
             if info.node.kind != "param":
                 continue
             for j, s in enumerate(info.strategies):
                 if any(isinstance(p, Replicate) and n > 1 for p, n in zip(s.outputs[0], self.mesh.shape)):
-                    self.mem_terms["grad_buckets"].append((info.mult * info.memory[j]["grads"], self.x[key][j]))
+                    self._bucket_terms.append((info.mult * info.memory[j]["grads"], self.x[key][j]))
+
+    def add_bucket_copy(self) -> None:
+        """B (MiB) >= min(sum of the collected gradient bytes, the largest bucket) on the step row: B >= G - M b,
+        B >= cap b with one binary b (the solver takes the smaller); without a cap to reach, B is G itself.
+        Call after add_zero_vars."""
+        terms = self._bucket_terms
+        most = sum(max(c, 0.0) for c, _ in terms)
+        if most <= C.GRAD_BUCKET_BYTES:
+            self.mem_terms["grad_buckets"] += terms
+            return
+        cap, big = C.GRAD_BUCKET_BYTES / _UNIT, most / _UNIT
+        copy = self._var("bucket_copy", lowBound=0)
+        capped = self._var("bucket_capped", cat="Binary")
+        grads = pulp.lpSum(c * v for c, v in terms) * (1 / _UNIT)
+        self.prob += copy >= grads - big * capped, "bucket_copy_grads"
+        self.prob += copy >= cap * capped, "bucket_copy_cap"
+        self.mem_terms["grad_buckets"].append((_UNIT, copy))
+        self._bucket_copy = (copy, grads, cap)
 
     def _block_group(self, info: KeyInfo) -> str | None:
         """The repeated-block list an op belongs to, when recompute is decided for it."""
@@ -591,6 +623,7 @@ class ShardingILP:
         if self.remat:
             self.add_remat_vars()
         self.add_zero_vars()
+        self.add_bucket_copy()
         self.add_recompute_hold()
         if self.host is not None:   # after every optimizer-state term (ZeRO's included): it replaces O by O_dev
             O.add_optimizer_offload(self, self.host)
@@ -735,6 +768,7 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
     if ilp.remat:
         ilp.add_remat_vars()
     ilp.add_zero_vars()
+    ilp.add_bucket_copy()
     ilp.add_recompute_hold()
     if ilp.host is not None:   # as build() does
         O.add_optimizer_offload(ilp, ilp.host)

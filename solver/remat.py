@@ -49,7 +49,11 @@ def add_recompute_hold(ilp: ShardingILP) -> None:
 
 
 def settle_hold(ilp: ShardingILP) -> None:
-    """After solving: H at its bound (reports read it; the solver may leave it higher where it does not bind)."""
+    """After solving: H and the bucket copy B at their bounds (reports read them; the solver may leave them
+    higher where they do not bind)."""
+    if ilp._bucket_copy is not None:
+        copy, grads, cap = ilp._bucket_copy
+        copy.varValue = max(0.0, min(float(pulp.value(grads) or 0.0), cap))
     for c, v in ilp.mem_terms.get("recompute_hold", []):
         v.varValue = max(float(pulp.value(ilp._mem(("blocks",))) or 0.0),
                          float(pulp.value(ilp._mem(("grads",))) or 0.0)) / UNIT
@@ -70,6 +74,7 @@ def record_block_key(ilp: ShardingILP, group: str, info: KeyInfo, xs) -> None:
                                       if o is not None and p is not None and o.dtype.is_floating_point))
                for a, s in zip(act, info.strategies)]
     terms = ilp.blocks[group]
+    terms["extra"].append((per_block * info.remat_extra.fwd_s, per_block * info.remat_extra.bwd_s))
     if any(act) or any(fwd) or any(sel):
         terms["keys"].append((xs, act, fwd, sel, bwd))
     out = info.node.outputs[0] if info.node.outputs else None
@@ -91,6 +96,7 @@ def add_remat_vars(ilp: ShardingILP) -> None:
       kept   = N sum_{k,s} (v_{k,s,keep} a_{k,s} + v_{k,s,sel} max(a_{k,s}, o_{k,s}) [k is a matmul/attention])
                + N sum_s (v_{B,s,sel} + v_{B,s,full}) b_s                  -> backward-start row
       time   = N sum_{k,s} (v_{k,s,full} f_{k,s} + v_{k,s,sel} f_{k,s} [k is cheap])  -> objective
+               + c_sel E_sel + c_full E_full  (one block's per-op checkpoint surcharges, cost.checkpoint_overhead)
                + (c_sel + c_full) F,  F = sum_{e in g} m_e / N sum_{p,q} T^fwd(p->q) y_{e,p,q}
                (both modes re-run the block's forward collectives, a ZeRO-3 parameter's all-gather
                included: (n-1)/n S again in backward; the product exact in _recomputed_comm; an edge
@@ -140,6 +146,8 @@ def add_remat_vars(ilp: ShardingILP) -> None:
                     if not contraction:
                         rtime.append((n * fwd[j], v["sel"][j]))
         rtime += _recomputed_comm(ilp, gidx, n, cnt, t.get("comm", []))
+        extra = t.get("extra", [])   # one block's per-op checkpoint surcharges (cost.checkpoint_overhead)
+        rtime += [(sum(e[0] for e in extra), cnt["sel"]), (sum(e[1] for e in extra), cnt["full"])]
         u = ilp._var(f"u{gidx}", cat="Binary")
         ilp.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
         tr = ilp._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)

@@ -2,9 +2,10 @@
 replicated mesh dims, per parameter key and placement.
 
 Requires a ``solver.ilp.ShardingILP`` whose node variables exist (add_node_vars) and whose optimizer,
-gradient and bucket terms are in ``ilp.mem_terms`` (add_node_vars, add_grad_buckets).
+gradient terms are in ``ilp.mem_terms`` and bucket terms in ``ilp._bucket_terms`` (add_node_vars,
+add_grad_buckets); ilp.add_bucket_copy runs after it.
 Ensures: binaries w1, w2 per (key, placement) with their rows in ``ilp.prob``; negative memory terms
-(the shares ZeRO takes off) in ``ilp.mem_terms``; the all-gather / reduce-scatter time in
+(the shares ZeRO takes off) in ``ilp.mem_terms`` and ``ilp._bucket_terms``; the all-gather / reduce-scatter time in
 ``ilp.time_terms["comm"]``; ``ilp._zero_vars`` for zero_choice after solving. ZeRO-3 is not here: it is a
 sharded parameter placement, priced on the edges. Must not import codegen.
 """
@@ -57,7 +58,7 @@ def add_zero_vars(ilp: ShardingILP) -> None:
             ilp.mem_terms["optimizer"] += [(-info.mult * keep * mem["optimizer"], w1),
                                             (-info.mult * keep * mem["optimizer"], w2)]
             ilp.mem_terms["grads"].append((-info.mult * keep * mem["grads"], w2))
-            ilp.mem_terms["grad_buckets"].append((-info.mult * mem["grads"], w2))
+            ilp._bucket_terms.append((-info.mult * mem["grads"], w2))
             ilp.time_terms["comm"] += [(info.mult * ag, w1), (info.mult * (ag + rs), w2)]
             rows.append((j, zs, w1, w2))
         if rows:

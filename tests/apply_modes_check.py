@@ -92,3 +92,36 @@ def float_input_gradient_is_full(rank: int, world: int) -> dict:
     (ref(xb) ** 2).sum().backward()
     return {"input_grad_diff": float((xa.grad - xb.grad).abs().max()), "batch_split": pm.plan.node_shardings[
         "input:input"].outputs[0]}
+
+
+class _MadeConstants(torch.nn.Module):
+    """Its forward makes tensors from Python values (``torch.tensor``), which torch.export lifts into
+    constant inputs of the graph (as HF Mistral and Qwen2 do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 4)
+
+    def forward(self, x, y):
+        scale = torch.tensor([0.5, 2.0, 1.0, 1.5])
+        h = torch.relu(self.fc1(x)) * torch.tensor(1.25)
+        return torch.nn.functional.cross_entropy(self.fc2(h) * scale, y)
+
+
+def lifted_constants(rank: int, world: int) -> dict:
+    """Constant tensors made in forward reach the rewritten graph (data parallel, one device's numbers)."""
+    torch.manual_seed(0)
+    model = _MadeConstants()
+    inputs = {"x": torch.randn(8, 16), "y": torch.randint(0, 4, (8,))}
+    ref = copy.deepcopy(model)
+    pm = autopar.parallelize(model, init_device_mesh("cpu", (world,)), inputs,
+                             fix={"input:*": ["S(0)"], "param:*": ["R"]}, prefer={"*": ["S(0)"]})
+    loss = pm(**inputs)
+    loss.backward()
+    rl = ref(**inputs)
+    rl.backward()
+    refp = dict(ref.named_parameters())
+    return {"constants": len(pm._constants), "loss_err": abs(float(loss) - float(rl)),
+            "grad_err": max(float((p.grad.full_tensor() - refp[n].grad).abs().max()) for n, p in pm.named_parameters()),
+            "split": pm.plan.node_shardings["input:x"].outputs[0]}

@@ -28,8 +28,43 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+class _Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, h, pos):
+        return h + torch.tanh(self.fc(h + pos))
+
+
+class Expanded(torch.nn.Module):
+    """A value every block reads, made before the blocks as an expanded (non-contiguous) view, and a
+    constant made in forward (``torch.tensor``): stage boundaries carry the view, the graph the constant
+    (as in HF Mistral's rotary tables and masks)."""
+
+    def __init__(self, d: int = 16, layers: int = 2, vocab: int = 32) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.table = torch.nn.Parameter(torch.randn(1, 8, d) * 0.1)
+        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(layers))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, idx, labels):
+        h = self.emb(idx)
+        pos = self.table.expand(idx.shape[0], -1, -1)
+        for blk in self.blocks:
+            h = blk(h, pos)
+        logits = self.head(h) * torch.tensor(0.5)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
 def build(spec: str, batch: int, seq: int):
-    """A built-in model, or ``gpt-4layer``: the tiny GPT with 4 blocks (2 ranks x 2 virtual stages)."""
+    """A built-in model, ``gpt-4layer``: the tiny GPT with 4 blocks (2 ranks x 2 virtual stages), or
+    ``expanded``: :class:`Expanded` (sequence 8)."""
+    if spec == "expanded":
+        g = torch.Generator().manual_seed(1)
+        idx = torch.randint(0, 32, (batch, 8), generator=g)
+        return Expanded(), {"idx": idx, "labels": torch.roll(idx, -1, dims=1)}
     if spec == "gpt-4layer":
         from autopar.models import load_example_module
         gpt = load_example_module("gpt")

@@ -44,9 +44,9 @@ class Fn(nn.Module):
 
 
 class Embed(nn.Module):
-    def __init__(self):
+    def __init__(self, **kw):
         super().__init__()
-        self.emb = nn.Embedding(16, 8)
+        self.emb = nn.Embedding(16, 8, **kw)
 
     def forward(self, idx):
         return self.emb(idx)
@@ -84,6 +84,12 @@ CASES = {
     "sdpa": (lambda: Fn(lambda x: F.scaled_dot_product_attention(x, x * 0.5, x, is_causal=True)),
              lambda: (torch.randn(4, 4, 8, 4),), [aten.scaled_dot_product_attention.default]),
     "embedding": (Embed, lambda: (torch.randint(0, 16, (4, 6)),), [aten.embedding.default]),
+    # padding_idx (row 12: on the last vocabulary shard, at another local row) gets no gradient;
+    # scale_grad_by_freq counts ids over the whole batch
+    "embedding_padding": (lambda: Embed(padding_idx=12), lambda: (torch.arange(24).reshape(4, 6) % 16,),
+                          [aten.embedding.default]),
+    "embedding_freq": (lambda: Embed(scale_grad_by_freq=True), lambda: (torch.arange(24).reshape(4, 6) % 5,),
+                       [aten.embedding.default]),
     "layer_norm": (lambda: Fn(lambda x, w, b: F.layer_norm(x, (8,), w, b), (8,), (8,)),
                    lambda: (torch.randn(4, 4, 8),), [aten.layer_norm.default]),
     "rms_norm": (lambda: Fn(lambda x, w: F.rms_norm(x, (8,), w), (8,)), lambda: (torch.randn(4, 4, 8),),

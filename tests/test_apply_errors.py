@@ -48,6 +48,22 @@ def apply_plan(rank: int, world: int, plan_json: str, kind: str, mesh) -> None:
     autopar.apply(_model(kind), autopar.Plan.from_json(plan_json), _device_mesh(mesh))
 
 
+def parallelize_over_budget(rank: int, world: int) -> dict:
+    """parallelize() with a budget no plan fits: rank 0 plans and fails; every rank raises its error
+    (the others used to wait for a plan in the broadcast until the process group timed out)."""
+    import time
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, inputs = build_model("gpt-tiny", batch=4, seq=16, device="cpu")
+    t0 = time.perf_counter()
+    try:
+        autopar.parallelize(model, init_device_mesh("cpu", (world,)), inputs, memory_budget=1000)
+    except autopar.InfeasiblePlanError as e:
+        return {"error": type(e).__name__, "message": str(e), "min_feasible_bytes": e.min_feasible_bytes,
+                "seconds": time.perf_counter() - t0}
+    return {"error": None}
+
+
 def call_with(rank: int, world: int, plan_json: str, input_mode: str, calls: dict) -> dict:
     """Apply the plan to gpt-tiny, then call it with each of ``calls`` (name -> kwargs of shapes):
     name -> the exception raised (None when the call worked)."""
@@ -201,3 +217,11 @@ def test_apply_wants_a_plan(bad):
     with pytest.raises(ConfigError) as ei:
         autopar.apply(model, bad, None)
     assert "autopar.Plan" in str(ei.value) and "Plan.from_json" in str(ei.value), str(ei.value)
+
+
+def test_planning_error_reaches_every_rank(dist2):
+    results = dist2.run(parallelize_over_budget)
+    assert [r["error"] for r in results] == ["InfeasiblePlanError"] * 2, results
+    assert results[0]["message"] == results[1]["message"] and "smallest feasible budget" in results[1]["message"]
+    assert results[1]["min_feasible_bytes"] == results[0]["min_feasible_bytes"] > 1000
+    assert results[1]["seconds"] < 50, "rank 1 got the error at once, not at a process-group timeout"

@@ -39,3 +39,10 @@ def test_float_input_gets_full_gradient(dist2):
     for r in dist2.run(float_input_gradient_is_full):
         assert r["batch_split"] == ("S(0)",)
         assert r["input_grad_diff"] < 1e-6
+
+
+def test_constants_made_in_forward_are_graph_inputs(dist2):
+    from apply_modes_check import lifted_constants
+    r = dist2.run(lifted_constants)[0]
+    assert r["constants"] == 2 and r["split"] == ("S(0)",), r
+    assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r

@@ -4,7 +4,7 @@ parameters after one AdamW step), fp32 rtol 1e-4 / atol 1e-5, on every rank.
 Cases (shared pools ``dist2`` / ``dist4``): pp=2 on 2 ranks, pp=2 x tp=2 and pp=2 x dp=2 on 4 ranks,
 with GPipe and 1F1B, for the tiny GPT (tied embedding / LM head on different stages: their gradients
 are summed over the pp group) and LLaMA, plus interleaved 1F1B with 2 virtual stages per rank on a
-4-block GPT. The 4-rank GPT cases get a memory budget below the replicated stage footprint, so the
+4-block GPT, and a small model whose stages pass a non-contiguous (expanded) tensor. The 4-rank GPT cases get a memory budget below the replicated stage footprint, so the
 stage plans shard parameters (checked) and the stages run DTensor parameters on the sub-mesh; the
 LLaMA pp2 x tp2 case pins a weight with ``fix=`` (checked sharded in every stage).
 """
@@ -22,6 +22,8 @@ CASES = {
     # id: (pool, model, mesh, dim names, pipeline, options)
     "gpt-pp2-gpipe": ("dist2", "gpt-tiny", (2,), ("pp",), {"schedule": "gpipe", "microbatches": 2}, None),
     "llama-pp2-1f1b": ("dist2", "llama-tiny", (2,), ("pp",), {"schedule": "1f1b", "microbatches": 4}, None),
+    # a non-contiguous value crosses the stage boundary, a constant made in forward sits in the graph
+    "expanded-pp2-gpipe": ("dist2", "expanded", (2,), ("pp",), {"schedule": "gpipe", "microbatches": 2}, None),
     "gpt-interleaved-v2": ("dist2", "gpt-4layer", (2,), ("pp",),
                            {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2}, None),
     "gpt-pp2xtp2-1f1b": ("dist4", "gpt-tiny", (2, 2), ("pp", "tp"), {"schedule": "1f1b", "microbatches": 2},

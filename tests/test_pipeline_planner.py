@@ -266,3 +266,34 @@ def test_fix_with_stages_bad_input(tiny):
     with pytest.raises(ConfigError, match="\\['param:nothing.*'\\] match no input, parameter or graph key of any "
                                           "pipeline stage"):
         autopar.plan(model, inputs, fix={"param:nothing.*": ["R", "R"]}, **kw)
+
+
+def test_per_op_overhead_gives_the_step_time_an_interior_minimum_over_microbatches():
+    # every micro-batch pays each op's fixed host overhead again while the bubble shrinks with m: for stage
+    # work W split into m micro-batches of O overhead each, T(m) ~ m O + W + (p - 1)(O + W/m) is least at
+    # m* = sqrt((p - 1) W / O), inside the range when the overhead is large; without it the most m win.
+    # A synthetic device: slow flat-efficiency matmuls, free memory traffic (no accumulation cost) and a
+    # free link, so the overhead is the only thing that grows with m.
+    gpt = load_example_module("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, d_model=64, n_head=2, vocab_size=64, max_seq_len=32))
+    idx = torch.randint(0, 64, (32, 32))
+    inputs = {"idx": idx, "labels": idx}
+    gloo = PRESETS["cpu-gloo"]
+    dev = dataclasses.replace(gloo.device, peak_flops={"float32": 1e9}, memory_bandwidth=1e15,
+                              matmul_half_efficiency_flops=0.0)
+    free_link = LinkSpec.uniform("free", alpha=0.0, bandwidth=1e15)
+
+    def times(overhead):
+        prof = dataclasses.replace(gloo, device=dataclasses.replace(dev, op_overhead_s=overhead),
+                                   intra_node=free_link, inter_node=free_link)
+        return {m: autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster=prof,
+                                pipeline={"schedule": "gpipe", "microbatches": m}).predicted.step_time_s
+                for m in (2, 4, 8, 16, 32)}
+    heavy = times(1e-4)
+    best = min(heavy, key=heavy.get)
+    assert best not in (2, 32), heavy
+    assert heavy[32] > heavy[best] * 1.1 and heavy[2] > heavy[best] * 1.1, heavy
+    free = times(0.0)
+    assert min(free, key=free.get) == 32, free
+    assert all(free[a] > free[b] for a, b in zip((2, 4, 8, 16), (4, 8, 16, 32))), free

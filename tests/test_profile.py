@@ -206,3 +206,18 @@ def test_profile_for_another_mesh_shape_from_file(tmp_path):
     assert _names(p.dim_links(MeshSpec.make("8x8"))) == ("infiniband", "nvlink")
     with pytest.raises(ClusterProfileError, match="was measured on mesh"):
         p.dim_links(MeshSpec.make("4x16"))
+
+
+def test_checkpoint_surcharges_round_trip_and_default_to_zero():
+    dev = replace(PRESETS["h100-sxm"].device, selective_op_overhead_s=3e-4, recompute_op_overhead_s=9e-5)
+    p = replace(PRESETS["h100-sxm"], name="measured", device=dev)
+    d = json.loads(json.dumps(p.to_dict()))
+    back = ClusterProfile.from_dict(d).device
+    assert (back.selective_op_overhead_s, back.recompute_op_overhead_s) == (3e-4, 9e-5)
+    for k in ("selective_op_overhead_s", "recompute_op_overhead_s"):   # a profile written before the fields
+        del d["device"][k]
+    old = ClusterProfile.from_dict(d).device
+    assert old.selective_op_overhead_s == 0.0 and old.recompute_op_overhead_s == 0.0
+    d["device"]["selective_op_overhead_s"] = -1e-6
+    with pytest.raises(ClusterProfileError, match="selective_op_overhead_s must be a finite time"):
+        ClusterProfile.from_dict(d)

@@ -119,7 +119,41 @@ def test_live_fit_explains_the_measurements(live_profile):
     link = p.mesh_dim_links[0]
     ab = link.collectives["all_reduce"]
     assert collective_time("all_reduce", full, 2, link) == pytest.approx(ab.alpha + link.sync_s + ab.beta * full)
-    # the per-call sync cost is what the three timings leave over (work + call - work - call, at least 0)
+    # the per-call sync cost is what a call between compute takes beyond the fitted all-reduce of its size
     sync = raw["sync"]
-    assert sync["work_s"] > 0 and sync["call_s"] > 0 and sync["matmuls"] >= 1
-    assert link.sync_s == pytest.approx(max(0.0, sync["work_and_call_s"] - sync["work_s"] - sync["call_s"]))
+    assert sync["work_s"] > 0 and sync["matmuls"] >= 1
+    assert sync["fitted_call_s"] == pytest.approx(ab.alpha + ab.beta * sync["bytes"])   # 2 ranks: traffic = S
+    assert link.sync_s == pytest.approx(max(0.0, sync["work_and_call_s"] - sync["work_s"] - sync["fitted_call_s"]))
+
+
+def test_per_op_fit_recovers_a_known_surcharge():
+    from autopar.profiler import fit_per_op
+
+    rng = random.Random(1)
+    ops, base = [40, 40, 80, 160], [0.005, 0.05, 0.1, 0.4]
+    exact = [b + 3e-4 * n for b, n in zip(base, ops)]
+    assert fit_per_op(ops, base, exact) == pytest.approx(3e-4, rel=1e-9)
+    noisy = [t * rng.uniform(0.98, 1.02) for t in exact]   # +-2 % on every timing
+    assert fit_per_op(ops, base, noisy) == pytest.approx(3e-4, rel=0.3)
+    assert fit_per_op(ops, base, [b * 0.99 for b in base]) == 0.0, "faster than plain: no surcharge, not negative"
+    with pytest.raises(ConfigError):
+        fit_per_op([0, 0], [0.1, 0.2], [0.1, 0.2])
+
+
+def test_live_checkpoint_surcharges_are_the_fit_of_the_probes(live_profile):
+    """The checkpointed probes were timed, and the profile's surcharges are fit_per_op of what they took beyond
+    plain and beyond the recompute the cost model charges."""
+    from autopar.profiler import fit_per_op
+
+    results, path = live_profile
+    raw = results[0]["measurements"]["device"]["checkpoint"]
+    dev = load_cluster(str(path)).device
+    rows = raw["probes"]
+    assert len(rows) == len(QUICK["probes"])
+    for r in rows:
+        assert r["block_ops"] > 0 and r["plain_s"] > 0 and r["selective_s"] > 0 and r["full_s"] > 0
+        assert r["charged_s"]["full"] > r["charged_s"]["selective"] > 0, "full re-runs the contractions too"
+    for mode, field in (("selective", "selective_op_overhead_s"), ("full", "recompute_op_overhead_s")):
+        want = fit_per_op([r["block_ops"] for r in rows], [r["plain_s"] for r in rows],
+                          [r[f"{mode}_s"] - r["charged_s"][mode] for r in rows])
+        assert getattr(dev, field) == pytest.approx(want) and raw[field] == pytest.approx(want)

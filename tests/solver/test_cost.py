@@ -228,3 +228,50 @@ def test_parameter_gradient_all_reduce_shares_one_latency_per_bucket():
     big = TensorMeta(shape=(8192, 8192), dtype=torch.float32)   # 256 MiB: a bucket of its own at least
     whole = C.edge_cost(big, (R,), (R,), (True,), MESH4, (link,), param=True)
     assert whole.bwd_s == pytest.approx(C.edge_cost(big, (R,), (R,), (True,), MESH4, (link,)).bwd_s)
+
+
+def test_checkpoint_overhead_is_the_profiles_per_op_surcharge():
+    import dataclasses
+    import operator
+
+    dev = dataclasses.replace(PRESETS["cpu-gloo"].device, selective_op_overhead_s=3e-4, recompute_op_overhead_s=1e-4)
+    for target in (aten.gelu.default, aten.view.default, aten.linear.default):   # views dispatch too
+        node, _ = _node(target, [(8, 16)], (8, 16))
+        assert C.checkpoint_overhead(node, dev) == C.OpCost(3e-4, 1e-4)
+    node, _ = _node(operator.getitem, [(8, 16)], (8, 16))
+    assert C.checkpoint_overhead(node, dev) == C.OpCost(0.0, 0.0), "a Python getitem dispatches nothing"
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_charges_the_checkpoint_surcharge_per_block_op(mode):
+    """A recomputed block pays its op nodes (getitem aside) times the profile's per-op surcharge on top of
+    re-running its ops; the other mode's surcharge is not charged."""
+    import dataclasses
+    import operator
+
+    import autopar
+    from autopar.capture import capture
+    from autopar.graph import index_graph
+    from autopar.models import load_example_module
+
+    gpt = load_example_module("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, max_seq_len=16))
+    idx = torch.randint(0, 64, (4, 16))
+    inputs = {"idx": idx, "labels": idx}
+    gi = index_graph(capture(model, inputs, fold_layers=False))
+    ops = sum(1 for n in gi.nodes.values()
+              if n.kind == "op" and n.layer is not None and n.layer[0] == "blocks" and n.target is not operator.getitem)
+    gloo = PRESETS["cpu-gloo"]
+    base = dataclasses.replace(gloo, device=dataclasses.replace(gloo.device, selective_op_overhead_s=0.0,
+                                                                 recompute_op_overhead_s=0.0))
+    sel, full = 7e-3, 3e-3        # seconds per op, large enough to stand out of the recomputed ops' time
+    charged = dataclasses.replace(base, device=dataclasses.replace(base.device, selective_op_overhead_s=sel,
+                                                                    recompute_op_overhead_s=full))
+    t = {}
+    for name, prof in (("base", base), ("charged", charged)):
+        p = autopar.plan(model, inputs, mesh_shape=(1,), mesh_dim_names=("dp",), cluster=prof, recompute=mode)
+        t[name] = p.predicted.time_breakdown["recompute_s"]
+    want = ops * (sel if mode == "selective" else full)
+    assert ops > 20
+    assert t["charged"] - t["base"] == pytest.approx(want, rel=1e-6)

@@ -21,6 +21,18 @@ def test_fix_pins_and_prefer_guides():
     assert p.node_shardings["root/cross_entropy_loss#0"].outputs[0] == ("P(sum)",)  # cannot be S(0): free
 
 
+def test_split_over_a_mesh_dim_of_one_device_is_replicated():
+    """A data-parallel fix written for many devices also plans on one (and on a size-1 dim of a 2-D mesh)."""
+    model, inputs = _tiny()
+    dp = {"input:*": ["S(0)"], "param:*": ["R"]}
+    p = autopar.plan(model, inputs, mesh_shape=(1,), cluster="cpu-gloo", fix=dp, prefer={"*": ["S(0)"]})
+    assert p.node_shardings["input:idx"].outputs[0] == ("R",)
+    assert set(p.param_placements.values()) == {("R",)}
+    p = autopar.plan(model, inputs, mesh_shape=(2, 1), cluster="cpu-gloo",
+                     fix={"input:*": ["S(0)", "S(0)"], "param:*": ["R", "R"]})
+    assert p.node_shardings["input:idx"].outputs[0] == ("S(0)", "R")
+
+
 @pytest.mark.parametrize("option", ["fix", "prefer"])
 def test_pattern_matching_nothing_is_an_error(option):
     model, inputs = _tiny()

@@ -79,3 +79,27 @@ def test_saved_tensors_are_measured_per_node():
     # attention keeps q/k/v (the projection output, counted at its producer), its output and the log-sum-exp
     sdpa = by_target["aten.scaled_dot_product_attention.default"][0]
     assert 0 in sdpa.outputs
+
+
+def test_saved_tensors_leave_buffers_without_grad():
+    """BatchNorm takes its running statistics (buffers) as inputs that must not require grad: the trace of
+    kept tensors runs on a convolutional net and finds what BatchNorm and the convolutions keep."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x, y):
+            h = torch.relu(self.bn(self.conv(x)))
+            return nn.functional.cross_entropy(self.fc(h.flatten(1)), y)
+
+    cap = capture(Net(), {"x": torch.randn(4, 3, 8, 8), "y": torch.randint(0, 10, (4,))})
+    assert any("running_mean" in f for f in cap.buffer_fqns.values())
+    saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters))
+    targets = {str(n.target) for n in cap.graph.nodes if n.name in saved}
+    assert any("batch_norm" in t for t in targets) and any("conv" in t for t in targets), targets
