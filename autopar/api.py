@@ -65,7 +65,8 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``offload`` (default True: the ILP may move activations and optimizer states to host memory where
     the host is not the device; False keeps everything on the device, e.g. when host memory is short).
     Memory decisions are the solver's unless told: ``recompute`` ("none" / "selective" / "full": every
-    repeated block), ``zero`` (0 none, 1 optimizer states sharded over each parameter's replicated mesh
+    repeated block; "offload": every repeated block's saved activations to host memory, where the host is
+    not the device), ``zero`` (0 none, 1 optimizer states sharded over each parameter's replicated mesh
     dims, 2 gradients too, wherever a tensor dim divides; ZeRO-3 is ``fix={"param:*": [...]}``).
     ``pipeline``: on a mesh with a dim named ``"pp"``, ``"auto"`` (the default there) partitions the
     layers into pipeline stages and picks schedule and micro-batches; a dict fixes some of ``stages``,

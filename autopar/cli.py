@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-offload", action="store_true",
                     help="keep activations and optimizer states on the device (by default the ILP may move them to "
                          "host memory where the host is not the device)")
-    pl.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
-                    help="recompute every repeated block this way (default: the solver decides)")
+    pl.add_argument("--recompute", default=None, choices=["none", "selective", "full", "offload"],
+                    help="recompute every repeated block this way, or offload its saved activations to host "
+                         "memory (a GPU profile; default: the solver decides)")
     pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
                     help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")

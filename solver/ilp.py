@@ -263,9 +263,13 @@ class ShardingILP:
                  budget: float | None, remat: bool = False, recompute: str | None = None,
                  zero: int | None = None, host: O.HostLink | None = None) -> None:
         self.gi, self.keys, self.mesh, self.links, self.budget = gi, keys, mesh, links, budget
-        if recompute not in (None, "none", "selective", "full"):
-            raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective' or 'full' (every repeated block), "
-                              f"or None to let the solver decide")
+        if recompute not in (None, "none", "selective", "full", "offload"):
+            raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective', 'full' or 'offload' (every repeated "
+                              f"block), or None to let the solver decide")
+        if recompute == "offload" and host is None:
+            raise ConfigError("recompute='offload' moves every repeated block's saved activations to host memory: it "
+                              "needs a cluster profile whose device is not the host (on cpu-gloo the device is the "
+                              "host, offloading frees nothing) and offload=True")
         if zero not in (None, 0, 1, 2):
             raise ConfigError(f"zero={zero!r}: give 0, 1 (optimizer states sharded) or 2 (gradients too), or None "
                               f"to let the solver decide (ZeRO-3 is parameters sharded: fix={{'param:*': ...}})")
@@ -276,7 +280,7 @@ class ShardingILP:
             recompute is not None or (remat and budget is not None))
         self._zero_vars: dict[str, list[tuple[int, tuple, pulp.LpVariable, pulp.LpVariable | None]]] = {}
         # offload (solver.offload) only to a host that is not the device, and where memory is constrained
-        self.host = host if budget is not None else None
+        self.host = host if budget is not None or recompute == "offload" else None
         self.modes = _MODES + (("off",) if self.host is not None else ())
         self.opt_offload = None
         self.blocks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # list -> terms

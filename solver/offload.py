@@ -15,8 +15,10 @@ backward), and each tensor copy pays one launch (``op_overhead_s``) that does no
     W^fwd_g >= c_off (a_block / bw - f_block),  W^bwd_g >= c_off (a_block / bw - b_block),  W >= 0
     time    += W^fwd_g + W^bwd_g + c_off 2 n_tensors op_overhead_s
 (exact for the products with the strategy choice through the mode fractions v_{k,s,off} of
-add_remat_vars, and for the max() because W is minimized). In backward one offloaded block is back on
-the device at a time: the recompute row's T_g counts it like a recomputed block.
+add_remat_vars, and for the max() because W is minimized). In backward an offloaded block's saved
+tensors come back one op at a time (codegen.offload_activations copies a tensor back when its op's
+backward needs it, and the copy dies with that op): the recompute row's T_g holds the largest op's
+saved bytes of the block (solver.remat), not the whole block a recomputed one holds.
 
 Optimizer offload (ZeRO-Offload style, one binary z for the model, runtime in
 ``autopar.offload_optimizer``): AdamW states and the fp32 master copy live in host memory and the

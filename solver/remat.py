@@ -110,15 +110,17 @@ def add_remat_vars(ilp: ShardingILP) -> None:
     T_g (one block re-materialized in backward) joins the recompute row (the kept boundaries are in
     its H >= kept, add_recompute_hold).
     With a host link a fourth mode "off" (c_off blocks keep nothing on the device: their saved
-    activations go to host memory and come back, one block at a time, in backward) joins the counts;
-    its time is solver.offload.add_block_offload's."""
+    activations go to host memory and come back one op at a time in backward) joins the counts; its
+    time is solver.offload.add_block_offload's; T_g >= a_k + M_g - U (1 - u_off) for every key k of the
+    block, N u_off >= c_off (the largest op's saved bytes are on the device at once)."""
     for gidx, (g, t) in enumerate(ilp.blocks.items()):
         n = ilp.gi.layer_counts[g]
         cnt = {m: ilp._var(f"c{gidx}_{m}", lowBound=0, upBound=n, cat="Integer") for m in ilp.modes}
         ilp.prob += pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}"
         kept, rtime, boundary, a_block, off = [], [], [], [], []
+        key_act: dict[int, list] = defaultdict(list)   # per key: (bytes one block keeps, x) per strategy
         if ilp.recompute is not None:   # told: every block of the list in that mode
-            ilp.prob += cnt[{"selective": "sel", "full": "full"}[ilp.recompute]] == n, f"remat_told_{gidx}"
+            ilp.prob += cnt[{"selective": "sel", "full": "full", "offload": "off"}[ilp.recompute]] == n, f"remat_told_{gidx}"
         recorded = list(t.get("keys", []))
         boundary_entry = t.get("boundary", [])
         for ki, (xs, act, fwd, contraction, bwd) in enumerate(recorded + [(b[0], b[1], None, None, None)
@@ -136,6 +138,7 @@ def add_remat_vars(ilp: ShardingILP) -> None:
                     continue
                 if act[j]:
                     a_block.append((act[j], xs[j]))
+                    key_act[ki].append((act[j], xs[j]))
                     kept.append((n * act[j], v["keep"][j]))
                 if contraction and contraction[j]:   # the bytes selective recompute keeps
                     kept.append((n * contraction[j], v["sel"][j]))
@@ -149,7 +152,7 @@ def add_remat_vars(ilp: ShardingILP) -> None:
         extra = t.get("extra", [])   # one block's per-op checkpoint surcharges (cost.checkpoint_overhead)
         rtime += [(sum(e[0] for e in extra), cnt["sel"]), (sum(e[1] for e in extra), cnt["full"])]
         u = ilp._var(f"u{gidx}", cat="Binary")
-        ilp.prob += n * u >= pulp.lpSum(c for m, c in cnt.items() if m != "keep"), f"remat_any_{gidx}"
+        ilp.prob += n * u >= cnt["sel"] + cnt["full"], f"remat_any_{gidx}"
         tr = ilp._var(f"remat_peak_{gidx}", lowBound=0)   # MiB (byte-sized big-M values misled HiGHS)
         bound = sum(max(act) for _, act, *_ in recorded if act) + 1.0
         if t.get("grad_comm"):   # the largest collective of its backward, on top: one row per edge
@@ -168,12 +171,22 @@ def add_remat_vars(ilp: ShardingILP) -> None:
             bound += kc_bound
         ilp.prob += tr >= pulp.lpSum(c / UNIT * x for c, x in a_block) - bound / UNIT * (1 - u), \
             f"remat_peak_{gidx}"
+        if "off" in cnt:
+            # an offloaded block's backward brings its saved tensors back one op at a time (the unpack hook
+            # copies a tensor when its op's backward runs; the copy dies with it): T_g >= the largest
+            # op's saved bytes, plus the largest backward collective
+            u_off = ilp._var(f"u_off{gidx}", cat="Binary")
+            ilp.prob += n * u_off >= cnt["off"], f"offload_any_{gidx}"
+            comm = [(UNIT, gc)] if t.get("grad_comm") else []
+            for ki, terms in key_act.items():
+                ilp.prob += tr >= pulp.lpSum(c / UNIT * x for c, x in terms + comm) - bound / UNIT * (1 - u_off), \
+                    f"offload_peak_{gidx}_{ki}"
         ilp.mem_terms["blocks"] += kept + boundary
         ilp.mem_terms["recompute"].append((UNIT, tr))   # the kept boundaries are in H >= blocks (add_recompute_hold)
         ilp.time_terms["recompute"] += rtime
         if off:
             O.add_block_offload(ilp, gidx, n, off, ilp.host, *off_copies)
-        ilp._remat_vars[g] = (cnt, tr, a_block)
+        ilp._remat_vars[g] = (cnt, tr, a_block, [terms + comm for terms in key_act.values()] if "off" in cnt else [])
 
 
 def _kept_copies(ilp: ShardingILP, gidx: int, n: int, cnt: dict, terms: list, kept: list, a_block: list
@@ -275,14 +288,18 @@ def settle_remat(ilp: ShardingILP) -> None:
         k.varValue = sum(c * value(x) for c, x in terms)
         for beta, w in ws:
             w.varValue = k.varValue * round(value(beta))
-    for g, (cnt, tr, a_block) in ilp._remat_vars.items():
-        some = sum(round(value(c)) for m, c in cnt.items() if m != "keep") > 0
-        tr.varValue = sum(c * value(x) for c, x in a_block) / UNIT if some else 0.0
+    for g, (cnt, tr, a_block, off_keys) in ilp._remat_vars.items():
+        peak = 0.0
+        if round(value(cnt["sel"])) + round(value(cnt["full"])) > 0:
+            peak = sum(c * value(x) for c, x in a_block) / UNIT
+        if "off" in cnt and round(value(cnt["off"])) > 0:
+            peak = max([peak] + [sum(c * value(x) for c, x in terms) / UNIT for terms in off_keys])
+        tr.varValue = peak
 
 
 def remat_counts(ilp: ShardingILP) -> dict[str, tuple[int, int]]:
-    return {g: (round(value(cnt["full"])), round(value(cnt["sel"]))) for g, (cnt, _, _) in ilp._remat_vars.items()}
+    return {g: (round(value(cnt["full"])), round(value(cnt["sel"]))) for g, (cnt, *_) in ilp._remat_vars.items()}
 
 
 def offload_counts(ilp: ShardingILP) -> dict[str, int]:
-    return {g: round(value(cnt["off"])) for g, (cnt, _, _) in ilp._remat_vars.items() if "off" in cnt}
+    return {g: round(value(cnt["off"])) for g, (cnt, *_) in ilp._remat_vars.items() if "off" in cnt}

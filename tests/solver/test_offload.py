@@ -148,3 +148,42 @@ def test_offload_can_be_switched_off(gpt, free_peak):
     assert p.predicted.step_time_s > _plan(gpt, "h100-sxm", budget).predicted.step_time_s
     with pytest.raises(autopar.ConfigError, match="offload must be True or False"):
         autopar.plan(model, inputs, mesh_shape=(2,), offload="no")
+
+
+def test_told_offload_moves_every_block_and_needs_a_host(gpt):
+    model, inputs = gpt
+    p = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", recompute="offload")
+    none = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", recompute="none")
+    assert p.offload == ("blocks.0", "blocks.1") and p.checkpoint == ()
+    assert p.predicted.memory_breakdown["host"] > 0
+    assert p.predicted.peak_memory_bytes < none.predicted.peak_memory_bytes
+    with pytest.raises(autopar.ConfigError, match="device is not the host"):
+        autopar.plan(model, inputs, mesh_shape=(2,), cluster="cpu-gloo", recompute="offload")
+    with pytest.raises(autopar.ConfigError, match="offload=True"):
+        autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", recompute="offload", offload=False)
+
+
+def test_offloaded_block_holds_one_op_not_the_block(gpt):
+    """In backward an offloaded block's tensors come back one op at a time (codegen.offload_activations),
+    a recomputed block holds them all: under the same budget-free plan, the recompute row of the offload
+    plan is below the full-recompute plan's by the block's activations less its largest op's."""
+    model, inputs = gpt
+    cap = capture(model, inputs)
+    gi = index_graph(cap)
+    mesh = MeshSpec.make((2,))
+    prof = PRESETS["h100-sxm"]
+    saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters))
+    rows = {}
+    for mode in ("full", "offload"):
+        keys = ilp.collect_keys(gi, mesh, prof, saved=saved)
+        prob = ilp.ShardingILP(gi, keys, mesh, prof.dim_links(mesh), None, remat=True, recompute=mode,
+                               host=host_link(prof))
+        prob.build()
+        prob.prob.solve(ilp._solver("auto", 60)[0])
+        prob.settle_remat()
+        cnt, tr, a_block, off_keys = prob._remat_vars["blocks"]
+        rows[mode] = (tr.varValue, sum(c * ilp._value(x) for c, x in a_block) / 2**20,
+                      max(sum(c * ilp._value(x) for c, x in t) for t in off_keys) / 2**20 if off_keys else None)
+    assert rows["full"][0] == pytest.approx(rows["full"][1])          # T_g: the whole block
+    assert rows["offload"][0] == pytest.approx(rows["offload"][2])    # T_g: the largest op
+    assert 0 < rows["offload"][0] < 0.5 * rows["full"][0]
