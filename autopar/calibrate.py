@@ -147,13 +147,17 @@ def measure_checkpoint_overhead(spec: DeviceSpec, device: torch.device, opts: Pr
 # --- per-op calibration ----------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class OpCalibrationOptions:
-    """How ``calibrate_ops`` times: ``trials`` medians after ``warmup`` calls, tiny ops repeated so one
-    trial lasts at least ``min_trial_s``; at most ``max_ops`` distinct ops and ``max_seconds`` in all (the
-    ops left over keep the roofline, and the table's sources say how many)."""
+    """How ``calibrate_ops`` times: ``trials`` medians after ``warmup`` calls, an op repeated (up to 1000
+    times) so one trial lasts at least ``min_trial_s``; at most ``max_ops`` distinct ops and ``max_seconds``
+    in all (the ops left over keep the roofline, and the table's sources say how many).
+
+    ``min_trial_s`` spans several scheduler slices (a few ms each where two processes share a core), so a
+    trial sees a rank's fair share of its core whether the op is tiny or not: with 2 ms trials, 4 gloo ranks
+    on 2 cores timed a tiny op mostly unpreempted and a large one preempted."""
 
     trials: int = 5
-    warmup: int = 2
-    min_trial_s: float = 2e-3
+    warmup: int = 1
+    min_trial_s: float = 20e-3
     max_ops: int = 2000
     max_seconds: float = 600.0
 
@@ -293,28 +297,29 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
     skipped = unrunnable = 0
     for i, (key, call) in enumerate(calls.items()):
         closures = _op_closures(call, device) if i < opts.max_ops else None
-        est = 0.0
+        est = [0.0, 0.0]
         if closures is not None:
-            s = time.perf_counter()
-            closures[1]()
-            est = time.perf_counter() - s
-        # every rank must make the same timed calls: agree on (runnable, estimate, budget spent)
-        flags = torch.tensor([0.0 if closures is not None else 1.0, est, time.perf_counter() - t0],
+            for j, f in enumerate(closures):
+                s = time.perf_counter()
+                f()
+                est[j] = time.perf_counter() - s
+        # every rank must make the same timed calls: agree on (runnable, budget spent, estimates)
+        flags = torch.tensor([0.0 if closures is not None else 1.0, time.perf_counter() - t0, *est],
                              dtype=torch.float64)
         if dist.is_initialized():
             flags = flags.to(device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
-        if i >= opts.max_ops or float(flags[2]) > opts.max_seconds:
+        if i >= opts.max_ops or float(flags[1]) > opts.max_seconds:
             skipped += 1
             continue
         if float(flags[0]):
             unrunnable += 1
             continue
-        iters = max(1, min(64, int(opts.min_trial_s / max(float(flags[1]), 1e-7))))
+        iters = [max(1, min(1000, round(opts.min_trial_s / max(float(e), 1e-7)))) for e in flags[2:]]
         fwd, fwd_bwd = closures
-        t_f = _timed(fwd, device, timing.trials, timing.warmup, iters=iters)
-        t_fb = _timed(fwd_bwd, device, timing.trials, timing.warmup, iters=iters)
+        t_f = _timed(fwd, device, timing.trials, timing.warmup, iters=iters[0])
+        t_fb = _timed(fwd_bwd, device, timing.trials, timing.warmup, iters=iters[1])
         times[key] = OpTime(fwd_s=t_f, bwd_s=max(0.0, t_fb - t_f))
         chain.append((fwd_bwd, t_fb))
     if skipped:

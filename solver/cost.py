@@ -95,6 +95,8 @@ def _arg_text(a) -> str:
         return "[" + ",".join(_arg_text(x) for x in a) + "]"
     if isinstance(a, dict):
         return "{" + ",".join(f"{k}:{_arg_text(v)}" for k, v in sorted(a.items())) + "}"
+    if isinstance(a, torch.device):   # a model captured on meta and the one timed share their keys
+        return "device"
     return repr(a)
 
 

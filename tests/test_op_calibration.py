@@ -186,3 +186,25 @@ def test_scale_and_extra_are_charged(tiny):
     assert (got.fwd_s, got.bwd_s) == pytest.approx((0.21, 0.62))
     with pytest.raises(OpTableError, match="scale must be a finite factor > 0"):
         OpTable.from_dict(_table(scale=0))
+
+
+def test_cli_profile_ops_of_writes_a_table_the_planner_charges(tmp_path, capsys):
+    from autopar.cli import main
+
+    out = tmp_path / "cluster.json"
+    assert main(["profile", "--nproc", "2", "--quick", "--max-bytes", "1MiB", "--ops-of", "gpt-tiny", "--batch", "2",
+                 "--seq", "16", "--out", str(out)]) == 0
+    assert "op times:" in capsys.readouterr().out
+    prof = load_cluster(str(out))
+    assert prof.op_times is not None and prof.op_times.ranks == 2 and prof.op_times.times
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--batch", "2", "--seq", "16", "--mesh", "2", "--cluster", str(out),
+                 "--out", str(plan)]) == 0
+    without = dataclasses.replace(prof, op_times=None)
+    without.to_json(tmp_path / "roofline.json")
+    assert main(["plan", "--model", "gpt-tiny", "--batch", "2", "--seq", "16", "--mesh", "2",
+                 "--cluster", str(tmp_path / "roofline.json"), "--out", str(tmp_path / "plan0.json")]) == 0
+    from autopar.plan import Plan
+    p1, p0 = Plan.from_json(plan), Plan.from_json(tmp_path / "plan0.json")
+    assert p1.cluster.op_times == prof.op_times
+    assert p1.predicted.time_breakdown["compute_s"] != pytest.approx(p0.predicted.time_breakdown["compute_s"], rel=1e-3)
