@@ -9,6 +9,7 @@ the table the cost model charges instead of the roofline where it has an entry.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -149,7 +150,8 @@ def measure_checkpoint_overhead(spec: DeviceSpec, device: torch.device, opts: Pr
 class OpCalibrationOptions:
     """How ``calibrate_ops`` times: ``trials`` medians after ``warmup`` calls, an op repeated (up to 1000
     times) so one trial lasts at least ``min_trial_s``; at most ``max_ops`` distinct ops and ``max_seconds``
-    in all (the ops left over keep the roofline, and the table's sources say how many).
+    of timed trials (projected from one call of each; the ops left over keep the roofline, and the table's
+    sources say how many).
 
     ``min_trial_s`` spans several scheduler slices (a few ms each where two processes share a core), so a
     trial sees a rank's fair share of its core whether the op is tiny or not. With 2 ms trials, 4 gloo ranks
@@ -252,11 +254,29 @@ def _op_closures(call: _OpCall, device: torch.device):
     return fwd, fwd_bwd
 
 
+def _trial(fn, iters: int, device: torch.device) -> float:
+    """Seconds per call of ``iters`` back-to-back calls, the ranks started together."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / iters
+
+
 def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *, device: torch.device | None = None,
                   options: OpCalibrationOptions | None = None) -> OpTable:
     """Per-op calibration: time the captured model's own ops at the local shapes of every strategy the
     ILP considers on ``mesh_shape`` (``collect_ops``: deduplicated, capped by ``options``) on this device,
-    forward and forward + backward (median of trials), into an :class:`~autopar.profile.OpTable` that
+    forward and forward + backward (median of trials taken in rounds over all ops), into an :class:`~autopar.profile.OpTable` that
     ``solver.cost.compute_cost`` charges instead of the roofline (attach it with
     ``dataclasses.replace(profile, op_times=table)``). ``caps``: one CapturedModel or several (e.g. one per
     micro-batch size of a pipeline).
@@ -264,8 +284,8 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
     Contention: where ranks share cores (4 gloo ranks on 2 cores) an op timed in one process runs about as
     fast as on an idle core, several times faster than in a step where every rank computes at once. So the
     ops are timed the way ``autopar profile`` times everything: call this on every rank of the process group
-    at once (each rank times the same op at the same moment, ``profiler._timed`` holds them together and
-    takes the slowest rank's median). The table records how many ranks timed it and a profile accepts only
+    at once (each rank times the same op at the same moment: a barrier before every trial, the slowest
+    rank's median). The table records how many ranks timed it and a profile accepts only
     a table of its own world size (``OpTableError`` otherwise). A slow-down factor measured once and
     applied to single-process times was the alternative; it would have to be one number for ops whose
     slow-down differs (small ops are dispatch-bound, large ones share caches and memory bandwidth).
@@ -293,34 +313,52 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
     calls = collect_ops(caps, mesh_shape)
     timing = ProfileOptions(trials=opts.trials, warmup=opts.warmup)
     t0 = time.perf_counter()
-    times: dict[OpKey, OpTime] = {}
-    chain: list = []   # (forward + backward closure, its median) of every timed op
+    # 1. which ops run, and how many calls make one trial of each (every rank must make the same timed
+    #    calls: the ranks agree on runnable and on the estimates); the budget is projected from them
+    runs: list[tuple[OpKey, Callable, Callable, int, int]] = []
     skipped = unrunnable = 0
+    projected = 0.0
     for i, (key, call) in enumerate(calls.items()):
         closures = _op_closures(call, device) if i < opts.max_ops else None
         est = [0.0, 0.0]
         if closures is not None:
             for j, f in enumerate(closures):
+                for _ in range(opts.warmup):
+                    f()
                 s = time.perf_counter()
                 f()
                 est[j] = time.perf_counter() - s
-        # every rank must make the same timed calls: agree on (runnable, budget spent, estimates)
-        flags = torch.tensor([0.0 if closures is not None else 1.0, time.perf_counter() - t0, *est],
-                             dtype=torch.float64)
+        flags = torch.tensor([0.0 if closures is not None else 1.0, *est], dtype=torch.float64)
         if dist.is_initialized():
             flags = flags.to(device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
-        if i >= opts.max_ops or float(flags[1]) > opts.max_seconds:
+        iters = [max(1, min(1000, round(opts.min_trial_s / max(float(e), 1e-7)))) for e in flags[1:]]
+        cost = opts.trials * sum(n * float(e) for n, e in zip(iters, flags[1:]))
+        if i >= opts.max_ops or projected + cost > opts.max_seconds:
             skipped += 1
             continue
         if float(flags[0]):
             unrunnable += 1
             continue
-        iters = [max(1, min(1000, round(opts.min_trial_s / max(float(e), 1e-7)))) for e in flags[2:]]
-        fwd, fwd_bwd = closures
-        t_f = _timed(fwd, device, timing.trials, timing.warmup, iters=iters[0])
-        t_fb = _timed(fwd_bwd, device, timing.trials, timing.warmup, iters=iters[1])
+        projected += cost
+        runs.append((key, *closures, *iters))
+    # 2. rounds over all ops, one trial of each per round, so a slow spell of the host (another process)
+    #    hits every op alike rather than the ops timed during it; medians over rounds, slowest rank
+    samples = [([], []) for _ in runs]
+    for _ in range(opts.trials):
+        for (key, fwd, fwd_bwd, n_f, n_fb), (s_f, s_fb) in zip(runs, samples):
+            s_f.append(_trial(fwd, n_f, device))
+            s_fb.append(_trial(fwd_bwd, n_fb, device))
+    med = torch.tensor([[float(np.median(a)), float(np.median(b))] for a, b in samples] or [[0.0, 0.0]],
+                       dtype=torch.float64)
+    if dist.is_initialized():
+        med = med.to(device)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        med = med.cpu()
+    times: dict[OpKey, OpTime] = {}
+    chain: list = []   # (forward + backward closure, its median) of every timed op
+    for (key, _f, fwd_bwd, _nf, _nfb), (t_f, t_fb) in zip(runs, med.tolist()):
         times[key] = OpTime(fwd_s=t_f, bwd_s=max(0.0, t_fb - t_f))
         chain.append((fwd_bwd, t_fb))
     if skipped:

@@ -145,7 +145,10 @@ def _op_calibration(cfg: dict, gpt, inputs):
     table = calibrate_ops(caps, (1,), prof)
     info = {"seconds": time.perf_counter() - t0, "ops": len(table.times), "scale": table.scale,
             "extra_op_s": table.extra_op_s, "sources": table.sources}
-    return dataclasses.replace(prof, op_times=table), info, prof
+    cluster = dataclasses.replace(prof, op_times=table)
+    if dist.get_rank() == 0 and cfg.get("ops_profile_out"):
+        cluster.to_json(cfg["ops_profile_out"])
+    return cluster, info, prof
 
 
 def _step(pm, inputs) -> tuple[float, float]:
@@ -206,6 +209,7 @@ def main(argv=None) -> int:
            "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "pin": not args.no_pin,
            "cluster": args.cluster, "calibrate_ops": not args.no_calibrate_ops}
     load_start = list(os.getloadavg())
+    cfg["ops_profile_out"] = str(Path(args.out).with_name(Path(args.out).stem + "_profile_2_ops.json"))
     if args.cluster == "profile":
         prof = Path(args.out).with_name(Path(args.out).stem + "_profile_2.json")
         subprocess.run([sys.executable, "-m", "autopar.cli", "profile", "--nproc", "2", "--out", str(prof)],

@@ -208,3 +208,19 @@ def test_cli_profile_ops_of_writes_a_table_the_planner_charges(tmp_path, capsys)
     p1, p0 = Plan.from_json(plan), Plan.from_json(tmp_path / "plan0.json")
     assert p1.cluster.op_times == prof.op_times
     assert p1.predicted.time_breakdown["compute_s"] != pytest.approx(p0.predicted.time_breakdown["compute_s"], rel=1e-3)
+
+
+def test_capped_calibration_leaves_the_rest_to_the_roofline(tiny):
+    from autopar.calibrate import OpCalibrationOptions, calibrate_ops, collect_ops
+    from autopar.solver.cost import compute_cost, op_key
+
+    cap, gi = tiny[2], tiny[3]
+    table = calibrate_ops(cap, (2,), CPU, options=OpCalibrationOptions(trials=1, warmup=0, min_trial_s=1e-4,
+                                                                       max_ops=3))
+    n = len(collect_ops(cap, (2,)))
+    assert len(table.times) == 3 and f"{n - 3} over the cap" in table.sources["ops"]
+    node, metas, strategies = _linear_with_strategies(gi, (2,))
+    prof = dataclasses.replace(CPU, op_times=table)
+    for s in strategies:
+        if op_key(node, s, metas, (2,)) not in table.times:
+            assert compute_cost(node, s, metas, prof, (2,)) == compute_cost(node, s, metas, CPU, (2,))
