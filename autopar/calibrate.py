@@ -276,7 +276,8 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
                   options: OpCalibrationOptions | None = None) -> OpTable:
     """Per-op calibration: time the captured model's own ops at the local shapes of every strategy the
     ILP considers on ``mesh_shape`` (``collect_ops``: deduplicated, capped by ``options``) on this device,
-    forward and forward + backward (median of trials taken in rounds over all ops), into an :class:`~autopar.profile.OpTable` that
+    forward and forward + backward (median of trials taken in rounds over all ops), into an
+    :class:`~autopar.profile.OpTable` that
     ``solver.cost.compute_cost`` charges instead of the roofline (attach it with
     ``dataclasses.replace(profile, op_times=table)``). ``caps``: one CapturedModel or several (e.g. one per
     micro-batch size of a pipeline).

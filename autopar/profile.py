@@ -164,7 +164,8 @@ class OpTable:
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
-            raise OpTableError(f"op_times.ranks must be an integer >= 1 (processes timing at once), got {self.ranks!r}")
+            raise OpTableError(f"op_times.ranks must be an integer >= 1 (processes timing at once), "
+                               f"got {self.ranks!r}")
         v = self.extra_op_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
             raise OpTableError(f"op_times.extra_op_s must be a finite time >= 0 s, got {v!r}")
@@ -178,7 +179,8 @@ class OpTable:
         return self.times.get(key)
 
     def to_dict(self) -> dict:
-        return {"ranks": self.ranks, "extra_op_s": self.extra_op_s, "scale": self.scale, "sources": dict(self.sources),
+        return {"ranks": self.ranks, "extra_op_s": self.extra_op_s, "scale": self.scale,
+                "sources": dict(self.sources),
                 "entries": [{"op": op, "shapes": [list(s) for s in shapes], "dtype": dtype, "args": args,
                              "fwd_s": t.fwd_s, "bwd_s": t.bwd_s}
                             for (op, shapes, dtype, args), t in self.times.items()]}

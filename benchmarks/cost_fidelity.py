@@ -453,7 +453,8 @@ def main(argv=None) -> int:
     res["overall_full_step"] = score(all_rows, "measured_step_s")
     res["overall_cpu_time"] = score(all_rows, "measured_fwd_bwd_cpu_s")
     if all("uncalibrated_predicted_s" in r for r in all_rows.values()):   # the roofline's predictions, beside
-        unc = lambda rows: {k: {**r, "predicted_s": r["uncalibrated_predicted_s"]} for k, r in rows.items()}  # noqa: E731
+        def unc(rows: dict) -> dict:
+            return {k: {**r, "predicted_s": r["uncalibrated_predicted_s"]} for k, r in rows.items()}
         for m in res["meshes"].values():
             m["score_uncalibrated"] = score(unc(m["plans"]))
         res["overall_uncalibrated"] = score(unc(all_rows))

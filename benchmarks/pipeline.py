@@ -175,7 +175,8 @@ def _relative(rows: list[dict]) -> None:
             r["analytic_vs_smallest_m"] = ((m + 1) / m) / ((m0 + 1) / m0)
             r["predicted_vs_smallest_m"] = r["predicted_s"] / base["predicted_s"]
             if "uncalibrated_predicted_s" in r:
-                r["uncalibrated_predicted_vs_smallest_m"] = r["uncalibrated_predicted_s"] / base["uncalibrated_predicted_s"]
+                r["uncalibrated_predicted_vs_smallest_m"] = (r["uncalibrated_predicted_s"]
+                                                              / base["uncalibrated_predicted_s"])
 
 
 def main(argv=None) -> int:
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
         b0, b1 = r["busy_fraction_per_rank"]
         print(f"{r['schedule']:9s} {r['microbatches']:3d} {r['measured_s'] * 1e3:8.1f}ms "
               f"{r['measured_vs_smallest_m']:9.3f} {r['analytic_vs_smallest_m']:9.3f} {r['predicted_s'] * 1e3:8.1f}ms "
-              f"{r['predicted_vs_smallest_m']:11.3f} {r.get('uncalibrated_predicted_vs_smallest_m', float('nan')):15.3f} "
+              f"{r['predicted_vs_smallest_m']:11.3f} "
+              f"{r.get('uncalibrated_predicted_vs_smallest_m', float('nan')):15.3f} "
               f"{r['predicted_bubble_fraction']:13.3f} {r['predicted_accum_s'] * 1e3:10.1f}ms {b0:5.2f}/{b1:4.2f}")
     if res.get("op_calibration"):
         c = res["op_calibration"]

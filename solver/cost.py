@@ -3,9 +3,10 @@
 Compute: an op's measured time where the profile has per-op calibration for it (``op_times``, keyed
 by ``op_key``: op, local input shapes, dtype, other arguments), else the roofline
 ``max(flops / achieved_flops, bytes / achieved_bandwidth) + op_overhead`` where achieved FLOP/s rise
-with op size (DeviceSpec's efficiency curve); backward costs twice the forward FLOPs for contractions and twice the bytes for memory-bound ops; views are free. Ops that
-run inside one fused kernel (``fused_compute_cost``) share its traffic: inputs from outside the group
-read once, values leaving it written once, one op overhead.
+with op size (DeviceSpec's efficiency curve); backward costs twice the forward FLOPs for contractions
+and twice the bytes for memory-bound ops; views are free. Ops that run inside one fused kernel
+(``fused_compute_cost``) share its traffic: inputs from outside the group read once, values leaving it
+written once, one op overhead.
 
 Communication: alpha-beta per mesh dim with ring volumes, S = bytes of the full (gathered) tensor
 along that mesh dim, plus the link's per-call ``sync_s`` (ranks arriving at different times):
