@@ -280,7 +280,8 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
     :class:`~autopar.profile.OpTable` that
     ``solver.cost.compute_cost`` charges instead of the roofline (attach it with
     ``dataclasses.replace(profile, op_times=table)``). ``caps``: one CapturedModel or several (e.g. one per
-    micro-batch size of a pipeline).
+    micro-batch size of a pipeline). Every timed op's tensors stay allocated until the rounds end (all ops
+    at all their local shapes at once): where they would not fit the device together, cap ``max_ops``.
 
     Contention: where ranks share cores (4 gloo ranks on 2 cores) an op timed in one process runs about as
     fast as on an idle core, several times faster than in a step where every rank computes at once. So the
