@@ -134,6 +134,8 @@ def _progress(what: str, done: int, total: int) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from autopar.api import parse_bytes
     from autopar.mesh import MeshSpec
     from autopar.profile import ClusterProfile
@@ -146,6 +148,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         opts = ProfileOptions(message_sizes=sizes_between(sizes[0], sizes[-1], 3), trials=3, warmup=1,
                               matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20), dtypes=("float32",),
                               probes=())
+    if args.ops_of:
+        opts = dataclasses.replace(opts, ops_of=(args.ops_of, args.batch, args.seq),
+                                   ops_trial_s=2e-3 if args.quick else opts.ops_trial_s)
     mesh = MeshSpec.make(args.mesh, args.mesh_names) if args.mesh else None
     nproc = args.nproc or (mesh.size if mesh else 2)
     _status(f"[profile] {nproc} {args.backend} rank(s) on mesh {mesh.shape if mesh else (nproc,)}")
@@ -173,6 +178,10 @@ def _profile_table(prof, dim_names) -> str:
         for kind, ab in link.collectives.items():
             lines.append(f"{name:6s} {kind:15s} {fmt_time(ab.alpha):>10s} {1 / ab.beta / 1e9:>8.3f} GB/s")
         lines.append(f"{name:6s} {'sync per call':15s} {fmt_time(link.sync_s):>10s}")
+    if prof.op_times is not None:
+        t = prof.op_times
+        lines += ["", f"op times: {t.sources.get('ops', f'{len(t.times)} timed')} ({t.ranks} rank(s) at once), "
+                      f"scale {t.scale:.3f}, extra {fmt_time(t.extra_op_s)} per op"]
     return "\n".join(lines)
 
 
@@ -302,7 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-sizes", type=int, default=5, help="message sizes between them (default 5)")
     pr.add_argument("--trials", type=int, default=5, help="timed trials per point; medians are used (default 5)")
     pr.add_argument("--quick", action="store_true",
-                    help="a rough profile in seconds (3 sizes, 3 trials, fp32 only, no calibration)")
+                    help="a rough profile in seconds (3 sizes, 3 trials, fp32 only, no calibration; "
+                         "with --ops-of, 2 ms op trials)")
+    pr.add_argument("--ops-of", default=None, metavar="MODEL",
+                    help="per-op calibration: also time this model's own ops (a --model spec as `plan` takes it) at "
+                         "the local shapes of every strategy on the mesh, on all ranks at once; the planner charges "
+                         "these times instead of the roofline (plan it with the same --batch and --seq)")
+    pr.add_argument("--batch", type=int, default=8, help="with --ops-of: global batch size (default 8)")
+    pr.add_argument("--seq", type=int, default=1024, help="with --ops-of: sequence length (default 1024)")
     pr.add_argument("--out", default="cluster.json", help="where to write the profile (default cluster.json)")
     pr.set_defaults(func=cmd_profile)
 

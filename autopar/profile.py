@@ -22,6 +22,15 @@ from autopar.mesh import MeshSpec
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
+
+class OpTableError(ClusterProfileError):
+    """A profile's per-op calibration (``op_times``) is malformed or belongs to another world size."""
+
+
+# (ATen overload, local input shapes, output dtype, the op's other arguments as text): one measured op
+OpKey = tuple[str, tuple[tuple[int, ...], ...], str, str]
+
+
 @dataclass(frozen=True, kw_only=True)
 class AlphaBeta:
     """t(bytes) = alpha + beta * bytes, with bytes the per-rank ring traffic of the collective."""
@@ -119,6 +128,102 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OpTime:
+    """Measured seconds of one op: its forward, and its backward (the gradients of every input)."""
+
+    fwd_s: float
+    bwd_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("fwd_s", "bwd_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise OpTableError(f"{name} must be a finite time >= 0 s, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpTable:
+    """Per-op calibration: measured forward/backward seconds of a model's own ops at the local (sharded)
+    shapes its strategies give them, written by :func:`autopar.calibrate.calibrate_ops`. The cost model
+    (``solver.cost.compute_cost``) charges an op found here ``scale`` times its measured time plus
+    ``extra_op_s`` per forward and per backward op, and the roofline for every op not found. ``scale``: a
+    step's ops run once each, one after another, for as long as a step lasts, where the table's trials
+    repeat one op for milliseconds (warm caches, rarely preempted by a process sharing the core): the ratio
+    of the timed ops run back to back to the sum of their medians. ``extra_op_s``: what a step pays per op
+    beyond the op itself (views, autograd bookkeeping): the probe-calibrated op overhead minus the overhead
+    an isolated op already shows.
+
+    ``ranks``: how many processes timed the ops at once (each rank the same op, as a step runs them).
+    Where ranks share cores the times depend on it, so a table belongs to a profile of that world size."""
+
+    times: dict[OpKey, OpTime]
+    ranks: int = 1
+    extra_op_s: float = 0.0
+    scale: float = 1.0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
+            raise OpTableError(f"op_times.ranks must be an integer >= 1 (processes timing at once), "
+                               f"got {self.ranks!r}")
+        v = self.extra_op_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise OpTableError(f"op_times.extra_op_s must be a finite time >= 0 s, got {v!r}")
+        v = self.scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise OpTableError(f"op_times.scale must be a finite factor > 0, got {v!r}")
+
+    def lookup(self, key: OpKey) -> OpTime | None:
+        """The op's time as a step pays it: measured times times ``scale``, plus ``extra_op_s`` per op (forward
+        once, backward once; a contraction's backward, two gradients, twice is the caller's: solver.cost)."""
+        return self.times.get(key)
+
+    def to_dict(self) -> dict:
+        return {"ranks": self.ranks, "extra_op_s": self.extra_op_s, "scale": self.scale,
+                "sources": dict(self.sources),
+                "entries": [{"op": op, "shapes": [list(s) for s in shapes], "dtype": dtype, "args": args,
+                             "fwd_s": t.fwd_s, "bwd_s": t.bwd_s}
+                            for (op, shapes, dtype, args), t in self.times.items()]}
+
+    @staticmethod
+    def from_dict(d: dict, *, where: str = "op_times") -> "OpTable":
+        """Validate and read the JSON form (plain data only; nothing is executed)."""
+        if not isinstance(d, dict):
+            raise OpTableError(f"{where}: expected an object with 'entries', 'ranks' and 'extra_op_s'")
+        entries = d.get("entries")
+        if not isinstance(entries, list):
+            raise OpTableError(f"{where}.entries must be a list of {{op, shapes, dtype, args, fwd_s, bwd_s}}")
+        times: dict[OpKey, OpTime] = {}
+        for i, e in enumerate(entries):
+            at = f"{where}.entries[{i}]"
+            if not isinstance(e, dict):
+                raise OpTableError(f"{at}: expected an object")
+            missing = [k for k in ("op", "shapes", "dtype", "args", "fwd_s", "bwd_s") if k not in e]
+            if missing:
+                raise OpTableError(f"{at}: missing field(s) {missing}")
+            if not all(isinstance(e[k], str) for k in ("op", "dtype", "args")):
+                raise OpTableError(f"{at}: op, dtype and args must be strings")
+            shapes = e["shapes"]
+            if not (isinstance(shapes, list) and all(
+                    isinstance(s, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s)
+                    for s in shapes)):
+                raise OpTableError(f"{at}.shapes must be a list of shapes (lists of integers >= 0), got {shapes!r}")
+            try:
+                t = OpTime(fwd_s=e["fwd_s"], bwd_s=e["bwd_s"])
+            except OpTableError as err:
+                raise OpTableError(f"{at}: {err}") from None
+            times[(e["op"], tuple(tuple(s) for s in shapes), e["dtype"], e["args"])] = t
+        sources = d.get("sources", {})
+        if not (isinstance(sources, dict) and all(isinstance(v, str) for v in sources.values())):
+            raise OpTableError(f"{where}.sources must be an object of strings")
+        try:
+            return OpTable(times=times, ranks=d.get("ranks", 1), extra_op_s=d.get("extra_op_s", 0.0),
+                           scale=d.get("scale", 1.0), sources=dict(sources))
+        except OpTableError as err:
+            raise OpTableError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClusterProfile:
     """Everything the cost model reads about a cluster. JSON round-trips through to_dict/from_dict."""
 
@@ -131,6 +236,7 @@ class ClusterProfile:
     mesh_shape: tuple[int, ...] | None = None
     mesh_dim_links: tuple[LinkSpec, ...] | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    op_times: OpTable | None = None   # per-op calibration (optional), see OpTable
 
     def __post_init__(self) -> None:
         if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1):
@@ -140,6 +246,12 @@ class ClusterProfile:
         if self.mesh_dim_links is not None and len(self.mesh_dim_links) != len(self.mesh_shape):
             raise ClusterProfileError(f"mesh_dim_links has {len(self.mesh_dim_links)} entries for a mesh of "
                                       f"{len(self.mesh_shape)} dims {self.mesh_shape}; give one per mesh dim")
+        if self.op_times is not None and self.mesh_shape is not None \
+                and self.op_times.ranks != math.prod(self.mesh_shape):
+            raise OpTableError(
+                f"profile {self.name!r}: its op times were measured with {self.op_times.ranks} rank(s) at once but the "
+                f"profile is for a mesh of {math.prod(self.mesh_shape)} ranks {self.mesh_shape}; on shared cores the "
+                f"times depend on it: calibrate the ops on the same world size (autopar.calibrate.calibrate_ops)")
 
     @property
     def host_is_device(self) -> bool:
@@ -178,7 +290,10 @@ class ClusterProfile:
 
     # --- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, op_times=None))
+        d.pop("op_times")
+        if self.op_times is not None:
+            d["op_times"] = self.op_times.to_dict()
         d["version"] = 1
         return d
 
@@ -198,7 +313,9 @@ class ClusterProfile:
                 mesh_shape=tuple(d["mesh_shape"]) if d.get("mesh_shape") is not None else None,
                 mesh_dim_links=tuple(_link(x, f"{where}.mesh_dim_links[{i}]") for i, x in enumerate(dims))
                 if dims is not None else None,
-                sources=dict(d.get("sources", {})), **links)
+                sources=dict(d.get("sources", {})),
+                op_times=OpTable.from_dict(d["op_times"], where=f"{where}.op_times")
+                if d.get("op_times") is not None else None, **links)
         except (TypeError, ValueError) as e:
             raise ClusterProfileError(f"{where}: malformed field ({e}); compare with `autopar profile` output") from None
 

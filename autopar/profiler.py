@@ -22,7 +22,10 @@ core). Measured:
   are scaled by least squares so the two agree (:func:`autopar.calibrate.calibrate`);
 * per op of a checkpointed block, what selective and full activation checkpointing cost beyond the
   recomputed ops (the same probes with their blocks checkpointed,
-  :func:`autopar.calibrate.measure_checkpoint_overhead`).
+  :func:`autopar.calibrate.measure_checkpoint_overhead`);
+* optionally (``ProfileOptions.ops_of``, ``autopar profile --ops-of MODEL``) a model's own ops at the local
+  shapes of every strategy on the profiled mesh (:func:`autopar.calibrate.calibrate_ops`), stored as the
+  profile's ``op_times`` and charged instead of the roofline.
 
 The result is a :class:`~autopar.profile.ClusterProfile` with one measured link per mesh dim,
 plus the raw samples under ``measurements`` (ignored by the loader). Each point is the median of
@@ -112,6 +115,10 @@ class ProfileOptions:
     # GPT probes (layers, d_model, heads, vocab, seq, batch) whose forward+backward calibrates the roofline
     probes: tuple[tuple[int, int, int, int, int, int], ...] = ((2, 64, 4, 256, 32, 2), (2, 128, 4, 512, 64, 8),
                                                              (2, 256, 8, 1024, 64, 8))
+    # per-op calibration (optional): (model spec as `autopar plan --model` takes it, batch, seq) whose ops are
+    # timed at the local shapes of every strategy on the profiled mesh (autopar.calibrate.calibrate_ops)
+    ops_of: tuple[str, int, int] | None = None
+    ops_trial_s: float = 20e-3   # shortest timed trial of one op (OpCalibrationOptions.min_trial_s)
 
     @staticmethod
     def for_backend(backend: str, message_sizes: tuple[int, ...] | None = None, trials: int = 5) -> "ProfileOptions":
@@ -452,10 +459,34 @@ def profile_cluster(mesh_shape: tuple[int, ...], *, dim_names: tuple[str, ...] |
                           f"{list(opts.message_sizes)} B, fitted alpha-beta on per-rank ring traffic",
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "torch": torch.__version__, "world_size": str(world)})
+    if opts.ops_of is not None:
+        prof = _with_op_times(prof, opts, device, progress)
     out = prof.to_dict()
     out["measurements"] = {"links": raw_links, "device": raw_dev, "seconds": time.perf_counter() - t0,
                            "dim_names": list(spec.dim_names)}
     return out
+
+
+def _with_op_times(prof: ClusterProfile, opts: ProfileOptions, device: torch.device,
+                   progress: Progress | None) -> ClusterProfile:
+    """``prof`` with per-op calibration of the model ``opts.ops_of`` = (spec, batch, seq) on its mesh: every
+    rank builds the model on ``device`` and times its ops at once (autopar.calibrate.calibrate_ops)."""
+    from dataclasses import replace
+
+    from autopar.calibrate import OpCalibrationOptions, calibrate_ops
+    from autopar.capture import capture
+    from autopar.models import build_model
+
+    spec, batch, seq = opts.ops_of
+    if progress:
+        progress(f"ops of {spec}", 0, 1)
+    model, inputs = build_model(spec, batch=batch, seq=seq, device=device)
+    table = calibrate_ops(capture(model, inputs), prof.mesh_shape, prof, device=device,
+                          options=OpCalibrationOptions(trials=opts.trials, warmup=opts.warmup,
+                                                       min_trial_s=opts.ops_trial_s))
+    if progress:
+        progress(f"ops of {spec}", 1, 1)
+    return replace(prof, op_times=table)
 
 
 def _worker(rank: int, world: int, port: int, backend: str, mesh_shape, dim_names, opts, progress, q) -> None:

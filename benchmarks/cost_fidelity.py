@@ -149,29 +149,51 @@ def _time(module, inputs, opt, steps: int) -> tuple[float, float, float]:
     return fb / steps, full / steps, cpu / steps
 
 
-def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: int, rounds: int, out_q) -> None:
+def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: int, rounds: int, calibrate: bool,
+            out_q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        import dataclasses
+
         import autopar
+        from autopar.calibrate import calibrate_ops
+        from autopar.capture import capture
+        from autopar.profile import load_cluster
         from autopar.plan import Plan
         from torch.distributed.device_mesh import init_device_mesh
         names = ("dp",) if len(mesh_shape) == 1 else ("dp", "tp")
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
         cands = candidates(mesh_shape)
+        uncal = load_cluster(profile)
+        cluster, cal_info = uncal, None
+        if calibrate:   # every rank times the model's ops at once, as a step runs them (calibrate_ops)
+            t0 = time.perf_counter()
+            model, inputs = _model()
+            table = calibrate_ops(capture(model, inputs), mesh_shape, uncal)
+            cluster = dataclasses.replace(uncal, op_times=table)
+            cal_info = {"seconds": time.perf_counter() - t0, "ops": len(table.times), "extra_op_s": table.extra_op_s,
+                        "sources": table.sources}
+            if rank == 0:
+                cluster.to_json(Path(profile).with_name(Path(profile).stem + "_ops.json"))
         texts = [None]
         if rank == 0:
-            plans, plan_s = {}, {}
+            plans, plan_s, uncal_pred = {}, {}, {}
             for name, opts in cands.items():
                 model, inputs = _model()
                 t0 = time.perf_counter()
                 plans[name] = autopar.plan(model, inputs, mesh_shape=mesh_shape, mesh_dim_names=names,
-                                           cluster=profile, **(opts or {})).to_json()
+                                           cluster=cluster, **(opts or {})).to_json()
                 plan_s[name] = time.perf_counter() - t0
-            texts = [(plans, plan_s)]
+                if calibrate:   # the same candidate against the roofline alone, for comparison
+                    p0 = autopar.plan(model, inputs, mesh_shape=mesh_shape, mesh_dim_names=names, cluster=uncal,
+                                      **(opts or {}))
+                    uncal_pred[name] = {"predicted_s": p0.predicted.step_time_s,
+                                        "same_plan": plan_identity(p0.to_json()) == plan_identity(plans[name])}
+            texts = [(plans, plan_s, uncal_pred)]
         dist.broadcast_object_list(texts, src=0)
-        all_plans, plan_s = texts[0]
+        all_plans, plan_s, uncal_pred = texts[0]
         plans, same = distinct(all_plans)   # a candidate that solves to an earlier one's plan is scored once
         runs = {}
         for name, text in plans.items():
@@ -204,10 +226,14 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
                              "rounds_fwd_bwd_s": fb[name], "rounds_step_s": full[name],
                              "plan_seconds": plan_s[name], "options": cands[name],
                              "param_placements": dict(list(p.param_placements.items())[:6])}
+                if name in uncal_pred:
+                    out[name]["uncalibrated_predicted_s"] = uncal_pred[name]["predicted_s"]
+                    out[name]["uncalibrated_same_plan"] = uncal_pred[name]["same_plan"]
             for name, other in same.items():
                 p = Plan.from_json(all_plans[name])
                 out.setdefault("_same_plan", {})[name] = {"same_plan_as": other, "options": cands[name],
                                                           "predicted_s": p.predicted.step_time_s}
+            out["_op_calibration"] = cal_info
             out_q.put(out)
     except Exception:
         import traceback
@@ -216,14 +242,14 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
     exit_worker(out_q)
 
 
-def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int) -> dict:
+def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int, calibrate: bool) -> dict:
     world = 1
     for s in mesh_shape:
         world *= s
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, mesh_shape, profile, steps, rounds, q))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, mesh_shape, profile, steps, rounds, calibrate, q))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -236,9 +262,10 @@ def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int) -> dict:
 
 
 def _mesh_result(rows: dict) -> tuple[dict, dict]:
-    """(scored plans, candidates that solved to an already scored plan)."""
+    """(scored plans, candidates that solved to an already scored plan, the op calibration's summary)."""
     same = rows.pop("_same_plan", {})
-    return rows, same
+    cal = rows.pop("_op_calibration", None)
+    return rows, same, cal
 
 
 def _profile(nproc: int, mesh: str, out: Path) -> float:
@@ -372,6 +399,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are reported)")
     ap.add_argument("--meshes", default="2,2x2", help="meshes to profile and run (default 2,2x2)")
+    ap.add_argument("--no-calibrate-ops", action="store_true",
+                    help="plan with the profile's roofline alone (default: per-op calibration of the model's ops, "
+                         "timed on the mesh's ranks at once; the roofline's predictions are reported beside)")
     ap.add_argument("--gpu", action="store_true",
                     help="instead: on one CUDA GPU, profiled and preset roofline vs measured op times")
     ap.add_argument("--out", default=None, help="result JSON (default results/cost_fidelity[_gpu].json)")
@@ -399,7 +429,8 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    res = {"config": {"gpt": GPT, "batch": BATCH, "seq": SEQ, "steps": args.steps, "rounds": args.rounds},
+    res = {"config": {"gpt": GPT, "batch": BATCH, "seq": SEQ, "steps": args.steps, "rounds": args.rounds,
+                      "calibrate_ops": not args.no_calibrate_ops},
            "load_average_start": list(os.getloadavg()), "meshes": {}}
     all_rows = {}
     for mesh in args.meshes.split(","):
@@ -407,19 +438,26 @@ def main(argv=None) -> int:
         nproc = 1
         for s in shape:
             nproc *= s
-        prof = RESULTS / f"cost_fidelity_profile_{mesh}.json"
+        out_path = Path(args.out) if args.out else RESULTS / "cost_fidelity.json"
+        prof = out_path.with_name(f"{out_path.stem}_profile_{mesh}.json")   # beside the results
         prof_s = _profile(nproc, mesh, prof)
-        rows, same = _mesh_result(_run_mesh(shape, str(prof), args.steps, args.rounds))
+        rows, same, cal = _mesh_result(_run_mesh(shape, str(prof), args.steps, args.rounds, not args.no_calibrate_ops))
         for name, info in same.items():
             print(f"mesh {mesh}: candidate {name!r} solves to the same plan as {info['same_plan_as']!r}: scored once")
         res["meshes"][mesh] = {"profile": prof.name, "profile_seconds": prof_s, "plans": rows,
-                               "same_plan_as": same,
+                               "same_plan_as": same, "op_calibration": cal,
                                "score": score(rows), "score_full_step": score(rows, "measured_step_s"),
                                "score_cpu_time": score(rows, "measured_fwd_bwd_cpu_s")}
         all_rows.update({f"{mesh}/{k}": v for k, v in rows.items()})
     res["overall"] = score({k: v for k, v in all_rows.items()})
     res["overall_full_step"] = score(all_rows, "measured_step_s")
     res["overall_cpu_time"] = score(all_rows, "measured_fwd_bwd_cpu_s")
+    if all("uncalibrated_predicted_s" in r for r in all_rows.values()):   # the roofline's predictions, beside
+        def unc(rows: dict) -> dict:
+            return {k: {**r, "predicted_s": r["uncalibrated_predicted_s"]} for k, r in rows.items()}
+        for m in res["meshes"].values():
+            m["score_uncalibrated"] = score(unc(m["plans"]))
+        res["overall_uncalibrated"] = score(unc(all_rows))
     res["targets"] = {"spearman": 0.9, "solver_within": 1.10}
     solver_ok = [m["score"].get("solver_within_10pct", False) for m in res["meshes"].values()]
     res["targets_met"] = {"spearman_overall": res["overall"]["spearman"] >= 0.9,
@@ -428,15 +466,22 @@ def main(argv=None) -> int:
     res["load_average_end"] = list(os.getloadavg())
     res["seconds"] = time.perf_counter() - t_start
     res["machine"] = _machine()
-    print(f"{'mesh/plan':28s} {'predicted':>10s} {'measured':>10s} {'CPU time':>10s} {'full step':>10s}")
+    print(f"{'mesh/plan':28s} {'predicted':>10s} {'roofline':>10s} {'measured':>10s} {'CPU time':>10s} "
+          f"{'full step':>10s}")
     for name, r in all_rows.items():
-        print(f"{name:28s} {r['predicted_s'] * 1e3:8.2f}ms {r['measured_fwd_bwd_s'] * 1e3:8.2f}ms "
+        roof = r.get("uncalibrated_predicted_s", float("nan"))
+        print(f"{name:28s} {r['predicted_s'] * 1e3:8.2f}ms {roof * 1e3:8.2f}ms {r['measured_fwd_bwd_s'] * 1e3:8.2f}ms "
               f"{r['measured_fwd_bwd_cpu_s'] * 1e3:8.2f}ms {r['measured_step_s'] * 1e3:8.2f}ms")
     for mesh, m in res["meshes"].items():
         s = m["score"]
         print(f"mesh {mesh}: spearman {s['spearman']:.3f}  MAE {s['mae_s'] * 1e3:.2f} ms  mean rel err "
               f"{s['mean_relative_error']:.2f}  solver/best {s.get('solver_vs_best', float('nan')):.3f}  "
               f"(CPU time: spearman {m['score_cpu_time']['spearman']:.3f})")
+    if "overall_uncalibrated" in res:
+        print("roofline alone (no op calibration): " + "  ".join(
+            f"{mesh} {m['score_uncalibrated']['spearman']:.3f}" for mesh, m in res["meshes"].items())
+            + f"  overall {res['overall_uncalibrated']['spearman']:.3f}  MAE "
+              f"{res['overall_uncalibrated']['mae_s'] * 1e3:.2f} ms")
     o = res["overall"]
     print(f"overall: spearman {o['spearman']:.3f}  MAE {o['mae_s'] * 1e3:.2f} ms  targets {res['targets_met']}  "
           f"load avg {res['load_average_start'][0]:.1f} -> {res['load_average_end'][0]:.1f}  ({res['seconds']:.0f} s)")

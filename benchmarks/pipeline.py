@@ -17,7 +17,11 @@ The table shows measured and analytic ratios side by side, with the plan's predi
 ratio to the smallest m, bubble and gradient accumulation. The plans are made against a profile of this
 machine measured first with ``autopar profile --nproc 2`` (``--cluster cpu-gloo`` uses the preset instead),
 so the per-micro-batch costs the planner charges (per-op overhead, send/recv latency, adding each
-micro-batch's gradients into the accumulated ones) are measured numbers. Printed and written to benchmarks/results/pipeline.json with the machine and the load average
+micro-batch's gradients into the accumulated ones) are measured numbers. By default the plans also use
+per-op calibration: both ranks, pinned, time the model's own ops at every micro-batch size
+(``autopar.calibrate.calibrate_ops``), so small GEMMs cost what they measure rather than what a roofline
+fitted on square GEMMs says; the roofline's predictions are listed beside (``--no-calibrate-ops`` plans
+with the roofline alone). Printed and written to benchmarks/results/pipeline.json with the machine and the load average
 before and after (run it on an otherwise idle machine: other processes on the two cores stretch the
 stages unevenly). Not a test.
 """
@@ -70,13 +74,17 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
         shape = (cfg["batch"], cfg["seq"])
         inputs = {"idx": torch.randint(0, cfg["gpt"]["vocab_size"], shape, generator=gen),
                   "labels": torch.randint(0, cfg["gpt"]["vocab_size"], shape, generator=gen)}
-        runs = {}
+        cluster, cal_info, uncal = _op_calibration(cfg, gpt, inputs)
+        runs, roofline = {}, {}
         for sched in cfg["schedules"]:
             for m in cfg["microbatches"]:
                 torch.manual_seed(0)
                 model = gpt.GPT(gpt.GPTConfig(**cfg["gpt"]))
-                pm = autopar.parallelize(model, mesh, inputs, cluster=cfg["cluster"],
+                pm = autopar.parallelize(model, mesh, inputs, cluster=cluster,
                                          pipeline={"schedule": sched, "microbatches": m})
+                if uncal is not None and rank == 0:   # the roofline's prediction of the same configuration
+                    roofline[(sched, m)] = autopar.plan(model, inputs, mesh_shape=(world,), mesh_dim_names=("pp",),
+                                                   cluster=uncal, pipeline={"schedule": sched, "microbatches": m})
                 for _ in range(cfg["warmup"]):   # builds the schedule, warms the allocator
                     _step(pm, inputs)
                 runs[(sched, m)] = pm
@@ -106,11 +114,41 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
                              "predicted_accum_s": pm.plan.pipeline.get("predicted_accum_s", 0.0),
                              "analytic_bubble_fraction": (world - 1) / (m + world - 1),
                              "stages": [st["layers"] for st in pm.plan.pipeline["stages"]]})
-            out_q.put({"rows": rows})
+                if (sched, m) in roofline:
+                    rows[-1]["uncalibrated_predicted_s"] = roofline[(sched, m)].predicted.step_time_s
+                    rows[-1]["uncalibrated_predicted_breakdown"] = roofline[(sched, m)].predicted.time_breakdown
+            out_q.put({"rows": rows, "op_calibration": cal_info})
     except Exception:
         import traceback
         out_q.put({"error": f"rank {rank}: {traceback.format_exc()}"})
     exit_worker(out_q)
+
+
+def _op_calibration(cfg: dict, gpt, inputs):
+    """(cluster to plan with, calibration summary, the uncalibrated profile or None): with per-op
+    calibration both ranks, pinned as they will run, time the model's ops at every micro-batch size
+    (autopar.calibrate.calibrate_ops on the one-device stage mesh the pipeline planner costs units on)."""
+    import dataclasses
+
+    from autopar.calibrate import calibrate_ops
+    from autopar.capture import capture
+    from autopar.pipeline import _as_inputs, microbatch_inputs
+    from autopar.profile import load_cluster
+
+    prof = load_cluster(cfg["cluster"])
+    if not cfg["calibrate_ops"]:
+        return prof, None, None
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(**cfg["gpt"]))
+    caps = [capture(model, _as_inputs(*microbatch_inputs(inputs, m))) for m in cfg["microbatches"]]
+    table = calibrate_ops(caps, (1,), prof)
+    info = {"seconds": time.perf_counter() - t0, "ops": len(table.times), "scale": table.scale,
+            "extra_op_s": table.extra_op_s, "sources": table.sources}
+    cluster = dataclasses.replace(prof, op_times=table)
+    if dist.get_rank() == 0 and cfg.get("ops_profile_out"):
+        cluster.to_json(cfg["ops_profile_out"])
+    return cluster, info, prof
 
 
 def _step(pm, inputs) -> tuple[float, float]:
@@ -136,6 +174,9 @@ def _relative(rows: list[dict]) -> None:
             r["measured_vs_smallest_m"] = r["measured_s"] / base["measured_s"]
             r["analytic_vs_smallest_m"] = ((m + 1) / m) / ((m0 + 1) / m0)
             r["predicted_vs_smallest_m"] = r["predicted_s"] / base["predicted_s"]
+            if "uncalibrated_predicted_s" in r:
+                r["uncalibrated_predicted_vs_smallest_m"] = (r["uncalibrated_predicted_s"]
+                                                              / base["uncalibrated_predicted_s"])
 
 
 def main(argv=None) -> int:
@@ -155,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cluster", default="profile",
                     help="'profile' (default): measure this machine with `autopar profile --nproc 2` first and plan "
                          "against it; or a preset name / profile JSON")
+    ap.add_argument("--no-calibrate-ops", action="store_true",
+                    help="plan with the profile's roofline alone (default: per-op calibration, the model's ops timed "
+                         "at every micro-batch size on both pinned ranks; the roofline's predictions beside)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     ms = [int(x) for x in args.microbatches.split(",")]
@@ -164,8 +208,9 @@ def main(argv=None) -> int:
                        max_seq_len=args.seq),
            "batch": args.batch, "seq": args.seq, "microbatches": ms, "schedules": args.schedules.split(","),
            "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "pin": not args.no_pin,
-           "cluster": args.cluster}
+           "cluster": args.cluster, "calibrate_ops": not args.no_calibrate_ops}
     load_start = list(os.getloadavg())
+    cfg["ops_profile_out"] = str(Path(args.out).with_name(Path(args.out).stem + "_profile_2_ops.json"))
     if args.cluster == "profile":
         prof = Path(args.out).with_name(Path(args.out).stem + "_profile_2.json")
         subprocess.run([sys.executable, "-m", "autopar.cli", "profile", "--nproc", "2", "--out", str(prof)],
@@ -186,13 +231,19 @@ def main(argv=None) -> int:
         return 1
     _relative(res["rows"])
     print(f"{'schedule':9s} {'m':>3s} {'measured':>10s} {'vs min m':>9s} {'analytic':>9s} {'predicted':>10s} "
-          f"{'pred vs min':>11s} {'bubble (pred)':>13s} {'accum (pred)':>12s} {'busy r0/r1':>11s}")
+          f"{'pred vs min':>11s} {'roofline vs min':>15s} {'bubble (pred)':>13s} {'accum (pred)':>12s} "
+          f"{'busy r0/r1':>11s}")
     for r in res["rows"]:
         b0, b1 = r["busy_fraction_per_rank"]
         print(f"{r['schedule']:9s} {r['microbatches']:3d} {r['measured_s'] * 1e3:8.1f}ms "
               f"{r['measured_vs_smallest_m']:9.3f} {r['analytic_vs_smallest_m']:9.3f} {r['predicted_s'] * 1e3:8.1f}ms "
-              f"{r['predicted_vs_smallest_m']:11.3f} {r['predicted_bubble_fraction']:13.3f} "
-              f"{r['predicted_accum_s'] * 1e3:10.1f}ms {b0:5.2f}/{b1:4.2f}")
+              f"{r['predicted_vs_smallest_m']:11.3f} "
+              f"{r.get('uncalibrated_predicted_vs_smallest_m', float('nan')):15.3f} "
+              f"{r['predicted_bubble_fraction']:13.3f} {r['predicted_accum_s'] * 1e3:10.1f}ms {b0:5.2f}/{b1:4.2f}")
+    if res.get("op_calibration"):
+        c = res["op_calibration"]
+        print(f"op calibration: {c['ops']} ops in {c['seconds']:.0f} s, scale {c['scale']:.3f}, "
+              f"extra {c['extra_op_s'] * 1e6:.1f} us per op")
     pinned = _cpus()[:2] if cfg["pin"] and len(_cpus()) >= 2 else []
     res["config"] = {**cfg, "mesh": {"pp": 2}, "cluster": args.cluster if args.cluster != "profile"
                      else Path(cfg["cluster"]).name, "pinned_cpus": pinned}

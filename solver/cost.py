@@ -1,10 +1,12 @@
 """Cost model v0: pure functions of (op, shapes, placements, profile) -> seconds or bytes.
 
-Compute: roofline ``max(flops / achieved_flops, bytes / achieved_bandwidth) + op_overhead`` where
-achieved FLOP/s rise with op size (DeviceSpec's efficiency curve); backward costs twice the
-forward FLOPs for contractions and twice the bytes for memory-bound ops; views are free. Ops that
-run inside one fused kernel (``fused_compute_cost``) share its traffic: inputs from outside the group
-read once, values leaving it written once, one op overhead.
+Compute: an op's measured time where the profile has per-op calibration for it (``op_times``, keyed
+by ``op_key``: op, local input shapes, dtype, other arguments), else the roofline
+``max(flops / achieved_flops, bytes / achieved_bandwidth) + op_overhead`` where achieved FLOP/s rise
+with op size (DeviceSpec's efficiency curve); backward costs twice the forward FLOPs for contractions
+and twice the bytes for memory-bound ops; views are free. Ops that run inside one fused kernel
+(``fused_compute_cost``) share its traffic: inputs from outside the group read once, values leaving it
+written once, one op overhead.
 
 Communication: alpha-beta per mesh dim with ring volumes, S = bytes of the full (gathered) tensor
 along that mesh dim, plus the link's per-call ``sync_s`` (ranks arriving at different times):
@@ -28,7 +30,7 @@ import torch
 
 from autopar.graph import GNode, TensorMeta
 from autopar.placement import Partial, Placement, Replicate, Shard, redistribute_steps
-from autopar.profile import ClusterProfile, DeviceSpec, LinkSpec
+from autopar.profile import ClusterProfile, DeviceSpec, LinkSpec, OpKey
 from autopar.solver.strategies.base import Strategy
 
 aten = torch.ops.aten
@@ -77,10 +79,51 @@ def contraction_flops(node: GNode, in_metas: list[TensorMeta]) -> float:
     return 0.0
 
 
+def local_shape(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one rank's shard (the largest, as torch.chunk splits: ceil division)."""
+    shape = list(meta.shape)
+    for p, n in zip(placements, mesh_shape):
+        if isinstance(p, Shard) and p.dim < len(shape):
+            shape[p.dim] = -(-shape[p.dim] // n)
+    return tuple(shape)
+
+
+def _arg_text(a) -> str:
+    import torch.fx as fx
+    if isinstance(a, fx.Node):
+        return "T"
+    if isinstance(a, (list, tuple)):
+        return "[" + ",".join(_arg_text(x) for x in a) + "]"
+    if isinstance(a, dict):
+        return "{" + ",".join(f"{k}:{_arg_text(v)}" for k, v in sorted(a.items())) + "}"
+    if isinstance(a, torch.device):   # a model captured on meta and the one timed share their keys
+        return "device"
+    return repr(a)
+
+
+def op_key(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], mesh_shape: tuple[int, ...]) -> OpKey:
+    """How ``ClusterProfile.op_times`` knows an op: ATen overload, the local input shapes under ``strategy``,
+    output dtype and the other (non-tensor) arguments as text (tensors written ``T``)."""
+    fx_node = node.fx_node
+    args = _arg_text((tuple(fx_node.args), dict(fx_node.kwargs))) if fx_node is not None else ""
+    dtype = str(node.outputs[0].dtype).removeprefix("torch.") if node.outputs and node.outputs[0] is not None \
+        else "float32"
+    shapes = tuple(local_shape(m, p, mesh_shape) for m, p in zip(in_metas, strategy.inputs))
+    return (str(node.target), shapes, dtype, args)
+
+
 def compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMeta], profile: ClusterProfile,
                  mesh_shape: tuple[int, ...]) -> OpCost:
+    """Seconds of one op under ``strategy``: its measured time where the profile has per-op calibration
+    for it (``profile.op_times``, looked up by ``op_key``), otherwise the roofline."""
     if node.kind != "op" or node.target in FREE_OPS:
         return OpCost(0.0, 0.0)
+    if profile.op_times is not None:
+        hit = profile.op_times.lookup(op_key(node, strategy, in_metas, mesh_shape))
+        if hit is not None:
+            tab = profile.op_times
+            grads = 2 if contraction_flops(node, in_metas) else 1   # as the roofline's overhead: per gradient
+            return OpCost(tab.scale * hit.fwd_s + tab.extra_op_s, tab.scale * hit.bwd_s + grads * tab.extra_op_s)
     dev = profile.device
     split = math.prod(n for n, s in zip(mesh_shape, strategy.split_dims()) if s)
     flops = contraction_flops(node, in_metas) / split
@@ -99,7 +142,9 @@ def fused_compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMet
     group, so this op is charged the inputs flagged in ``reads`` and the outputs flagged in ``writes``
     (views write nothing), and only the op flagged ``launch`` pays the kernel's op overhead. Summed over
     a group this is roofline_cost of the fused kernel's traffic; backward keeps the 2x-bytes rule.
-    Contractions and non-ops are not fused: their compute_cost is returned unchanged."""
+    Contractions and non-ops are not fused: their compute_cost is returned unchanged (measured times of
+    ``profile.op_times`` included). A fused member keeps the roofline even where its op was timed: the timed
+    op read and wrote all its tensors and launched alone, which the fused kernel does not."""
     if node.kind != "op" or contraction_flops(node, in_metas):
         return compute_cost(node, strategy, in_metas, profile, mesh_shape)
     nbytes = sum(local_bytes(m, p, mesh_shape) for m, p, r in zip(in_metas, strategy.inputs, reads) if r)
