@@ -481,6 +481,14 @@ class ShardingILP:
             edges.append((self.gi.nodes[ref.src].key, ref.out, OUTPUT, 0, 1.0))
         return edges
 
+    def _param_derived(self, node: GNode) -> bool:
+        """An op whose floating-point inputs are all parameters (and which has one)."""
+        if node.kind != "op":
+            return False
+        floats = [self.gi.nodes[r.src] for r in node.inputs
+                  if (m := self.gi.nodes[r.src].outputs[r.out]) is not None and m.dtype.is_floating_point]
+        return bool(floats) and all(n.kind == "param" for n in floats)
+
     def add_edge_vars(self) -> None:
         loss_grad = self._loss_grad_edges()
         for ei, (ku, o, kv, a, mult) in enumerate(self._edge_list()):
@@ -505,8 +513,13 @@ class ShardingILP:
             nbytes = meta.nbytes
             local = lambda pl: nbytes / self._shard_factor(pl)   # noqa: E731 (C.local_bytes, cached)
 
+            derived = self._param_derived(u.node)
+
             def coef(p, q):
-                is_param = u.node.kind == "param"
+                # a parameter's gradient, or the partial gradient of an unsplit op of parameters alone (GPT's
+                # position-embedding lookup), is summed by the bucketed reducer (codegen.insert_collectives'
+                # deferred_grads), not by an all-reduce of its own
+                is_param = u.node.kind == "param" or (derived and all(isinstance(x, Replicate) for x in p))
                 ck = (meta, p, q, is_param)
                 c = self._cost_cache.get(ck)
                 if c is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autopar.api import plan
+from autopar.mesh import MeshSpec
+from autopar.placement import Replicate, Shard
 from autopar.models import build_model
 from autopar.solver import cost as C
 
@@ -31,3 +33,29 @@ def test_step_row_holds_at_most_one_bucket_copy(model_name, expect_cap):
     else:               # every gradient fits one bucket: it is copied whole at the end of backward
         assert mb["grads"] < C.GRAD_BUCKET_BYTES
         assert extra == pytest.approx(mb["grads"], rel=1e-3)
+
+
+def test_position_embedding_gradient_is_priced_in_the_bucket(monkeypatch):
+    """GPT's position-embedding lookup is an unsplit op of a parameter alone: under data parallelism its
+    output's gradient is a partial sum that the runtime lets flow into the parameter, for the bucketed
+    reducer to sum (codegen.insert_collectives.deferred_grads). The ILP prices that edge as a parameter's
+    gradient (bytes and a bucket's share of one latency), not as an all-reduce of its own."""
+    from autopar.profile import PRESETS
+    from autopar.solver import ilp
+
+    solved = {}
+    orig = ilp.solve
+
+    def keep(*a, **k):
+        solved["sol"] = orig(*a, **k)
+        return solved["sol"]
+
+    monkeypatch.setattr(ilp, "solve", keep)
+    model, inputs = build_model("gpt-tiny", batch=8, seq=32)
+    plan(model, inputs, mesh_shape=(2,), cluster="cpu-gloo", fix=DP, recompute="none", zero=0, offload=False,
+         prefer={"root/arange*": ["R"], "wpe/*": ["R"], "*": ["S(0)"]})
+    sol = solved["sol"]
+    assert sol.chosen["wpe/embedding#0"].outputs[0] == (Replicate(),)
+    assert sol.chosen["root/add#0"].outputs[0] == (Shard(0),)
+    alpha = PRESETS["cpu-gloo"].dim_links(MeshSpec.make((2,)))[0].collectives["all_reduce"].alpha
+    assert 0 < sol.edge_time["root/add#0"] < 0.1 * alpha
