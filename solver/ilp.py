@@ -517,8 +517,9 @@ class ShardingILP:
 
             def coef(p, q):
                 # a parameter's gradient, or the partial gradient of an unsplit op of parameters alone (GPT's
-                # position-embedding lookup), is summed by the bucketed reducer (codegen.insert_collectives'
-                # deferred_grads), not by an all-reduce of its own
+                # position-embedding lookup, a weight's transpose), is summed by the bucketed reducer
+                # (codegen.insert_collectives' deferred_grads), not by an all-reduce of its own; the runtime
+                # defers it where every use of the op needs the same sum (a rarer mix is priced low here)
                 is_param = u.node.kind == "param" or (derived and all(isinstance(x, Replicate) for x in p))
                 ck = (meta, p, q, is_param)
                 c = self._cost_cache.get(ck)
