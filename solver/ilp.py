@@ -634,6 +634,12 @@ class ShardingILP:
                                           if v is not None))
 
     def build(self) -> None:
+        self.build_rows()
+        self.add_memory_row()
+        self.add_objective()
+
+    def build_rows(self) -> None:
+        """Every variable and row but the memory budget and the objective (shared with _min_memory)."""
         self.add_node_vars()
         self.add_edge_vars()
         self.add_backward_start_grad()
@@ -646,8 +652,6 @@ class ShardingILP:
         if self.host is not None:   # after every optimizer-state term (ZeRO's included): it replaces O by O_dev
             O.add_optimizer_offload(self, self.host)
             self.exclude_zero_with_offload()
-        self.add_memory_row()
-        self.add_objective()
 
 
 def _solver(backend: str, time_limit: float):
@@ -779,18 +783,7 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
                 host: O.HostLink | None = None, recompute: str | None = None, zero: int | None = None) -> float:
     """The smallest peak (max over the memory rows) any plan reaches, recompute, ZeRO and offload included."""
     ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero, host=host)
-    ilp.add_node_vars()
-    ilp.add_edge_vars()
-    ilp.add_backward_start_grad()
-    ilp.add_grad_buckets()
-    if ilp.remat:
-        ilp.add_remat_vars()
-    ilp.add_zero_vars()
-    ilp.add_bucket_copy()
-    ilp.add_recompute_hold()
-    if ilp.host is not None:   # as build() does
-        O.add_optimizer_offload(ilp, ilp.host)
-        ilp.exclude_zero_with_offload()
+    ilp.build_rows()
     peak = ilp._var("peak", lowBound=0)   # MiB (see _UNIT)
     for name, expr in ilp.memory_exprs().items():
         ilp.prob += peak >= expr * (1 / _UNIT), f"peak_{name}"
