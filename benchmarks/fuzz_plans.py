@@ -8,6 +8,11 @@ test suite's sample). Prints a table per (model, mesh) and the failing seeds; wr
 benchmarks/results/fuzz_plans.json with machine info. Exit code 1 when any plan mismatched.
 
     python benchmarks/fuzz_plans.py [--n 200] [--seed 0] [--batch-size 10]
+
+``--collectives`` checks the same seeds' plans (without memory decisions) against the runtime model instead:
+the collectives the module runs in one step, counted on the ranks (``tests/runtime_model_check.py``), must be
+``autopar.solver.runtime_model.planned_collectives`` (phase, kind, mesh dim, bytes); writes
+benchmarks/results/fuzz_collectives.json.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz_plans.json"
+COLLECTIVE_RESULTS = ROOT / "benchmarks" / "results" / "fuzz_collectives.json"
 sys.path.insert(0, str(ROOT / "tests"))  # the worker functions and the gloo pool live with the tests
 
 from dist_utils import DistPool  # noqa: E402
@@ -60,6 +66,56 @@ def run(seeds: list[int], chunk: int, timeout: float) -> list[dict]:
     return sorted(rows, key=lambda r: r["seed"])
 
 
+def run_collectives(seeds: list[int], chunk: int, timeout: float) -> list[dict]:
+    """Per seed: the runtime's collectives (rank 0's; every rank must agree) against planned_collectives."""
+    from runtime_model_check import count_collectives, make_plan, planned_counts
+
+    by_world: dict[int, list[int]] = defaultdict(list)
+    for s in seeds:
+        by_world[math.prod(case_for(s)[1])].append(s)
+    rows = []
+    for world, ws in sorted(by_world.items()):
+        pool = DistPool(world, timeout=timeout)
+        try:
+            for i in range(0, len(ws), chunk):
+                cases = [make_plan(s) for s in ws[i:i + chunk]]
+                try:
+                    ranks = pool.run(count_collectives, [(spec, p.to_json(), s) for spec, p, s in cases])
+                except Exception as e:  # noqa: BLE001 - a hang or crash fails the whole chunk
+                    ranks = [[{"error": f"chunk failed: {type(e).__name__}: {str(e)[:300]}"}] * len(cases)]
+                for j, (spec, plan, s) in enumerate(cases):
+                    row = {"seed": s, "spec": spec, "mesh": list(plan.mesh.shape)}
+                    got = [r[j] for r in ranks]
+                    if any("error" in g for g in got):
+                        row.update(ok=False, error=next(g["error"] for g in got if "error" in g))
+                    else:
+                        want = planned_counts(spec, plan)
+                        bad = [sorted(set(map(tuple, g["counts"])) ^ set(want)) for g in got
+                               if [(tuple(k), n) for k, n in g["counts"]] != want]
+                        row.update(ok=not bad, calls=sum(n for _, n in want), differing=[str(d) for d in bad[:1]])
+                    rows.append(row)
+                print(f"  {len(rows)}/{len(seeds)} plans counted", file=sys.stderr, flush=True)
+        finally:
+            pool.close()
+    return sorted(rows, key=lambda r: r["seed"])
+
+
+def main_collectives(args) -> int:
+    t0 = time.perf_counter()
+    rows = run_collectives(list(range(args.seed, args.seed + args.n)), args.batch_size, args.timeout)
+    wall = time.perf_counter() - t0
+    failing = [r for r in rows if not r["ok"]]
+    for r in failing:
+        print(f"FAIL seed {r['seed']} {r['spec']} mesh {r['mesh']}: {r.get('error') or r['differing']}")
+    out = args.out if args.out != RESULTS else COLLECTIVE_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"plans": len(rows), "mismatches": len(failing), "first_seed": args.seed,
+                               "wall_s": wall, "rows": rows, "machine": machine()}, indent=1) + "\n")
+    print(f"{len(rows)} plans, {len(failing)} with other collectives than planned, "
+          f"{sum(r.get('calls', 0) for r in rows)} calls, {wall:.0f} s (wrote {out})")
+    return 1 if failing else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="how many random plans (seeds seed..seed+n-1)")
@@ -67,7 +123,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=10, help="plans sent to the ranks per call")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per call before ranks are killed")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--collectives", action="store_true",
+                    help="check the collectives each plan runs against solver.runtime_model instead of numerics")
     args = ap.parse_args(argv)
+    if args.collectives:
+        return main_collectives(args)
     t0 = time.perf_counter()
     rows = run(list(range(args.seed, args.seed + args.n)), args.batch_size, args.timeout)
     wall = time.perf_counter() - t0

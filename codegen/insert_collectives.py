@@ -2,7 +2,7 @@
 
 For each tensor argument of each op, when the producer's planned output placement differs from
 the placement the op's strategy needs (or the gradient must be reduced on the way back), insert
-``autopar.parallel_ops.reshard(x, mesh, src, dst[, grad_dst])``. The gradient of a replicated
+``autopar.ops.parallel_ops.reshard(x, mesh, src, dst[, grad_dst])``. The gradient of a replicated
 input arrives as a Partial sum on every mesh dim where the op splits its work; ``grad_dst`` says
 so, and the reshard's backward reduces it (this is where data-parallel gradients are all-reduced
 unless the bucketed reducer takes them over).
@@ -15,8 +15,10 @@ import warnings
 import torch
 from torch import fx
 
-from autopar import parallel_ops
 from autopar.codegen.context import ShardingContext
+from autopar.core import runtime_rules
+from autopar.core.runtime_rules import grad_arrival
+from autopar.ops import parallel_ops
 
 
 def mesh_node(gm: fx.GraphModule) -> fx.Node:
@@ -32,76 +34,15 @@ def mesh_node(gm: fx.GraphModule) -> fx.Node:
         return gm.graph.get_attr("mesh")
 
 
-def grad_arrival(dst: str, split: tuple[bool, ...]) -> str | None:
-    """The gradient placement at a consumer input, when it differs from the default."""
-    parts = dst.split()
-    if not any(p == "R" and s for p, s in zip(parts, split)):
-        return None
-    return " ".join("P(sum)" if p == "R" and s else ("R" if p.startswith("P") else p) for p, s in zip(parts, split))
-
-
 def _is_tensor_input(a: object, ctx: ShardingContext) -> bool:
     return isinstance(a, fx.Node) and a.name in ctx.gi.nodes and isinstance(a.meta.get("val"), torch.Tensor)
 
 
 def deferred_grads(ctx: ShardingContext) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """(deferred parameters: placeholder -> mesh dims, pass-through ops).
-
-    A parameter is deferred when its every use needs its gradient summed over the same mesh dims and
-    nothing else (a replicated parameter read by ops that split the batch). A pass-through op is an
-    unsplit op of replicated parameters and non-float tensors only (GPT's position embedding lookup),
-    whose every use needs its output gradient summed over the same dims: its gradient stays a partial
-    sum through its backward (linear in the gradient, same inputs on every rank) into its parameters,
-    which are then deferred too -- the bucketed reducer sums them instead of an inline all-reduce."""
-    gi = ctx.gi
-    outputs = {r.src for r in gi.output_refs}
-    uses: dict[str, list[tuple[str, bool, str | None]]] = {}   # producer -> (consumer, same placement, grad)
-    for name, g in gi.nodes.items():
-        if g.kind != "op" or g.target is operator.getitem:
-            continue
-        split = ctx.split_dims(name)
-        for i, ref in enumerate(g.inputs):
-            if gi.nodes[ref.src].kind not in ("param", "op"):
-                continue
-            src, dst = ctx.output_sharding(ref.src, ref.out), ctx.input_sharding(name, i)
-            uses.setdefault(ref.src, []).append((name, src == dst, grad_arrival(dst, split)))
-
-    def partial_only(name: str):
-        u = {(same, grad) for _, same, grad in uses.get(name, ())}
-        if len(u) != 1 or name in outputs:
-            return None
-        same, grad = next(iter(u))
-        return grad if same and grad is not None else None
-
-    def float_tensor(ref) -> bool:
-        meta = gi.nodes[ref.src].outputs[ref.out]
-        return meta is not None and meta.dtype.is_floating_point
-
-    candidates = {}
-    for name, g in gi.nodes.items():
-        if g.kind != "op" or g.target is operator.getitem or len(g.outputs) != 1 or any(ctx.split_dims(name)):
-            continue
-        grad = partial_only(name)
-        if grad is None:
-            continue
-        params = [ref.src for ref in g.inputs if gi.nodes[ref.src].kind == "param"]
-        others = [ref for ref in g.inputs if gi.nodes[ref.src].kind != "param" and float_tensor(ref)]
-        if params and not others:
-            candidates[name] = (grad, params)
-    while True:   # a pass-through op needs every one of its parameters deferred with its dims
-        # a parameter read by a pass-through op receives that op's partial gradient through it
-        param_uses = {k: {(same, candidates[c][0] if c in candidates else grad) for c, same, grad in v}
-                      for k, v in uses.items() if gi.nodes[k].kind == "param"}
-        out = {}
-        for pname, u in param_uses.items():
-            if len(u) == 1:
-                same, grad = next(iter(u))
-                if same and grad is not None:
-                    out[pname] = tuple(d for d, p in enumerate(grad.split()) if p == "P(sum)")
-        keep = {n: c for n, c in candidates.items() if all(p in out for p in c[1])}
-        if len(keep) == len(candidates):
-            return out, set(candidates)
-        candidates = keep
+    """(deferred parameters: placeholder -> mesh dims, pass-through ops): the rule of
+    ``autopar.core.runtime_rules.deferred_grads`` (stated there once, for the solver's runtime model too)
+    on the plan's placements."""
+    return runtime_rules.deferred_grads(ctx.gi, ctx.output_sharding, ctx.input_sharding, ctx.split_dims)
 
 
 def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_grads: bool = True

@@ -27,10 +27,12 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Partial, Placement, Replicate, Shard, redistribute_steps
-from autopar.profile import ClusterProfile, DeviceSpec, LinkSpec, OpKey
+from autopar.cluster.profile import ClusterProfile, DeviceSpec, LinkSpec, OpKey
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Partial, Placement, Replicate, Shard, redistribute_steps
+from autopar.core.runtime_rules import GRAD_BUCKET_BYTES, ring_traffic
 from autopar.solver.strategies.base import Strategy
 
 aten = torch.ops.aten
@@ -56,12 +58,12 @@ class OpCost:
         return self.fwd_s + self.bwd_s
 
 
-def _shard_factor(placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> int:
+def shard_factor(placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> int:
     return math.prod(n for p, n in zip(placements, mesh_shape) if isinstance(p, Shard))
 
 
 def local_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> float:
-    return meta.nbytes / _shard_factor(placements, mesh_shape)
+    return meta.nbytes / shard_factor(placements, mesh_shape)
 
 
 def contraction_flops(node: GNode, in_metas: list[TensorMeta]) -> float:
@@ -89,7 +91,6 @@ def local_shape(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape:
 
 
 def _arg_text(a) -> str:
-    import torch.fx as fx
     if isinstance(a, fx.Node):
         return "T"
     if isinstance(a, (list, tuple)):
@@ -159,7 +160,7 @@ def fused_compute_cost(node: GNode, strategy: Strategy, in_metas: list[TensorMet
 
 def roofline_cost(flops: float, nbytes: float, dtype: str, dev: DeviceSpec) -> OpCost:
     """Forward and backward seconds of one op of ``flops`` (contraction FLOPs, 0 for memory-bound ops)
-    moving ``nbytes`` on ``dev``: the roofline of the module docstring (shared with autopar.predict)."""
+    moving ``nbytes`` on ``dev``: the roofline of the module docstring (shared with autopar.cluster.predict)."""
     mem_t = nbytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
     if flops:
         eff = dev.max_matmul_efficiency * flops / (flops + dev.matmul_half_efficiency_flops)
@@ -186,8 +187,7 @@ def collective_time(kind: str, full_bytes: float, n: int, link: LinkSpec) -> flo
     if n <= 1 or full_bytes <= 0:
         return 0.0
     ab = link.collectives[kind]
-    volume = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-              "all_to_all": (n - 1) / n, "send_recv": 1.0}[kind] * full_bytes
+    volume = ring_traffic(kind, n) * full_bytes
     return ab.alpha + link.sync_s + ab.beta * volume
 
 
@@ -206,12 +206,9 @@ def _step_plan(src: tuple[Placement, ...], dst: tuple[Placement, ...], mesh_shap
         if kind not in ("chunk", "zero"):
             gathered = list(cur)
             gathered[d] = Replicate()  # ring volumes count the tensor as if unsharded on this mesh dim
-            out.append((d, kind, _shard_factor(tuple(gathered), mesh_shape)))
+            out.append((d, kind, shard_factor(tuple(gathered), mesh_shape)))
         cur[d] = after
     return tuple(out)
-
-
-GRAD_BUCKET_BYTES = 25 * 2 ** 20   # autopar.grad_sync's bucket (the first is 1 MiB; the rest dominate)
 
 
 def transition_time(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement, ...],
@@ -236,7 +233,7 @@ def edge_cost(meta: TensorMeta, src: tuple[Placement, ...], dst: tuple[Placement
               consumer_split: tuple[bool, ...], mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...],
               param: bool = False) -> OpCost:
     """Forward resharding src->dst plus the backward resharding of the gradient. ``param``: the
-    tensor is a parameter, whose gradient all-reduces the runtime buckets (autopar.grad_sync)."""
+    tensor is a parameter, whose gradient all-reduces the runtime buckets (autopar.runtime.grad_sync)."""
     fwd = transition_time(meta, src, dst, mesh_shape, links)
     gdst, gsrc = grad_transition(src, dst, consumer_split)
     bwd = transition_time(meta, gdst, gsrc, mesh_shape, links, GRAD_BUCKET_BYTES if param else None)
@@ -257,7 +254,7 @@ def grad_transition(src: tuple[Placement, ...], dst: tuple[Placement, ...], cons
 def param_state_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]
                       ) -> dict[str, float]:
     local = local_bytes(meta, placements, mesh_shape)
-    elems = meta.numel / _shard_factor(placements, mesh_shape)
+    elems = meta.numel / shard_factor(placements, mesh_shape)
     return {"params": local, "grads": local, "optimizer": elems * ADAM_STATE_BYTES_PER_ELEMENT}
 
 
@@ -272,7 +269,7 @@ def saved_bytes(node: GNode, strategy: Strategy, saved, mesh_shape: tuple[int, .
         # an op's internal results (norm statistics, cross-entropy's log-softmax) are split like its
         # first input (a reduction's output, e.g. the loss, is not)
         first = next((p for p in (*strategy.inputs[:1], *strategy.outputs[:1]) if p is not None), ())
-        total += saved.extra_bytes / _shard_factor(first, mesh_shape)
+        total += saved.extra_bytes / shard_factor(first, mesh_shape)
     return total
 
 

@@ -26,12 +26,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from autopar.errors import ConfigError
-from autopar.graph import GNode, GraphIndex
+from autopar.core.errors import ConfigError
+from autopar.core.graph import GNode, GraphIndex
 from autopar.solver import cost as C
+from autopar.solver.keys import OUTPUT
 from autopar.solver.strategies import Strategy
-
-OUTPUT = "__output__"   # a consumer that is the graph's output
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +118,7 @@ def _member_cost(m: GNode, s: Strategy, info, share: Share | None, profile, mesh
 
 def fuse_costs(gi: GraphIndex, keys: dict, sh: dict[str, Share], profile, mesh_shape: tuple[int, ...],
                groups: dict[str, Share] | None = None) -> dict[str, list[C.OpCost]]:
-    """Replace ``keys[k].compute`` (ilp.KeyInfo) of every key with a fused member by the members' fused
+    """Replace ``keys[k].compute`` (keys.KeyInfo) of every key with a fused member by the members' fused
     costs (weighted as in the module docstring); returns the unfused costs of the keys it changed.
     ``groups`` (default ``sh``): the shares that weigh the members, a superset of ``sh`` when some
     groups are costed unfused but still say how many nodes their members stand for."""

@@ -46,18 +46,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from autopar.capture import CapturedModel
-from autopar.errors import ConfigError, InfeasiblePlanError
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
-from autopar.profile import ClusterProfile, LinkSpec
+from autopar.cluster.profile import ClusterProfile, LinkSpec
+from autopar.core.capture import CapturedModel
+from autopar.core.errors import ConfigError, InfeasiblePlanError
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.core.options import PIPELINE_SCHEDULES, PipelineOptions
 from autopar.solver import ilp
+from autopar.solver.categories import MemCategory
+from autopar.solver.keys import match_fix
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = PIPELINE_SCHEDULES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,38 +111,6 @@ class Partition:
         return tuple(out)
 
 
-@dataclass(kw_only=True)
-class PipelineConfig:
-    """``pipeline=`` of autopar.plan: ``"auto"`` or a dict fixing some of these (None: the planner chooses)."""
-
-    stages: int | None = None
-    schedule: str | None = None
-    microbatches: int | None = None
-    virtual_stages: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @staticmethod
-    def parse(value) -> "PipelineConfig":
-        if value == "auto" or value is True:
-            return PipelineConfig()
-        if not isinstance(value, dict):
-            raise ConfigError(f"pipeline must be 'auto', False or a dict like {{'stages': 4, 'schedule': '1f1b', "
-                              f"'microbatches': 8}}, got {value!r}")
-        known = {"stages", "schedule", "microbatches", "virtual_stages"}
-        unknown = set(value) - known
-        if unknown:
-            raise ConfigError(f"unknown pipeline option(s) {sorted(unknown)}; known: {sorted(known)}")
-        for k in ("stages", "microbatches", "virtual_stages"):
-            v = value.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"pipeline {k} must be a positive integer, got {v!r}")
-        sched = value.get("schedule")
-        if sched is not None and str(sched).lower() not in SCHEDULES:
-            raise ConfigError(f"pipeline schedule {sched!r} is not one of {SCHEDULES}")
-        return PipelineConfig(stages=value.get("stages"), schedule=str(sched).lower() if sched else None,
-                              microbatches=value.get("microbatches"), virtual_stages=value.get("virtual_stages"))
-
-
 # ------------------------------------------------------------------------------------------ unit costs
 
 
@@ -150,8 +121,8 @@ def matching_patterns(gi, fix: dict | None, prefer: dict | None) -> tuple[dict, 
     used: set[str] = set()
     for key, members in gi.by_key().items():
         node = members[0]
-        if ilp._match_fix(key, node, fix or {}, used) is None and node.kind == "op" and prefer:
-            ilp._match_fix(key, node, prefer, used)
+        if match_fix(key, node, fix or {}, used) is None and node.kind == "op" and prefer:
+            match_fix(key, node, prefer, used)
     return ({k: v for k, v in (fix or {}).items() if k in used},
             {k: v for k, v in (prefer or {}).items() if k in used})
 
@@ -171,7 +142,7 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     n = gi.layer_counts[layer_list]
     fix, prefer = matching_patterns(gi, fix, prefer)
     keys = ilp.collect_keys(gi, mesh, profile, fix or None, prefer or None)
-    # as the stage plans (autopar.pipeline): no offload (the stage DP does not account host memory) and
+    # as the stage plans (autopar.frontend.pipeline): no offload (the stage DP does not account host memory) and
     # no ZeRO in pipeline stages yet
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys,
                     offload=False, zero=0)
@@ -187,10 +158,10 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
         unit = _unit_of(node, gi, layer_list, order, first_block)
         mem = info.memory[j]
         acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0)
-        acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != "activations")
-        acc[unit]["a"] += info.mult * mem.get("activations", 0.0)
-        if "grads" in mem:
-            acc[unit]["g"] += info.mult * accumulate_time(mem["grads"], profile)
+        acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != MemCategory.ACTIVATIONS)
+        acc[unit]["a"] += info.mult * mem.get(MemCategory.ACTIVATIONS, 0.0)
+        if MemCategory.GRADS in mem:
+            acc[unit]["g"] += info.mult * accumulate_time(mem[MemCategory.GRADS], profile)
     for g in gi.nodes.values():   # the last op of a block: its output crosses a stage boundary
         if g.layer is not None and g.layer[0] == layer_list and g.outputs and g.outputs[0] is not None:
             users = [u for u in g.fx_node.users] if g.fx_node is not None else []
@@ -369,7 +340,7 @@ TIGHTEN_STEPS = 5       # unit costs are re-solved under up to 5 tighter memory 
 TIGHTEN_FACTOR = 0.75   # each bound is this fraction of the one before
 
 
-def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineConfig,
+def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineOptions,
            budget: float | None, link: LinkSpec | None) -> Partition:
     """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``.
 

@@ -6,12 +6,12 @@ import re
 import time
 from collections import defaultdict
 
-from autopar.capture import CapturedModel
-from autopar.graph import GraphIndex, index_graph
-from autopar.mesh import MeshSpec
-from autopar.placement import format_sharding
-from autopar.plan import FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
-from autopar.profile import ClusterProfile
+from autopar.cluster.profile import ClusterProfile
+from autopar.core.capture import CapturedModel
+from autopar.core.graph import GraphIndex, index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.core.placement import format_sharding
+from autopar.core.plan import FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
 from autopar.solver import fusion as F
 from autopar.solver import ilp
 from autopar.solver.saved import saved_tensors

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from autopar.capture import CapturedModel
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
-from autopar.plan import Plan
-from autopar.profile import ClusterProfile
+from autopar.cluster.profile import ClusterProfile
+from autopar.core.capture import CapturedModel
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.core.plan import Plan
 from autopar.solver import ilp
 from autopar.solver.planner import plan_graph
 from autopar.solver.strategies import Strategy

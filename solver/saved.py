@@ -11,7 +11,7 @@ its root storage (``_base`` of a view) and attributed:
   log-softmax that cross-entropy keeps), to the node running at the time, as extra bytes.
 
 Each saved root also records where it is kept: through which consumer (node, argument index, the
-argument numbering of ``autopar.graph.tensor_inputs``) the saved tensor or view left its producer,
+argument numbering of ``autopar.core.graph.tensor_inputs``) the saved tensor or view left its producer,
 or by the producer itself. A consumer whose input the plan reshards keeps the resharded copy in its
 own placement (solver.ilp charges it there); parameters are recorded this way too (a gathered copy
 is kept only by an op that saves that parameter: embedding's backward needs only the indices).
@@ -33,9 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from autopar.graph import tensor_inputs
+from autopar.core.graph import tensor_inputs
 
 SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
 _getitem = __import__("operator").getitem
@@ -63,7 +65,6 @@ def _nbytes(t: torch.Tensor) -> float:
 def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> dict[str, Saved]:
     """Node name -> what autograd keeps of it (nodes that keep nothing are absent). ``grad_inputs``: the
     placeholders that require grad (the parameters; None: every floating-point placeholder)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args = []
@@ -124,7 +125,21 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> di
 
     by_name = {n.name: n for n in gm.graph.nodes}
 
+    # a model captured on the meta device has meta baked into its graph (arange(..., device=meta), HF's
+    # inv_freq.to(x.device)): the fake run is on the CPU, so those devices become the CPU too
+    on_meta = any(isinstance(v, torch.Tensor) and v.device.type == "meta"
+                  for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"))
+    cpu = torch.device("cpu")
+
+    def off_meta(x):
+        return cpu if isinstance(x, torch.device) and x.type == "meta" else x
+
     class _Run(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if on_meta:
+                args, kwargs = pytree.tree_map(off_meta, (args, kwargs))
+            return super().call_function(target, args, kwargs)
+
         def run_node(self, n):
             state["node"] = n
             state["mute"] = n.target in SDPA

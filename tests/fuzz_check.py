@@ -92,9 +92,9 @@ def case_for(seed: int) -> tuple[str, tuple[int, ...]]:
 
 def make_case(seed: int, batch: int = 4, seq: int = 16) -> tuple[str, str, int]:
     """(spec, random plan JSON, seed) for ``check_plans``; captures are cached per spec."""
-    from autopar.capture import capture
-    from autopar.mesh import MeshSpec
-    from autopar.profile import load_cluster
+    from autopar.core.capture import capture
+    from autopar.core.mesh import MeshSpec
+    from autopar.cluster.profile import load_cluster
     from autopar.solver.random_plan import random_plan
 
     spec, mesh = case_for(seed)

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from autopar.capture import capture
-from autopar.mesh import MeshSpec
+from autopar.core.capture import capture
+from autopar.core.mesh import MeshSpec
 from autopar.models import build_model
-from autopar.placement import format_sharding
-from autopar.profile import load_cluster
+from autopar.core.placement import format_sharding
+from autopar.cluster.profile import load_cluster
 from autopar.solver.random_plan import draw_memory, draw_strategies, random_plan
 from fuzz_check import case_for, check_plans, make_case
 

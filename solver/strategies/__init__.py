@@ -3,9 +3,28 @@
 Importing this package registers every rule. ``strategies_for(node, nodes, mesh_shape)`` lists a
 node's N-D strategies; an op without a rule gets the logged replicate fallback.
 """
-from autopar.solver.strategies import (attention, embedding, factory, loss, matmul, norm,  # noqa: F401
-                                       pointwise, reduction, softmax, view)
-from autopar.solver.strategies.base import (Strategy, Strategy1D, expand_to_mesh, register, registered_rules,
-                                            rule_for, strategies_for)
+from autopar.solver.strategies import (  # noqa: F401
+                                       attention,
+                                       dtensor_rules,
+                                       embedding,
+                                       factory,
+                                       loss,
+                                       matmul,
+                                       moe,
+                                       norm,
+                                       pointwise,
+                                       reduction,
+                                       softmax,
+                                       view,
+)
+from autopar.solver.strategies.base import (
+                                       Strategy,
+                                       Strategy1D,
+                                       expand_to_mesh,
+                                       register,
+                                       registered_rules,
+                                       rule_for,
+                                       strategies_for,
+)
 
 __all__ = ["Strategy", "Strategy1D", "expand_to_mesh", "register", "registered_rules", "rule_for", "strategies_for"]

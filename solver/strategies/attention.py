@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Shard
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Shard
 from autopar.solver.strategies.base import R, Strategy1D, broadcast_placement, register
 
 aten = torch.ops.aten

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Partial, Placement, Replicate, Shard, format_placement
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Partial, Placement, Replicate, Shard, format_placement
 
 log = logging.getLogger(__name__)
 R = Replicate()

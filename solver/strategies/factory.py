@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
+from autopar.core.graph import GNode, TensorMeta
 from autopar.solver.strategies.base import R, Strategy1D, register
 
 aten = torch.ops.aten

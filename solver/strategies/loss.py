@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Shard
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Shard
 from autopar.solver.strategies.base import P_SUM, R, Strategy1D, register
 
 aten = torch.ops.aten

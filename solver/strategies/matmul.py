@@ -5,8 +5,8 @@ import string
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Placement, Shard
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Placement, Shard
 from autopar.solver.strategies.base import P_SUM, R, Strategy1D, broadcast_placement, einsum_strategies, register
 
 aten = torch.ops.aten

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Shard
-from autopar.solver.strategies.base import (P_SUM, R, Strategy1D, broadcast_placement, identity_rule, register)
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Shard
+from autopar.solver.strategies.base import P_SUM, R, Strategy1D, broadcast_placement, identity_rule, register
 
 aten = torch.ops.aten
 

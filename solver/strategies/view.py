@@ -12,8 +12,8 @@ import operator
 
 import torch
 
-from autopar.graph import GNode, TensorMeta
-from autopar.placement import Shard
+from autopar.core.graph import GNode, TensorMeta
+from autopar.core.placement import Shard
 from autopar.solver.strategies.base import P_SUM, R, Strategy1D, identity_rule, norm_dim, register
 
 aten = torch.ops.aten

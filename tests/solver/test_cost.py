@@ -8,10 +8,10 @@ reduce-scatter (n-1)/n*S, all-to-all (n-1)/n*S.
 import pytest
 import torch
 
-from autopar.graph import GNode, InputRef, TensorMeta
-from autopar.mesh import MeshSpec
-from autopar.placement import Partial, Replicate, Shard
-from autopar.profile import PRESETS, LinkSpec
+from autopar.core.graph import GNode, InputRef, TensorMeta
+from autopar.core.mesh import MeshSpec
+from autopar.core.placement import Partial, Replicate, Shard
+from autopar.cluster.profile import PRESETS, LinkSpec
 from autopar.solver import cost as C
 from autopar.solver.strategies.base import Strategy
 
@@ -213,7 +213,7 @@ def test_adamw_state_is_4_4_8_bytes_per_fp32_element():
 
 
 def test_parameter_gradient_all_reduce_shares_one_latency_per_bucket():
-    """The runtime reduces data-parallel parameter gradients in 25 MiB buckets (autopar.grad_sync), so
+    """The runtime reduces data-parallel parameter gradients in 25 MiB buckets (autopar.runtime.grad_sync), so
     a parameter's gradient all-reduce pays bytes / bucket of the latency, not a whole one; activation
     gradients and the forward are unbatched and pay it in full."""
     alpha = 1e-3
@@ -250,8 +250,8 @@ def test_recompute_charges_the_checkpoint_surcharge_per_block_op(mode):
     import operator
 
     import autopar
-    from autopar.capture import capture
-    from autopar.graph import index_graph
+    from autopar.core.capture import capture
+    from autopar.core.graph import index_graph
     from autopar.models import load_example_module
 
     gpt = load_example_module("gpt")

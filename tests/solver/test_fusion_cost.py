@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import autopar
-from autopar.api import fusible_groups
-from autopar.capture import capture
-from autopar.errors import ConfigError
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
-from autopar.profile import PRESETS
+from autopar.frontend.planning import fusible_groups
+from autopar.core.capture import capture
+from autopar.core.errors import ConfigError
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.cluster.profile import PRESETS
 from autopar.solver import fusion, ilp
 from autopar.solver.planner import plan_graph
 
@@ -171,7 +171,7 @@ def test_folded_plan_with_a_broken_group_matches_the_full_model():
 
 
 def test_explain_costs_fused_ops_as_the_planner():
-    from autopar.explain import explain
+    from autopar.tools.explain import explain
     from autopar.models import build_model
 
     model, inputs = build_model("llama-tiny", batch=2, seq=8, device="meta")

@@ -1,12 +1,12 @@
-"""The step row charges the reducer's bucket copy: at most one bucket (autopar.grad_sync keeps gradients as
+"""The step row charges the reducer's bucket copy: at most one bucket (autopar.runtime.grad_sync keeps gradients as
 views of its buckets; a bucket exists twice only while it is concatenated)."""
 from __future__ import annotations
 
 import pytest
 
-from autopar.api import plan
-from autopar.mesh import MeshSpec
-from autopar.placement import Replicate, Shard
+from autopar.frontend.planning import plan
+from autopar.core.mesh import MeshSpec
+from autopar.core.placement import Replicate, Shard
 from autopar.models import build_model
 from autopar.solver import cost as C
 
@@ -40,7 +40,7 @@ def test_position_embedding_gradient_is_priced_in_the_bucket(monkeypatch):
     output's gradient is a partial sum that the runtime lets flow into the parameter, for the bucketed
     reducer to sum (codegen.insert_collectives.deferred_grads). The ILP prices that edge as a parameter's
     gradient (bytes and a bucket's share of one latency), not as an all-reduce of its own."""
-    from autopar.profile import PRESETS
+    from autopar.cluster.profile import PRESETS
     from autopar.solver import ilp
 
     solved = {}

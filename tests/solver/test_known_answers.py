@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import autopar
-from autopar.api import plan
+from autopar.frontend.planning import plan
 from autopar.models import build_model, load_example_module
 
 

@@ -13,12 +13,13 @@ import dataclasses
 import pytest
 
 import autopar
-from autopar.capture import capture
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
+from autopar.cluster.profile import PRESETS
+from autopar.core.capture import capture
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
 from autopar.models import build_model
-from autopar.profile import PRESETS
-from autopar.solver import ilp
+from autopar.solver import backend, ilp
+from autopar.solver.model import value
 from autopar.solver.offload import host_link
 from autopar.solver.saved import saved_tensors
 
@@ -101,9 +102,9 @@ class _WrongSolver:
 
 
 def test_a_wrong_infeasible_answer_is_solved_again_with_cbc(gpt, monkeypatch, caplog):
-    real = ilp._solver
-    monkeypatch.setattr(ilp, "_solver", lambda backend, tl: (_WrongSolver(), "highs") if backend != "cbc"
-                        else real(backend, tl))
+    real = backend.make_solver
+    monkeypatch.setattr(backend, "make_solver", lambda name, tl: (_WrongSolver(), "highs") if name != "cbc"
+                        else real(name, tl))
     # a plan of 1 byte "exists" (the min-memory solve would meet the wrong solver too)
     monkeypatch.setattr(ilp, "_min_memory", lambda *a, **k: 1.0)
     p = _plan(gpt, "cpu-gloo", 64 << 20)
@@ -112,7 +113,7 @@ def test_a_wrong_infeasible_answer_is_solved_again_with_cbc(gpt, monkeypatch, ca
 
 
 def test_show_names_the_memory_decisions(gpt, free_peak):
-    from autopar.report import summary
+    from autopar.tools.report import summary
 
     p = _plan(gpt, "h100-sxm", int(0.5 * free_peak))
     text = summary(p)
@@ -132,8 +133,8 @@ def test_a_solution_over_budget_is_caught(gpt):
     keys = ilp.collect_keys(gi, mesh, prof, saved=saved_tensors(cap.program.graph_module))
     m = ilp.ShardingILP(gi, keys, mesh, prof.dim_links(mesh), 1 << 40, remat=True)
     m.build()
-    m.prob.solve(ilp._solver("auto", 60)[0])
-    m.settle_remat()
+    assert backend.solve_problem(m.prob).has_plan
+    m.settle()
     peak = max(e.value() for e in m.memory_exprs().values())
     assert ilp._over_budget(m, 1 << 40) is None and ilp._over_budget(m, peak) is None
     row, excess = ilp._over_budget(m, 0.5 * peak)
@@ -146,7 +147,7 @@ def test_offload_can_be_switched_off(gpt, free_peak):
     p = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", memory_budget=budget, offload=False)
     assert p.offload == () and not p.optimizer_offload and p.predicted.peak_memory_bytes <= budget
     assert p.predicted.step_time_s > _plan(gpt, "h100-sxm", budget).predicted.step_time_s
-    with pytest.raises(autopar.ConfigError, match="offload must be True or False"):
+    with pytest.raises(autopar.ConfigError, match="offload must be True, False or None"):
         autopar.plan(model, inputs, mesh_shape=(2,), offload="no")
 
 
@@ -179,11 +180,11 @@ def test_offloaded_block_holds_one_op_not_the_block(gpt):
         prob = ilp.ShardingILP(gi, keys, mesh, prof.dim_links(mesh), None, remat=True, recompute=mode,
                                host=host_link(prof))
         prob.build()
-        prob.prob.solve(ilp._solver("auto", 60)[0])
-        prob.settle_remat()
-        cnt, tr, a_block, off_keys = prob._remat_vars["blocks"]
-        rows[mode] = (tr.varValue, sum(c * ilp._value(x) for c, x in a_block) / 2**20,
-                      max(sum(c * ilp._value(x) for c, x in t) for t in off_keys) / 2**20 if off_keys else None)
+        assert backend.solve_problem(prob.prob).has_plan
+        prob.settle()
+        lv = prob.remat_rows.lists["blocks"]
+        rows[mode] = (lv.peak.varValue, sum(c * value(x) for c, x in lv.recomputed) / 2**20,
+                      max(sum(c * value(x) for c, x in t) for t in lv.offloaded) / 2**20 if lv.offloaded else None)
     assert rows["full"][0] == pytest.approx(rows["full"][1])          # T_g: the whole block
     assert rows["offload"][0] == pytest.approx(rows["offload"][2])    # T_g: the largest op
     assert 0 < rows["offload"][0] < 0.5 * rows["full"][0]

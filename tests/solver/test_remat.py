@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import autopar
-from autopar.capture import capture
+from autopar.core.capture import capture
 from autopar.models import build_model
 from autopar.solver.saved import saved_tensors
 

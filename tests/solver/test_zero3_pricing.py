@@ -10,23 +10,23 @@ op moves, per rank and step (Psi = the parameter's bytes):
   inside) gathers again in backward: another ``(n-1)/n Psi``, 3 (n-1)/n Psi in all (FSDP's count).
 
 Measured on 2 gloo ranks with this file's model (4 blocks of a 256x256 weight, Psi = 1,048,576 bytes,
-counting the full tensors ``autopar.collectives`` gathers and reduce-scatters): a plain step gathers Psi
+counting the full tensors ``autopar.ops.collectives`` gathers and reduce-scatters): a plain step gathers Psi
 and reduce-scatters Psi; with every block checkpointed it gathers 2 Psi; when the weight feeds the
 block's first op the gather sits before the checkpoint region and a checkpointed step gathers Psi.
 Links here are synthetic (alpha 0, 1 GB/s), so every time is a volume / bandwidth.
 """
 from __future__ import annotations
 
-import pulp
 import pytest
 import torch
 from torch import nn
 
-from autopar.capture import capture
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
-from autopar.profile import PRESETS, LinkSpec
-from autopar.solver import ilp
+from autopar.cluster.profile import PRESETS, LinkSpec
+from autopar.core.capture import capture
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.solver import backend, ilp
+from autopar.solver.model import TimeCategory
 
 N_BLOCKS, WIDTH, BATCH, DP = 4, 256, 8, 2
 BW = 1e9
@@ -89,17 +89,16 @@ def _solve(zero3, recompute_all: bool):
     # a budget far above any peak switches the recompute decision on without constraining it
     prob = ilp.ShardingILP(gi, keys, mesh, (LINK,), budget=1e15, remat=True)
     prob.build()
-    cnt = prob._remat_vars["blocks"][0]
-    prob.prob += cnt["full"] == (N_BLOCKS if recompute_all else 0)
-    prob.prob.solve(pulp.HiGHS(msg=False) if pulp.HiGHS(msg=False).available() else pulp.PULP_CBC_CMD(msg=False))
-    assert pulp.LpStatus[prob.prob.status] == "Optimal"
+    cnt = prob.remat_rows.lists["blocks"].counts
+    prob.add_row(cnt["full"] == (N_BLOCKS if recompute_all else 0), "test_full")
+    assert backend.solve_problem(prob.prob).has_plan
     val = lambda terms: sum(c * (v.value() if v is not None else 1.0) for c, v in terms)  # noqa: E731
     recompute_fwd_compute = sum(
         info.mult * info.compute[j].fwd_s * v.value()
         for info in keys.values() for j, v in enumerate(prob.x[info.key])
         if info.node.kind == "op" and info.node.layer is not None) if recompute_all else 0.0
     param_comm = sum(val(prob.edge_terms[k]) for k in keys if "linear" in k)
-    return param_comm, val(prob.time_terms["recompute"]) - recompute_fwd_compute
+    return param_comm, val(prob.time_terms(TimeCategory.RECOMPUTE)) - recompute_fwd_compute
 
 
 def test_zero3_without_recompute_charges_gather_plus_reduce_scatter(zero3):

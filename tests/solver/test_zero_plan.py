@@ -18,7 +18,7 @@ import pytest
 
 import autopar
 from autopar.models import build_model
-from autopar.placement import format_sharding, parse_sharding, zero_sharding
+from autopar.core.placement import format_sharding, parse_sharding, zero_sharding
 
 REPLICATED = {"input:*": ["S(0)"], "param:*": ["R"]}
 

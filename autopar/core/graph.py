@@ -1,0 +1,248 @@
+"""Graph index: stable keys, repeated-layer structure and tensor edges of a captured graph.
+
+Every node gets a key that does not depend on how many layers were captured, so a plan made on
+a graph whose repeated blocks were folded (captured with two of eighty layers) applies to the
+full graph:
+
+* placeholders: ``param:<fqn>``, ``buffer:<fqn>``, ``input:<name>``;
+* ops outside repeated layers: ``<module path>/<op>#<ordinal>`` (``lm_head/linear#0``);
+* ops inside the repeated blocks of a ModuleList ``blocks``: ``blocks.*/<path in block>/<op>#<ordinal>``
+  when the block is structurally the same as the list's other blocks (they then share solver
+  variables), ``blocks.3/...`` when it differs.
+
+Parameter FQNs of shared layers are keyed with ``*`` for the layer index. This module imports only
+autopar's core and must not decide anything: it describes the graph.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+
+from autopar.core.capture import CapturedModel
+
+_LAYER = re.compile(r"^(?P<list>.+?)\.(?P<idx>\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point
+                             else (1 if self.dtype == torch.bool else torch.iinfo(self.dtype).bits // 8))
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputRef:
+    """A tensor argument of a node: which producer, which of its outputs."""
+    src: str          # producer node name
+    out: int          # index into the producer's outputs
+
+
+@dataclass(kw_only=True)
+class GNode:
+    name: str
+    key: str
+    kind: str                                  # "param" | "buffer" | "input" | "op"
+    target: object                             # the ATen overload for ops, None for placeholders
+    outputs: tuple[TensorMeta | None, ...]
+    inputs: tuple[InputRef, ...]
+    fqns: tuple[str, ...] = ()                 # parameter/buffer FQNs
+    module_path: str = ""
+    layer: tuple[str, int] | None = None       # (list fqn, index) for nodes inside a repeated block
+    fx_node: fx.Node | None = None
+
+
+@dataclass(kw_only=True)
+class GraphIndex:
+    nodes: dict[str, GNode]                    # by fx node name, graph order
+    layer_counts: dict[str, int]               # list fqn -> true number of blocks (folded or not)
+    observed_counts: dict[str, int]            # list fqn -> blocks present in this graph
+    shared_lists: set[str] = field(default_factory=set)
+    output_refs: tuple[InputRef, ...] = ()
+
+    def by_key(self) -> dict[str, list[GNode]]:
+        out: dict[str, list[GNode]] = defaultdict(list)
+        for n in self.nodes.values():
+            out[n.key].append(n)
+        return out
+
+    def multiplicity(self, key: str, members: list[GNode]) -> float:
+        """How many nodes of the full model this key stands for."""
+        lay = members[0].layer
+        if lay is not None and lay[0] in self.shared_lists:
+            return float(self.layer_counts[lay[0]])
+        return float(len(members))
+
+    def edge_classes(self) -> dict[tuple[str, int, str, int], float]:
+        """(producer key, output index, consumer key, argument index) -> multiplicity in the full model."""
+        seen: dict[tuple[str, int, str, int], list[tuple[GNode, GNode]]] = defaultdict(list)
+        for v in self.nodes.values():
+            for ai, ref in enumerate(v.inputs):
+                u = self.nodes[ref.src]
+                seen[(u.key, ref.out, v.key, ai)].append((u, v))
+        return {cls: self._edge_weight(inst) for cls, inst in seen.items()}
+
+    def _edge_weight(self, inst: list[tuple[GNode, GNode]]) -> float:
+        u, v = inst[0]
+        lu = u.layer if u.layer and u.layer[0] in self.shared_lists else None
+        lv = v.layer if v.layer and v.layer[0] in self.shared_lists else None
+        if lu is None and lv is None:
+            return float(len(inst))
+        group = (lu or lv)[0]
+        true_n, seen_n = self.layer_counts[group], self.observed_counts[group]
+        if lu is not None and lv is not None and lu[0] == lv[0]:
+            if lu[1] == lv[1]:
+                return len(inst) * true_n / seen_n
+            if seen_n > 1 and lv[1] == lu[1] + 1:
+                return len(inst) * (true_n - 1) / (seen_n - 1)
+            return float(len(inst))
+        if len(inst) == seen_n and seen_n > 1:
+            return float(true_n)
+        return float(len(inst))
+
+
+def tensor_outputs(node: fx.Node) -> tuple[TensorMeta | None, ...]:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else (val,)
+    return tuple(TensorMeta(shape=tuple(int(s) for s in v.shape), dtype=v.dtype) if isinstance(v, torch.Tensor)
+                 else None for v in vals)
+
+
+def tensor_inputs(node: fx.Node) -> tuple[InputRef, ...]:
+    refs = []
+    if node.target is __import__("operator").getitem:
+        src, idx = node.args[0], node.args[1]
+        return (InputRef(src=src.name, out=int(idx)),)
+    for a in pytree.tree_leaves((node.args, node.kwargs)):
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+            refs.append(InputRef(src=a.name, out=0))
+    return tuple(refs)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values()]
+    return paths[-1] if paths else ""
+
+
+def _layer_of_path(path: str) -> tuple[str, int, str] | None:
+    m = _LAYER.match(path)
+    if not m:
+        return None
+    rest = path[m.end():]
+    return m.group("list"), int(m.group("idx")), rest
+
+
+def op_name(target: object) -> str:
+    if target is __import__("operator").getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def index_graph(cap: CapturedModel) -> GraphIndex:
+    graph = cap.graph
+    nodes: dict[str, GNode] = {}
+    layer_members: dict[tuple[str, int], list[GNode]] = defaultdict(list)
+    for n in graph.nodes:
+        if n.op == "output":
+            continue
+        outs = tensor_outputs(n)
+        if n.op == "placeholder":
+            if n.name in cap.param_fqns:
+                kind, fqns = "param", cap.param_fqns[n.name]
+            elif n.name in cap.buffer_fqns:
+                kind, fqns = "buffer", (cap.buffer_fqns[n.name],)
+            elif n.name in cap.constant_fqns:      # a lifted constant: planned as a buffer is
+                kind, fqns = "buffer", (cap.constant_fqns[n.name],)
+            else:
+                kind, fqns = "input", ()
+            lay = _layer_of_path(fqns[0]) if fqns else None
+            g = GNode(name=n.name, key="", kind=kind, target=None, outputs=outs, inputs=(), fqns=fqns,
+                      module_path=fqns[0].rsplit(".", 1)[0] if fqns else "",
+                      layer=(lay[0], lay[1]) if lay else None, fx_node=n)
+        else:
+            if all(o is None for o in outs):
+                continue  # asserts and other ops with no tensor output: passed through untouched
+            path = _module_path(n)
+            lay = _layer_of_path(path)
+            g = GNode(name=n.name, key="", kind="op", target=n.target, outputs=outs, inputs=tensor_inputs(n),
+                      module_path=path, layer=(lay[0], lay[1]) if lay else None, fx_node=n)
+        nodes[n.name] = g
+        if g.layer:
+            layer_members[g.layer].append(g)
+    # drop inputs that refer to skipped nodes
+    for g in nodes.values():
+        g.inputs = tuple(r for r in g.inputs if r.src in nodes)
+
+    observed: dict[str, int] = defaultdict(int)
+    for lst, _ in layer_members:
+        observed[lst] += 1
+    true_counts = {lst: cap.folded_layers.get(lst, c) for lst, c in observed.items()}
+
+    # relative keys within a block, then signatures to decide sharing
+    rel: dict[str, str] = {}
+    for (lst, idx), members in layer_members.items():
+        ordinal: dict[str, int] = defaultdict(int)
+        prefix = f"{lst}.{idx}"
+        for g in members:
+            if g.kind == "op":
+                sub = g.module_path[len(prefix):].lstrip(".")
+                base = f"{sub}/{op_name(g.target)}" if sub else op_name(g.target)
+                rel[g.name] = f"{base}#{ordinal[base]}"
+                ordinal[base] += 1
+            else:
+                rel[g.name] = f"{g.kind}:{g.fqns[0][len(prefix):].lstrip('.')}"
+
+    def signature(members: list[GNode]) -> tuple:
+        names = {g.name for g in members}
+        return tuple((rel[g.name], g.outputs, tuple(rel[r.src] if r.src in names else "ext" for r in g.inputs))
+                     for g in members)
+
+    shared: dict[tuple[str, int], bool] = {}
+    first_sig: dict[str, tuple] = {}
+    for (lst, idx), members in sorted(layer_members.items(), key=lambda kv: kv[0][1]):
+        sig = signature(members)
+        first_sig.setdefault(lst, sig)
+        shared[(lst, idx)] = sig == first_sig[lst]
+    shared_lists = {lst for lst in observed if all(shared[(l2, i)] for (l2, i) in shared if l2 == lst)}
+
+    ordinal_outside: dict[str, int] = defaultdict(int)
+    for g in nodes.values():
+        if g.layer is not None:
+            lst, idx = g.layer
+            tag = "*" if lst in shared_lists else str(idx)
+            r = rel[g.name]
+            if g.kind == "op":
+                g.key = f"{lst}.{tag}/{r}"
+            else:
+                kind, sub = r.split(":", 1)
+                g.key = f"{kind}:{lst}.{tag}.{sub}"
+        elif g.kind == "op":
+            base = f"{g.module_path or 'root'}/{op_name(g.target)}"
+            g.key = f"{base}#{ordinal_outside[base]}"
+            ordinal_outside[base] += 1
+        elif g.kind == "input":
+            g.key = f"input:{g.name}"
+        else:
+            g.key = f"{g.kind}:{g.fqns[0]}"
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_refs = tuple(InputRef(src=a.name, out=0) for a in pytree.tree_leaves(out_node.args)
+                     if isinstance(a, fx.Node) and a.name in nodes)
+    return GraphIndex(nodes=nodes, layer_counts=true_counts, observed_counts=dict(observed),
+                      shared_lists=shared_lists, output_refs=out_refs)

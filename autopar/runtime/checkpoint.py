@@ -1,0 +1,277 @@
+"""Distributed checkpoints: ``autopar.save`` / ``autopar.load`` on ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory:
+  ``.metadata``, ``__*.distcp``   DCP's files: the model and optimizer state (``get_state_dict``)
+  ``autopar.json``                what autopar adds, as JSON: format version, world size, the plan (as data),
+                                  every parameter's global shape, the user's extras (``step`` etc.)
+  ``rng/rank<R>.json``            each rank's torch CPU (and CUDA) generator states, base64
+
+Parameters of an applied module are DTensors, so DCP reshards on load: a checkpoint saved under one
+plan or world size loads into another (DPxTP on 4 ranks -> TP on 2 ranks, or another sharding on the
+same ranks). RNG states are restored only when the world size is the one saved (a rank's stream has
+no meaning under another layout).
+
+Loading never executes code: autopar's files are JSON; DCP's ``.metadata`` (a pickle) is read with an
+unpickler that resolves only DCP's metadata classes, torch dtypes/sizes and paths; tensors and
+non-tensor state (optimizer hyper-parameters) load with ``torch.load(weights_only=True)``.
+This module imports autopar's core only.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import pathlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopar.core.errors import ConfigError, PlanMismatchError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load", "read_meta", "read_plan", "save"]
+
+FORMAT = "autopar-checkpoint"
+VERSION = 1
+META_FILE = "autopar.json"
+
+
+# ----------------------------------------------------------------------------- safe reading of DCP files
+
+def _safe_globals() -> dict[tuple[str, str], object]:
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: dict[tuple[str, str], object] = {}
+    for name in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+                 "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # layout by name
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath):
+        allowed[("pathlib", cls.__name__)] = cls
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the classes DCP's metadata is made of: anything else is refused, never imported."""
+
+    _allowed: dict[tuple[str, str], object] | None = None
+
+    def find_class(self, module: str, name: str):
+        if _MetadataUnpickler._allowed is None:
+            _MetadataUnpickler._allowed = _safe_globals()
+        try:
+            return _MetadataUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise ConfigError(f"checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never "
+                              f"holds; refusing to load it (the file is corrupted or not a checkpoint)") from None
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            if rank is None and not Path(self._get_metadata_path(rank)).is_file():
+                raise ConfigError(f"checkpoint {str(path)!r} lacks DCP's metadata file (an interrupted save?)")
+            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+                try:
+                    md = _MetadataUnpickler(f).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                    raise ConfigError(f"checkpoint {str(path)!r}: DCP metadata is corrupted ({e})") from None
+            if getattr(md, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(path)
+
+
+def _planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        """DCP's planner, with non-tensor items read by ``torch.load(weights_only=True)``."""
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            fqn = read_item.dest_index.fqn
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return WeightsOnlyPlanner()
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _param_shapes(module: nn.Module) -> dict[str, list[int]]:
+    return {n: list(p.shape) for n, p in module.named_parameters()}  # a DTensor's shape is the global one
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def _rng_state() -> dict[str, Any]:
+    out: dict[str, Any] = {"cpu": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(module)}
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"autopar.save/load checkpoint a torch.optim.Optimizer through DCP; a "
+                          f"{type(optimizer).__name__} (optimizer offload) is not supported there yet: pass "
+                          f"optimizer=None and keep optimizer.state_dict() per rank with torch.save, or plan "
+                          f"without optimizer offload")
+    msd, osd = get_state_dict(module, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+# -------------------------------------------------------------------------------------- public API
+
+def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         **extra: Any) -> None:
+    """Save ``module`` (and ``optimizer``) to the directory ``path`` on every rank (a collective call).
+
+    ``extra`` (e.g. ``step=100``) must be JSON data; ``load`` returns it. The module's plan (``.plan``
+    of an applied module), each rank's RNG state and every parameter's global shape are saved too."""
+    try:
+        extra_json = json.loads(json.dumps(extra))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint extras must be JSON data (numbers, strings, lists, dicts): {e}; "
+                          f"save tensors as module buffers instead") from None
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    rank, world = _rank_world()
+    dcp.save(_state_dicts(module, optimizer), checkpoint_id=path)
+    (path / "rng").mkdir(parents=True, exist_ok=True)
+    _write_json(path / "rng" / f"rank{rank}.json", _rng_state())
+    if rank == 0:
+        plan = getattr(module, "plan", None)
+        _write_json(path / META_FILE, {
+            "format": FORMAT, "version": VERSION, "world_size": world,
+            "plan": plan.to_dict() if plan is not None else None,
+            "param_shapes": _param_shapes(module), "optimizer": optimizer is not None, "extra": extra_json})
+    _barrier()  # nobody returns before the checkpoint is complete
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``autopar.json`` as data (checked: format and version)."""
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise ConfigError(f"{str(path)!r} is not an autopar checkpoint (no {META_FILE}); "
+                          f"write one with autopar.save(path, module, optimizer)")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"checkpoint file {str(f)!r} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"checkpoint file {str(f)!r}: 'format' is not {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ConfigError(f"checkpoint file {str(f)!r}: unknown version {meta.get('version')!r}; "
+                          f"this autopar reads version {VERSION}")
+    for key, typ in (("world_size", int), ("param_shapes", dict), ("optimizer", bool), ("extra", dict)):
+        if not isinstance(meta.get(key), typ):
+            raise ConfigError(f"checkpoint file {str(f)!r}: field {key!r} is missing or not a {typ.__name__}")
+    return meta
+
+
+def read_plan(path: str | os.PathLike):
+    """The plan the checkpoint was saved under (``None`` when the module had none)."""
+    from autopar.core.plan import Plan
+
+    d = read_meta(path)["plan"]
+    return Plan.from_dict(d) if d is not None else None
+
+
+def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer | None = None
+         ) -> dict[str, Any]:
+    """Load a checkpoint saved by :func:`save` into ``module`` (and ``optimizer``), resharding to their
+    current placements (a collective call); returns the saved extras (``step`` etc.)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    meta = read_meta(path)
+    have, saved = _param_shapes(module), {k: list(v) for k, v in meta["param_shapes"].items()}
+    missing = sorted(set(have) - set(saved))
+    unknown = sorted(set(saved) - set(have))
+    if missing or unknown:
+        what = f"parameter {missing[0]!r} is not in the checkpoint" if missing else \
+            f"the checkpoint has parameter {unknown[0]!r}, which the module lacks"
+        raise PlanMismatchError(f"checkpoint {str(path)!r} was saved from another model: {what}")
+    for name, shape in have.items():
+        if shape != saved[name]:
+            raise PlanMismatchError(f"checkpoint {str(path)!r}: parameter {name!r} has shape {saved[name]} there "
+                                    f"but {shape} in this module")
+    if optimizer is not None and not meta["optimizer"]:
+        raise ConfigError(f"checkpoint {str(path)!r} has no optimizer state; call load without the optimizer")
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    _reader(path).read_metadata()  # refuses a tampered .metadata with a ConfigError before DCP reads it
+    state = _state_dicts(module, optimizer)
+    try:
+        dcp.load(state, storage_reader=_reader(path), planner=_planner())
+    except dcp.api.CheckpointException as e:
+        raise ConfigError(f"checkpoint {str(path)!r} could not be read: {str(e).strip().splitlines()[-1][:300]}") from e
+    if optimizer is None:
+        set_model_state_dict(module, state["model"])
+    else:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank, world = _rank_world()
+    rng = path / "rng" / f"rank{rank}.json"
+    if world == meta["world_size"] and rng.is_file():
+        _set_rng_state(json.loads(rng.read_text()))
+    else:
+        log.info("checkpoint %s: RNG states not restored (saved on %d ranks, loading on %d)", path,
+                 meta["world_size"], world)
+    return dict(meta["extra"])

@@ -1,0 +1,372 @@
+"""The ``autopar`` command line: plan, show (``--explain``: why each node got its sharding), emit,
+profile (measure this cluster into a profile JSON), predict (cost a hand-written GPT plan).
+
+Exit codes: 0 success; 1 an autopar error (bad input, infeasible budget, ...: the message says
+what to do); 2 bad command-line usage (argparse).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from autopar.core.errors import AutoparError
+
+EPILOG = "Exit codes: 0 ok, 1 autopar error (message says what to fix), 2 bad usage."
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Phase:
+    """Prints '[phase] ...' on start and the wall time when done (stderr)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> "_Phase":
+        self.t0 = time.perf_counter()
+        print(f"[{self.name}] ...", end="", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        print(f" {'done' if exc[0] is None else 'failed'} in {self.seconds:.2f}s", file=sys.stderr, flush=True)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autopar.frontend.api import default_fuse, fusible_groups, parse_bytes
+    from autopar.core.capture import capture
+    from autopar.core.mesh import MeshSpec
+    from autopar.models import build_model
+    from autopar.cluster.profile import load_cluster
+    from autopar.tools.report import render
+    from autopar.solver import plan_graph
+
+    mesh = MeshSpec.make(args.mesh, args.mesh_names)
+    profile = load_cluster(args.cluster)
+    budget = parse_bytes(args.memory) if args.memory else profile.device.memory_capacity
+    profile.dim_links(mesh, args.nodes)  # validate the topology before any work
+    _check_sweep_args(args)
+    with _Phase(f"build {args.model} on meta"):
+        model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
+    with _Phase("capture (torch.export)") as cap_phase:
+        cap = capture(model, inputs, fold_layers=not args.no_fold)
+    if args.sweep_memory:
+        return _sweep(args, cap, mesh, profile, budget)
+    fuse = default_fuse(profile) if args.fuse is None else args.fuse
+    with _Phase("strategies + ILP"):
+        plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
+                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
+                          fusions=fusible_groups(cap) if fuse else None, offload=not args.no_offload,
+                          recompute=args.recompute, zero=args.zero)
+    plan.to_json(args.out)
+    print(render(plan))
+    _status(f"wrote {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, cap, mesh, profile, budget: int) -> int:
+    """``plan --sweep-memory``: the time-memory frontier as a table (stdout) and optionally a PNG."""
+    from autopar.tools.sweep import plot, render_sweep, sweep_memory
+
+    with _Phase(f"memory sweep ({args.sweep_points} budgets)"):
+        points = sweep_memory(cap, mesh, profile, top_budget=budget, points=args.sweep_points, nodes=args.nodes,
+                              backend=args.backend, time_limit=args.time_limit, offload=not args.no_offload)
+    mesh_text = "x".join(map(str, mesh.shape))
+    print(f"time-memory sweep: {args.model} batch {args.batch} x {args.seq}, mesh {mesh_text}, cluster {profile.name}")
+    print(render_sweep(points))
+    if args.sweep_out:
+        plot(points, args.sweep_out, title=f"{args.model} on {mesh_text} {profile.name}")
+        _status(f"wrote {args.sweep_out}")
+    return 0
+
+
+def _check_sweep_args(args: argparse.Namespace) -> None:
+    from autopar.core.errors import ConfigError
+
+    if not args.sweep_memory:
+        if args.sweep_out:
+            raise ConfigError("--sweep-out plots a memory sweep: add --sweep-memory")
+        return
+    if args.sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be at least 2 (the top budget and the smallest feasible one), "
+                          f"got {args.sweep_points}")
+    if args.sweep_out and not str(args.sweep_out).lower().endswith(".png"):
+        raise ConfigError(f"--sweep-out writes a PNG; give a path ending in .png, got {args.sweep_out!r}")
+    if args.sweep_out:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--sweep-out needs matplotlib: pip install 'autopar[plot]' (or matplotlib>=3.7)") from None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from autopar.core.plan import Plan
+    from autopar.tools.report import render
+
+    plan = Plan.from_json(args.plan)
+    if args.explain:
+        from autopar.core.errors import ConfigError
+        from autopar.tools.explain import explain, render_explanation
+
+        if not args.model:
+            raise ConfigError("show --explain recaptures the model to cost the alternatives: give --model, the spec "
+                              "the plan was made with (e.g. --model gpt-tiny)")
+        from autopar.tools.report import summary
+        print(summary(plan) + "\n\n" + render_explanation(explain(plan, args.model, top=args.alternatives)))
+        return 0
+    print(render(plan))
+    return 0
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    """A one-line progress bar on stderr (module level: spawned ranks pickle it)."""
+    width = 24
+    fill = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r[profile] [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what:<32.32}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from autopar.frontend.api import parse_bytes
+    from autopar.core.mesh import MeshSpec
+    from autopar.cluster.profile import ClusterProfile
+    from autopar.cluster.measure import ProfileOptions, run_profile, sizes_between
+
+    lo, hi = ("64KiB", "256MiB") if args.backend == "nccl" else ("4KiB", "4MiB")
+    sizes = sizes_between(parse_bytes(args.min_bytes or lo), parse_bytes(args.max_bytes or hi), args.num_sizes)
+    opts = ProfileOptions.for_backend(args.backend, sizes, args.trials)
+    if args.quick:  # a rough profile in seconds: fewer points, fp32 only
+        opts = ProfileOptions(message_sizes=sizes_between(sizes[0], sizes[-1], 3), trials=3, warmup=1,
+                              matmul_sizes=(32, 128), stream_bytes=(1 << 16, 1 << 20), dtypes=("float32",),
+                              probes=())
+    if args.ops_of:
+        opts = dataclasses.replace(opts, ops_of=(args.ops_of, args.batch, args.seq),
+                                   ops_trial_s=2e-3 if args.quick else opts.ops_trial_s)
+    mesh = MeshSpec.make(args.mesh, args.mesh_names) if args.mesh else None
+    nproc = args.nproc or (mesh.size if mesh else 2)
+    _status(f"[profile] {nproc} {args.backend} rank(s) on mesh {mesh.shape if mesh else (nproc,)}")
+    t0 = time.perf_counter()
+    data = run_profile(nproc=nproc, mesh_shape=mesh.shape if mesh else None,
+                       dim_names=mesh.dim_names if mesh else None, backend=args.backend, opts=opts,
+                       progress=_progress)
+    prof = ClusterProfile.from_dict(data)  # what `plan --cluster` will read
+    Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    _status(f"[profile] done in {time.perf_counter() - t0:.2f}s")
+    print(_profile_table(prof, data.get("measurements", {}).get("dim_names")))
+    _status(f"wrote {args.out}")
+    return 0
+
+
+def _profile_table(prof, dim_names) -> str:
+    from autopar.tools.report import fmt_time
+    lines = [f"{prof.name}: {prof.device.name}",
+             "  matmul " + ", ".join(f"{k} {v / 1e9:.2f} GFLOP/s" for k, v in prof.device.peak_flops.items())
+             + f"; memory {prof.device.memory_bandwidth / 1e9:.2f} GB/s; op overhead "
+             f"{fmt_time(prof.device.op_overhead_s)}", "",
+             f"{'dim':6s} {'collective':15s} {'alpha':>10s} {'bandwidth':>12s}"]
+    for i, link in enumerate(prof.mesh_dim_links or ()):
+        name = dim_names[i] if dim_names else str(i)
+        for kind, ab in link.collectives.items():
+            lines.append(f"{name:6s} {kind:15s} {fmt_time(ab.alpha):>10s} {1 / ab.beta / 1e9:>8.3f} GB/s")
+        lines.append(f"{name:6s} {'sync per call':15s} {fmt_time(link.sync_s):>10s}")
+    if prof.op_times is not None:
+        t = prof.op_times
+        lines += ["", f"op times: {t.sources.get('ops', f'{len(t.times)} timed')} ({t.ranks} rank(s) at once), "
+                      f"scale {t.scale:.3f}, extra {fmt_time(t.extra_op_s)} per op"]
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from autopar.cluster.predict import GPTPlan, predict
+    from autopar.cluster.profile import load_cluster
+
+    plan = GPTPlan(layers=args.layers, hidden=args.hidden, heads=args.heads, seq=args.seq, vocab=args.vocab,
+                   global_batch=args.global_batch, micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, dp=args.dp,
+                   sequence_parallel=args.sequence_parallel, recompute=args.recompute, interleave=args.interleave,
+                   zero=args.zero, schedule=args.schedule, dtype=args.dtype)
+    pred = predict(plan, load_cluster(args.cluster), nodes=args.nodes, gpus=args.gpus)
+    if args.json:
+        print(json.dumps(pred.to_dict()))
+    else:
+        print(_prediction_text(pred))
+    return 0
+
+
+def _prediction_text(pred) -> str:
+    from autopar.tools.report import fmt_bytes, fmt_time
+    c = pred.plan
+    mesh = " x ".join(f"{k}={v}" for k, v in pred.mesh.items())
+    tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in pred.time_breakdown.items() if v)
+    mb = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in pred.memory_breakdown.items())
+    lines = [f"GPT L={c.layers} h={c.hidden} a={c.heads} s={c.seq} V={c.vocab}  batch {c.global_batch} "
+             f"(micro {c.micro_batch}, {pred.micro_batches} per dp rank)  mesh {mesh}  cluster {pred.cluster}",
+             f"predicted iteration time {fmt_time(pred.step_time_s)}  ({tb})",
+             f"predicted memory per GPU {fmt_bytes(pred.peak_memory_bytes)}  ({mb})",
+             f"model FLOP/s per GPU {pred.extras['achieved_flops_per_gpu'] / 1e12:.1f} TFLOP/s", "",
+             f"{'communication':20s} {'ranks':>5s} {'count':>7s} {'each':>10s} {'traffic':>10s} {'time':>10s}"]
+    for name, col in pred.communication.items():
+        if col.count:
+            lines.append(f"{name:20s} {col.ranks:5d} {col.count:7d} {fmt_bytes(col.bytes_each):>10s} "
+                         f"{fmt_bytes(col.traffic_bytes):>10s} {fmt_time(col.time_s):>10s}")
+    return "\n".join(lines)
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from autopar.core.capture import capture
+    from autopar.codegen import build_parallel_graph
+    from autopar.codegen.emit import check_rank, emit_source, place_factories
+    from autopar.core.errors import PlanMismatchError
+    from autopar.models import build_model
+    from autopar.core.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    check_rank(args.rank, plan)
+    shapes = {i["name"]: i["shape"] for i in plan.model.inputs}
+    first = next(iter(shapes.values()), [1, 1])
+    batch, seq = (first + [1, 1])[:2]
+    model, inputs = build_model(args.model, batch=batch, seq=seq, device="meta")
+    cap = capture(model, inputs, fold_layers=False)
+    if cap.fingerprint() != plan.model.fingerprint:
+        raise PlanMismatchError(f"{args.model} with inputs {shapes} is not the model the plan was made for; "
+                                f"give the --model the plan was made with")
+    # as apply does: fused kernels where the module runs on CUDA
+    fuse = args.device.startswith("cuda") if args.fuse is None else args.fuse
+    gm, _ = build_parallel_graph(cap, plan, fuse=fuse)
+    print(emit_source(place_factories(gm, args.device), plan, rank=args.rank), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autopar", description="Compiler-style auto-parallelizer for PyTorch.",
+                                epilog=EPILOG)
+    p.add_argument("-v", "--verbose", action="store_true", help="log planner details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("plan", help="capture a model and solve a sharding plan (no GPU or process group needed)",
+                        epilog=EPILOG)
+    pl.add_argument("--model", required=True,
+                    help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|llama3-1b|llama3-8b|llama3-70b|gpt-tiny|"
+                         "llama-tiny, or module:callable returning (model, example_inputs)")
+    pl.add_argument("--batch", type=int, default=8, help="global batch size (default 8)")
+    pl.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    pl.add_argument("--mesh", default="8", help="mesh shape, e.g. 8x8 (default 8)")
+    pl.add_argument("--mesh-names", default=None, help="mesh dim names, e.g. dp,tp (default dp / dp,tp / dp,sp,tp)")
+    pl.add_argument("--cluster", default="h100-sxm",
+                    help="preset (h100-sxm, h200-sxm, a100-80g-sxm, cpu-gloo) or profile JSON path")
+    pl.add_argument("--nodes", type=int, default=None,
+                    help="number of nodes the mesh spans; the outer mesh dims cross nodes")
+    pl.add_argument("--memory", default=None, help="memory budget per device, e.g. 80GiB (default: capacity)")
+    pl.add_argument("--backend", default="auto", choices=["auto", "highs", "cbc"], help="ILP solver")
+    pl.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds (default 60)")
+    pl.add_argument("--no-fold", action="store_true", help="capture every repeated block (slower)")
+    pl.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="cost the ops that run as one fused kernel (autopar.runtime_kernels) as that kernel's "
+                         "traffic and list them in the plan (default: on for a GPU cluster, off for cpu-gloo)")
+    pl.add_argument("--no-offload", action="store_true",
+                    help="keep activations and optimizer states on the device (by default the ILP may move them to "
+                         "host memory where the host is not the device)")
+    pl.add_argument("--recompute", default=None, choices=["none", "selective", "full", "offload"],
+                    help="recompute every repeated block this way, or offload its saved activations to host "
+                         "memory (a GPU profile; default: the solver decides)")
+    pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
+                    help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
+    pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    pl.add_argument("--sweep-memory", action="store_true",
+                    help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "
+                         "down to the smallest feasible one and print the time-memory Pareto frontier (no plan "
+                         "file is written)")
+    pl.add_argument("--sweep-points", type=int, default=6, help="with --sweep-memory: budgets solved (default 6)")
+    pl.add_argument("--sweep-out", default=None,
+                    help="with --sweep-memory: also plot the frontier to this PNG (needs matplotlib: autopar[plot])")
+    pl.set_defaults(func=cmd_plan)
+
+    sh = sub.add_parser("show", help="print a plan's tables", epilog=EPILOG)
+    sh.add_argument("plan", help="plan JSON written by `autopar plan`")
+    sh.add_argument("--explain", action="store_true",
+                    help="per node: chosen sharding, its compute/comm/memory, and the next-best alternatives "
+                         "(recaptures --model)")
+    sh.add_argument("--model", default=None, help="with --explain: the model spec the plan was made for")
+    sh.add_argument("--alternatives", type=int, default=2, help="with --explain: alternatives per node (default 2)")
+    sh.set_defaults(func=cmd_show)
+
+    pr = sub.add_parser("profile", help="measure this cluster (collectives per mesh dim, matmul, memory) into a "
+                                        "profile JSON for `plan --cluster`", epilog=EPILOG)
+    pr.add_argument("--nproc", type=int, default=None,
+                    help="ranks to spawn on this host (default: the mesh size, or 2); under torchrun the "
+                         "existing ranks are used")
+    pr.add_argument("--mesh", default=None, help="mesh shape to measure per dim, e.g. 2x2 (default: --nproc)")
+    pr.add_argument("--mesh-names", default=None, help="mesh dim names, e.g. dp,tp")
+    pr.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
+    pr.add_argument("--min-bytes", default=None, help="smallest message (default 4KiB on gloo, 64KiB on nccl)")
+    pr.add_argument("--max-bytes", default=None, help="largest message (default 4MiB on gloo, 256MiB on nccl)")
+    pr.add_argument("--num-sizes", type=int, default=5, help="message sizes between them (default 5)")
+    pr.add_argument("--trials", type=int, default=5, help="timed trials per point; medians are used (default 5)")
+    pr.add_argument("--quick", action="store_true",
+                    help="a rough profile in seconds (3 sizes, 3 trials, fp32 only, no calibration; "
+                         "with --ops-of, 2 ms op trials)")
+    pr.add_argument("--ops-of", default=None, metavar="MODEL",
+                    help="per-op calibration: also time this model's own ops (a --model spec as `plan` takes it) at "
+                         "the local shapes of every strategy on the mesh, on all ranks at once; the planner charges "
+                         "these times instead of the roofline (plan it with the same --batch and --seq)")
+    pr.add_argument("--batch", type=int, default=8, help="with --ops-of: global batch size (default 8)")
+    pr.add_argument("--seq", type=int, default=1024, help="with --ops-of: sequence length (default 1024)")
+    pr.add_argument("--out", default="cluster.json", help="where to write the profile (default cluster.json)")
+    pr.set_defaults(func=cmd_profile)
+
+    pd = sub.add_parser("predict", help="iteration time and memory per GPU of a hand-written GPT plan",
+                        epilog=EPILOG)
+    for name, hlp in (("layers", "transformer layers L"), ("hidden", "hidden size h"), ("heads", "attention heads a"),
+                      ("seq", "sequence length s"), ("vocab", "vocabulary size V"),
+                      ("global-batch", "global batch B (sequences per step)"), ("micro-batch", "micro-batch b")):
+        pd.add_argument(f"--{name}", type=int, required=True, help=hlp)
+    pd.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron 1-D)")
+    pd.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    pd.add_argument("--dp", type=int, default=1, help="data parallel size")
+    pd.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism with TP")
+    pd.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="activation recompute")
+    pd.add_argument("--interleave", type=int, default=1, help="virtual stages per pipeline rank (interleaved 1F1B)")
+    pd.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule")
+    pd.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over dp")
+    pd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="parameter and compute dtype (AdamW states fp32)")
+    pd.add_argument("--cluster", default="h100-sxm",
+                    help="preset (h100-sxm, h200-sxm, a100-80g-sxm, cpu-gloo) or profile JSON path")
+    pd.add_argument("--nodes", type=int, default=None, help="nodes; dp x tp x pp must equal nodes x GPUs per node")
+    pd.add_argument("--gpus", type=int, default=None, help="total GPUs (default nodes x GPUs per node)")
+    pd.add_argument("--json", action="store_true", help="print one JSON object")
+    pd.set_defaults(func=cmd_predict)
+
+    em = sub.add_parser("emit", help="print the rewritten module's Python source for a plan", epilog=EPILOG)
+    em.add_argument("plan", help="plan JSON written by `autopar plan`")
+    em.add_argument("--model", required=True, help="the model spec the plan was made for (see `autopar plan`)")
+    em.add_argument("--rank", type=int, default=None,
+                    help="note this rank's mesh coordinate in the header (the code is the same on every rank)")
+    em.add_argument("--device", default="cpu", help="device for tensors the graph creates (default cpu)")
+    em.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="substitute the fused kernels (calls to autopar.runtime_kernels) as apply does on a "
+                         "CUDA mesh (default: on when --device is cuda)")
+    em.set_defaults(func=cmd_emit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except AutoparError as e:
+        print(f"autopar: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Graph keys and their candidates: strategies, compute and memory per strategy, before any ILP is built.
+
+``collect_keys`` turns an indexed graph into one ``KeyInfo`` per graph key (identical repeated layers
+share a key): the strategies the op rules offer (less those ``fix`` / ``prefer`` rule out), their compute
+cost and their memory by category (model.MemCategory via cost.param_state_bytes / saved_bytes), and what
+autograd keeps of each output (solver.saved's kept_by). ``kept_copy`` says how a resharded copy on an
+edge stays for backward. Imports autopar's core and the solver's strategies and cost model only.
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from dataclasses import dataclass, field
+
+from autopar.cluster.profile import ClusterProfile
+from autopar.core.errors import ConfigError, ShardingError
+from autopar.core.graph import GNode, GraphIndex, TensorMeta
+from autopar.core.mesh import MeshSpec
+from autopar.core.placement import Placement, Replicate, Shard, parse_sharding
+from autopar.solver import cost as C
+from autopar.solver.categories import MemCategory
+from autopar.solver.saved import Saved
+from autopar.solver.strategies import Strategy, strategies_for
+from autopar.solver.strategies.base import in_meta
+
+OUTPUT = "__output__"   # the consumer of an edge into the graph's output
+
+
+@dataclass
+class KeyInfo:
+    key: str
+    node: GNode
+    mult: float
+    strategies: list[Strategy]
+    fallback: bool
+    in_metas: list[TensorMeta]
+    compute: list[C.OpCost] = field(default_factory=list)
+    memory: list[dict[MemCategory, float]] = field(default_factory=list)   # per strategy: bytes by category
+    # output index -> (the producer keeps it itself, {(consumer key, argument)} through which the tensor
+    # autograd keeps left it: solver.saved's kept_by); None where not traced
+    kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
+    remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
+
+
+
+def _placeholder_strategies(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> list[Strategy]:
+    opts: list[Placement] = [Replicate()] + [Shard(d) for d in range(len(meta.shape))]
+    out = []
+    for combo in itertools.product(*[opts if n > 1 else [Replicate()] for n in mesh_shape]):
+        split = [1] * len(meta.shape)
+        for p, n in zip(combo, mesh_shape):
+            if isinstance(p, Shard):
+                split[p.dim] *= n
+        if all(s % k == 0 for s, k in zip(meta.shape, split)):
+            out.append(Strategy(inputs=(), outputs=(tuple(combo),)))
+    return out
+
+
+def _on_mesh(target: tuple[Placement, ...], mesh_shape: tuple[int, ...]) -> tuple[Placement, ...]:
+    """A split or partial sum over a mesh dim of size 1 is the whole tensor: Replicate (so a plan's
+    ``fix`` written for data parallelism also applies on a mesh of one device)."""
+    return tuple(Replicate() if n == 1 else p for p, n in zip(target, mesh_shape))
+
+
+def match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] | None = None
+               ) -> tuple[str, ...] | None:
+    """The placements of the first pattern matching the key, an FQN or ``param:<fqn>`` (first wins)."""
+    names = [key] + [f"{node.kind}:{f}" for f in node.fqns] + list(node.fqns)
+    for pat, sh in fix.items():
+        if any(fnmatch.fnmatchcase(n, pat) for n in names):
+            if used is not None:
+                used.add(pat)
+            return tuple(sh)
+    return None
+
+
+def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
+                 fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None,
+                 saved: dict[str, Saved] | None = None) -> dict[str, KeyInfo]:
+    """Candidate strategies with their compute and memory per graph key. ``saved``: what autograd
+    keeps per node (solver.saved.saved_tensors); without it every op is assumed to keep its outputs."""
+    keys: dict[str, KeyInfo] = {}
+    used: set[str] = set()
+    for key, members in gi.by_key().items():
+        node = members[0]
+        in_metas = [in_meta(node, gi.nodes, i) for i in range(len(node.inputs))]
+        if node.kind == "op":
+            strategies, fallback = strategies_for(node, gi.nodes, mesh.shape)
+        else:
+            strategies, fallback = _placeholder_strategies(node.outputs[0], mesh.shape), False
+        want = match_fix(key, node, fix or {}, used)
+        if want is not None:
+            target = parse_sharding(list(want), field=f"fix[{key!r}]")
+            if len(target) != mesh.ndim:
+                raise ShardingError(f"fix for {key}: {list(want)} has {len(target)} placements for a "
+                                    f"{mesh.ndim}-D mesh")
+            target = _on_mesh(target, mesh.shape)
+            kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
+            if not kept:
+                raise ShardingError(
+                    f"{key} cannot be placed {list(want)}: shape {node.outputs[0].shape if node.outputs[0] else '?'} "
+                    f"does not split evenly over mesh {mesh.shape} that way (or the op has no such strategy); "
+                    f"choose a placement whose sharded dims divide by the mesh sizes")
+            strategies = kept
+        elif node.kind == "op" and prefer:
+            soft = match_fix(key, node, prefer, used)
+            if soft is not None:
+                target = _on_mesh(parse_sharding(list(soft), field=f"prefer[{key!r}]"), mesh.shape)
+                kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
+                strategies = kept or strategies  # a preference the op cannot take is ignored
+        info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
+                       fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
+        if saved is not None:
+            info.kept_by = _kept_by(saved.get(node.name), gi)
+        for s in strategies:
+            info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
+            if node.kind == "param":
+                info.memory.append({MemCategory.parse(cat): b for cat, b in
+                                    C.param_state_bytes(node.outputs[0], s.outputs[0], mesh.shape).items()})
+            elif saved is not None and node.kind in ("op", "input"):
+                info.memory.append({MemCategory.ACTIVATIONS: C.saved_bytes(node, s, saved.get(node.name), mesh.shape)})
+            elif node.kind == "op":
+                info.memory.append({MemCategory.ACTIVATIONS: C.activation_bytes(node, s, mesh.shape)})
+            else:
+                info.memory.append({})
+        keys[key] = info
+    unused = [p for p in list(fix or {}) + list(prefer or {}) if p not in used]
+    if unused:
+        raise ConfigError(f"placement pattern(s) {unused} match no input, parameter or graph key (or an earlier "
+                          f"pattern takes them); keys look like 'input:idx', 'param:blocks.0.attn.qkv.weight', "
+                          f"'blocks.*/attn.qkv/linear#0' (see the plan's node_shardings)")
+    return keys
+
+
+def _kept_by(rec: Saved | None, gi: GraphIndex) -> dict[int, tuple[bool, frozenset[tuple[str, int]]]]:
+    """solver.saved's kept_by of one node in graph keys: output -> (kept by the producer, consumer edges)."""
+    out: dict[int, tuple[bool, set]] = {}
+    for i, consumer, arg in (rec.kept_by if rec is not None else ()):
+        own, via = out.setdefault(i, (False, set()))
+        if consumer is None:
+            out[i] = (True, via)
+        elif consumer in gi.nodes:
+            via.add((gi.nodes[consumer].key, arg))
+    return {i: (own, frozenset(via)) for i, (own, via) in out.items()}
+
+
+def keeps_param_copy(node: GNode) -> bool:
+    return node.kind == "op" and node.target not in C.FREE_OPS
+
+
+def kept_copy(u: KeyInfo, o: int, kv: str, a: int, consumer: KeyInfo | None) -> str | None:
+    """How a resharded copy on edge (u, o) -> (kv, a) stays for backward: "only" (the consumer keeps the
+    copy, the producer's own tensor is not kept: the copy replaces it), "also" (kept besides the
+    producer's tensor, or a parameter's gathered copy), None (not kept)."""
+    if consumer is None:
+        return None
+    if u.kept_by is None:   # not traced: a parameter's copy is kept by every op but free ones
+        return "also" if u.node.kind == "param" and keeps_param_copy(consumer.node) else None
+    own, via = u.kept_by.get(o, (False, frozenset()))
+    if (kv, a) not in via:
+        return None
+    return "only" if u.node.kind != "param" and not own and len(via) == 1 else "also"
