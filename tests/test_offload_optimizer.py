@@ -1,4 +1,4 @@
-"""autopar.offload_optimizer: optimizer states, fp32 masters and the step on the host (ZeRO-Offload style).
+"""autopar.runtime.host_optimizer: optimizer states, fp32 masters and the step on the host (ZeRO-Offload style).
 
 On this CPU-only machine the host is the device, so these check semantics and accounting: the
 parameters after AdamW steps equal those of a device AdamW, the states live in host tensors apart
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import autopar
-from autopar import memory
-from autopar.errors import ConfigError
-from autopar.offload_optimizer import HostOptimizer, make_optimizer
+from autopar.runtime import memory
+from autopar.core.errors import ConfigError
+from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
 from offload_optimizer_check import check_host_optimizer, tight_plan
 
 
@@ -104,3 +104,19 @@ def test_checkpoint_refuses_a_host_optimizer_with_the_fix(tmp_path):
     m, _ = _mlp()
     with pytest.raises(ConfigError, match="optimizer=None and keep optimizer.state_dict"):
         autopar.save(tmp_path / "ckpt", m, HostOptimizer(m.parameters()))
+
+
+def test_host_optimizer_is_a_torch_optimizer_schedulers_drive():
+    """LR schedulers refuse anything that is not a torch.optim.Optimizer; the host optimizer is one, and the
+    scheduler's learning rate reaches the inner (host) optimizer's step."""
+    m, _ = _mlp()
+    opt = HostOptimizer(m.parameters(), torch.optim.SGD, lr=1.0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
+    assert opt.optimizer.param_groups[0]["lr"] == 0.25
+    p = next(m.parameters())
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    torch.testing.assert_close(p.detach(), before - 0.25)

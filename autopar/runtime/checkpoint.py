@@ -30,9 +30,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, filesystem, metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from autopar.core.errors import ConfigError, PlanMismatchError
+from autopar.core.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,6 @@ META_FILE = "autopar.json"
 # ----------------------------------------------------------------------------- safe reading of DCP files
 
 def _safe_globals() -> dict[tuple[str, str], object]:
-    from torch.distributed.checkpoint import filesystem, metadata
 
     allowed: dict[tuple[str, str], object] = {}
     for name in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
@@ -79,7 +88,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
@@ -101,8 +109,6 @@ def _reader(path: Path):
 
 
 def _planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
 
     class WeightsOnlyPlanner(DefaultLoadPlanner):
         """DCP's planner, with non-tensor items read by ``torch.load(weights_only=True)``."""
@@ -163,11 +169,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
         return {"model": get_model_state_dict(module)}
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(optimizer, torch.optim.Optimizer) or callable(getattr(optimizer, "host_tensors", None)):
+        # DCP keys optimizer states by the module's parameters; a host optimizer's are its host masters
         raise ConfigError(f"autopar.save/load checkpoint a torch.optim.Optimizer through DCP; a "
                           f"{type(optimizer).__name__} (optimizer offload) is not supported there yet: pass "
                           f"optimizer=None and keep optimizer.state_dict() per rank with torch.save, or plan "
@@ -189,7 +195,6 @@ def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
     except (TypeError, ValueError) as e:
         raise ConfigError(f"checkpoint extras must be JSON data (numbers, strings, lists, dicts): {e}; "
                           f"save tensors as module buffers instead") from None
-    import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     rank, world = _rank_world()
@@ -228,7 +233,6 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_plan(path: str | os.PathLike):
     """The plan the checkpoint was saved under (``None`` when the module had none)."""
-    from autopar.core.plan import Plan
 
     d = read_meta(path)["plan"]
     return Plan.from_dict(d) if d is not None else None
@@ -238,7 +242,6 @@ def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
          ) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save` into ``module`` (and ``optimizer``), resharding to their
     current placements (a collective call); returns the saved extras (``step`` etc.)."""
-    import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     meta = read_meta(path)
@@ -255,7 +258,6 @@ def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
                                     f"but {shape} in this module")
     if optimizer is not None and not meta["optimizer"]:
         raise ConfigError(f"checkpoint {str(path)!r} has no optimizer state; call load without the optimizer")
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     _reader(path).read_metadata()  # refuses a tampered .metadata with a ConfigError before DCP reads it
     state = _state_dicts(module, optimizer)

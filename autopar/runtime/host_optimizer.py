@@ -24,8 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from autopar.runtime import memory
 from autopar.core.errors import ConfigError
+from autopar.runtime import memory, zero
 
 __all__ = ["HostOptimizer", "make_optimizer"]
 
@@ -35,8 +35,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
-class HostOptimizer:
-    """A torch optimizer run on host (CPU) copies of the parameters; see the module docstring."""
+class HostOptimizer(torch.optim.Optimizer):
+    """A torch optimizer run on host (CPU) copies of the parameters; see the module docstring.
+
+    A ``torch.optim.Optimizer`` itself (LR schedulers, ``isinstance`` checks and MemTracker take it): its
+    ``param_groups``, ``defaults`` and ``state`` are the inner optimizer's, over the host masters."""
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict], optimizer_cls: type = torch.optim.AdamW,
                  **kwargs) -> None:
@@ -64,6 +67,14 @@ class HostOptimizer:
             host_groups.append({**g, "params": masters})
         with memory.host_allocations():
             self.optimizer = optimizer_cls(host_groups, **kwargs)
+        super().__init__(host_groups, dict(self.optimizer.defaults))   # torch's step hooks and bookkeeping
+        self._share()
+
+    def _share(self) -> None:
+        """One set of groups and states: the inner optimizer's (schedulers change its lr)."""
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
 
     @staticmethod
     def _to_host(t: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,14 +84,6 @@ class HostOptimizer:
                 out = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=cuda)
             out.copy_(t, non_blocking=cuda)
         return out
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -120,6 +123,7 @@ class HostOptimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         with memory.host_allocations():
             self.optimizer.load_state_dict(state_dict)
+        self._share()
 
     def host_tensors(self) -> list[torch.Tensor]:
         """Every host tensor this optimizer holds: masters, their gradient copies, optimizer states."""
@@ -138,8 +142,9 @@ class HostOptimizer:
 
 def make_optimizer(module: nn.Module, optimizer_cls: type = torch.optim.AdamW, **kwargs):
     """The optimizer the module's plan asks for: a HostOptimizer where ``plan.optimizer_offload`` is set,
-    autopar.zero's ZeroOptimizer where it shards optimizer states (ZeRO-1/2), else
-    ``optimizer_cls(module.parameters(), **kwargs)`` (also for a module without a plan)."""
+    autopar.zero's ZeroOptimizer where it shards optimizer states (ZeRO-1/2: an ``optimizer_cls`` instance
+    too, over the module's parameters), else ``optimizer_cls(module.parameters(), **kwargs)`` (also for a
+    module without a plan)."""
     plan = getattr(module, "plan", None)
     if plan is not None and getattr(plan, "optimizer_offload", False):
         if getattr(plan, "optimizer_sharding", None):
@@ -147,5 +152,4 @@ def make_optimizer(module: nn.Module, optimizer_cls: type = torch.optim.AdamW, *
                               "planner never chooses both: re-plan, or edit one of optimizer_sharding / "
                               "optimizer_offload out of the plan")
         return HostOptimizer(module.parameters(), optimizer_cls, **kwargs)
-    from autopar.runtime import zero
     return zero.optimizer(module, optimizer_cls, **kwargs)

@@ -23,9 +23,8 @@ change what it measures (it only observes).
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +161,9 @@ class Tracker:
         if self._mt is not None:
             raise ConfigError("a memory tracker measures one step; make a new autopar.memory.track(...) per step")
         self._mt = mt = _Tracker(self.device)
-        host_opt = self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer)
+        # an optimizer that keeps its tensors on the host says so (HostOptimizer.host_tensors); a torch
+        # optimizer's states are device memory
+        host_opt = self.optimizer is not None and callable(getattr(self.optimizer, "host_tensors", None))
         for t in self.optimizer.host_tensors() if host_opt else ():
             mt.track_host(t)
         mt.track_external(*(x for x in (self.module, None if host_opt else self.optimizer) if x is not None),
