@@ -1,0 +1,97 @@
+"""HuggingFace models written the ordinary way (default config with ``use_cache=True``; a wrapper whose
+``forward(**kwargs)`` returns the loss) plan with every parameter covered and train to one device's numbers.
+Regression tests for what failed before: the wrapper's first forward raised PlanMismatchError (input 'kw'),
+the bare model's DynamicCache output was a CaptureError, and the folded plan of the 4-layer wrapper covered
+21 of 39 parameters without a word."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import autopar
+from autopar.core.capture import capture
+from autopar.frontend.planning import capture_exact, check_coverage
+from hf_checks import build_hf, check_hf_as_written
+
+pytest.importorskip("transformers")
+
+DP = {"input:*": ["S(0)"], "param:*": ["R"]}                     # pinned: the ILP stays small
+DP_TP = {"input:*": ["S(0)", "R"], "param:*o_proj.weight": ["R", "S(1)"], "param:*down_proj.weight": ["R", "S(1)"],
+         "param:*_proj.weight": ["R", "S(0)"], "param:*": ["R", "R"]}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    out = {}
+    for kind in ("kwargs", "bare"):
+        model, inputs = build_hf(kind)
+        out[kind] = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("dp", "tp"), cluster="cpu-gloo",
+                                 fix=DP_TP).to_json()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["kwargs", "bare"])
+def test_plan_covers_every_parameter(plans, kind):
+    model, _ = build_hf(kind)
+    plan = autopar.Plan.from_json(plans[kind])
+    assert set(plan.param_placements) == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["kwargs", "bare"])
+def test_hf_model_as_written_matches_one_device(dist4, plans, kind):
+    results = dist4.run(check_hf_as_written, kind, (2, 2), plans[kind])
+    for r in results:
+        assert r["loss_ok"] and not r["missing_grads"] and not r["bad_grads"], r
+        assert r["changed_flag_error"] and "re-plan" in r["changed_flag_error"]
+        if kind == "bare":
+            assert r["output_type"] == "CausalLMOutputWithPast" and r["cache_type"] == "DynamicCache"
+            assert r["cache_layers"] == (4, 4) and r["logits_ok"] and r["cache_ok"]
+
+
+def test_folding_falls_back_when_blocks_emit_outputs():
+    """The bare model returns per-layer cache tensors: a folded capture (2 of 4 blocks) would miss two layers'
+    outputs, so capture_exact captures every block."""
+    model, inputs = build_hf("bare")
+    folded = capture(model, inputs, fold_layers=True)
+    assert folded.folded_layers, "the 4-layer list should be folded by plain capture"
+    exact = capture_exact(model, inputs, fold_layers=True)
+    assert not exact.folded_layers
+
+
+def test_a_plan_missing_a_parameter_is_refused(plans):
+    model, inputs = build_hf("kwargs")
+    plan = autopar.Plan.from_json(plans["kwargs"])
+    cap = capture(model, inputs, fold_layers=False)
+    short = dataclasses.replace(plan, param_placements={k: v for k, v in plan.param_placements.items()
+                                                        if "layers.3." not in k})
+    with pytest.raises(autopar.PlanMismatchError, match="misses 9 of 39 parameters"):
+        check_coverage(short, cap)
+
+
+def test_kwargs_wrapper_on_a_dp_mesh(dist2):
+    model, inputs = build_hf("kwargs")
+    plan = autopar.plan(model, inputs, mesh_shape=(2,), cluster="cpu-gloo", fix=DP).to_json()
+    for r in dist2.run(check_hf_as_written, "kwargs", (2,), plan):
+        assert r["loss_ok"] and not r["missing_grads"] and not r["bad_grads"], r
+
+
+def test_kept_tensor_trace_runs_on_a_meta_built_hf_model():
+    """HF LLaMA built on the meta device moves tensors with ``.to(x.device)`` and makes aranges on meta; the
+    kept-tensor trace (fake tensors on the CPU) used to fail ('Tensor device mismatch') and the planner fell
+    back to "every op keeps its outputs" (+21 % predicted peak)."""
+    import torch
+    import transformers as tf
+
+    from autopar.solver.saved import saved_tensors
+
+    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, vocab_size=128, use_cache=False)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 128, (2, 16))
+    cap = capture(model, {"input_ids": ids, "labels": ids}, fold_layers=False)
+    saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters))
+    proj = [n for n in saved if n.startswith("p_model_layers_") and n.endswith("_proj_weight")]
+    assert len(proj) == 14           # the 7 linears of each block keep their weights for backward
+    assert {"scaled_dot_product_attention", "scaled_dot_product_attention_1", "silu", "silu_1"} <= set(saved)
