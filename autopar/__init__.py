@@ -2,24 +2,35 @@
 
 ``autopar.plan`` captures a model, solves one ILP over per-operator shardings and returns a
 :class:`Plan`; ``autopar.parallelize`` / ``autopar.apply`` turn a plan into a module that runs
-on ``torch.distributed``.
+on ``torch.distributed``. The package is laid out by role (see README, "Layout"): ``core``,
+``cluster``, ``ops``, ``runtime``, ``frontend``, ``tools``, ``models``; ``autopar.solver``,
+``autopar.codegen`` and ``autopar.runtime_kernels`` live in the top-level folders of those names.
 """
-from autopar.errors import (AutoparError, CaptureError, ClusterProfileError, ConfigError, InfeasiblePlanError,
-                            MeshError, PlanFormatError, PlanMismatchError, RankFailureError, ShardingError)
-
-from autopar.plan import Plan  # noqa: I001  (the module autopar.plan; the name is rebound to the function below)
-from autopar.api import apply, parallelize, plan
-from autopar.capture import capture
-from autopar.pipeline import forward_backward
-from autopar.checkpoint import load, save
-from autopar.config import init_distributed
-from autopar.faults import guard_step
-from autopar import memory, precision, zero
-from autopar.offload_optimizer import HostOptimizer, make_optimizer
+from autopar.core.capture import capture
+from autopar.core.errors import (
+                                 AutoparError,
+                                 CaptureError,
+                                 ClusterProfileError,
+                                 ConfigError,
+                                 InfeasiblePlanError,
+                                 MeshError,
+                                 PlanFormatError,
+                                 PlanMismatchError,
+                                 RankFailureError,
+                                 ShardingError,
+)
+from autopar.core.options import PipelineOptions, PlanOptions
+from autopar.core.plan import Plan
+from autopar.frontend.applying import apply, parallelize
+from autopar.frontend.planning import plan
+from autopar.runtime import memory, precision, zero
+from autopar.runtime.checkpoint import load, save
+from autopar.runtime.distributed import init_distributed
+from autopar.runtime.faults import guard_step
+from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
+from autopar.runtime.pipeline import forward_backward
 
 __all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "HostOptimizer", "InfeasiblePlanError",
-           "MeshError", "Plan", "PlanFormatError", "PlanMismatchError", "RankFailureError", "ShardingError", "apply",
-           "capture", "forward_backward", "guard_step", "init_distributed", "load", "make_optimizer", "memory",
-           "parallelize", "plan", "precision", "save", "zero"]
-
-# The solver and codegen are imported by autopar.plan / autopar.apply when first used.
+           "MeshError", "PipelineOptions", "Plan", "PlanFormatError", "PlanMismatchError", "PlanOptions",
+           "RankFailureError", "ShardingError", "apply", "capture", "forward_backward", "guard_step", "init_distributed",
+           "load", "make_optimizer", "memory", "parallelize", "plan", "precision", "save", "zero"]

@@ -14,10 +14,6 @@
    slowest rank counts. Each rank's CPU time of forward + backward is recorded beside the wall time
    (``score_cpu_time``, not the target): it leaves out time a rank waits for a core other processes hold.
 
-``--diagnose RESULTS_JSON`` re-plans the candidates of a finished run and scores a bucket-aware variant
-of the predictions (one gradient all-reduce latency per bucket, as the runtime does, instead of one per
-parameter): a diagnostic for the ILP's data-parallel term, not the solver's model.
-
 Reports per mesh and over both: Spearman rank correlation of predicted vs measured (target >= 0.9),
 mean absolute error and mean relative error, and whether the solver's plan is within 10 % of the
 measured best. Writes benchmarks/results/cost_fidelity.json with every prediction and measurement
@@ -39,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from scipy.stats import spearmanr  # the bench extra: pip install ".[bench]"
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -158,10 +155,10 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
         import dataclasses
 
         import autopar
-        from autopar.calibrate import calibrate_ops
-        from autopar.capture import capture
-        from autopar.profile import load_cluster
-        from autopar.plan import Plan
+        from autopar.cluster.calibrate import calibrate_ops
+        from autopar.core.capture import capture
+        from autopar.cluster.profile import load_cluster
+        from autopar.core.plan import Plan
         from torch.distributed.device_mesh import init_device_mesh
         names = ("dp",) if len(mesh_shape) == 1 else ("dp", "tp")
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
@@ -270,7 +267,7 @@ def _mesh_result(rows: dict) -> tuple[dict, dict]:
 
 def _profile(nproc: int, mesh: str, out: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "autopar.cli", "profile", "--nproc", str(nproc), "--mesh", mesh,
+    subprocess.run([sys.executable, "-m", "autopar.tools.cli", "profile", "--nproc", str(nproc), "--mesh", mesh,
                     "--out", str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.perf_counter() - t0
 
@@ -278,7 +275,6 @@ def _profile(nproc: int, mesh: str, out: Path) -> float:
 def score(rows: dict, key: str = "measured_fwd_bwd_s", solver: str = "solver") -> dict:
     """Spearman, errors and the solver's plan against the measured best; ``solver``: the row that holds
     the solver's plan (another candidate's when the solver solved to that candidate's plan)."""
-    from scipy.stats import spearmanr
     names = list(rows)
     pred = [rows[n]["predicted_s"] for n in names]
     meas = [rows[n][key] for n in names]
@@ -295,70 +291,14 @@ def score(rows: dict, key: str = "measured_fwd_bwd_s", solver: str = "solver") -
     return out
 
 
-def bucket_adjusted(plan_json: str) -> float:
-    """Diagnostic, not the solver's model: the plan's predicted step time with the latency of every
-    parameter's gradient all-reduce replaced by one latency per gradient bucket (the runtime reduces
-    replicated parameters' gradients in ~25 MiB buckets, the first 1 MiB; autopar/grad_sync.py)."""
-    import math
-
-    from autopar.capture import capture
-    from autopar.explain import _consumer_split, _strategy
-    from autopar.graph import index_graph
-    from autopar.plan import Plan
-    from autopar.solver import cost as C
-    from autopar.solver.ilp import collect_keys
-
-    plan = Plan.from_json(plan_json)
-    model, inputs = _model()
-    gi = index_graph(capture(model, inputs, fold_layers=False))
-    mesh, links = plan.mesh, plan.cluster.dim_links(plan.mesh)
-    keys = collect_keys(gi, mesh, plan.cluster)
-    chosen = {k: _strategy(plan.node_shardings[k], k) for k in keys}
-    saved, grad_bytes = 0.0, [0.0] * mesh.ndim
-    for (ku, o, kv, a), m in gi.edge_classes().items():
-        if keys[ku].node.kind != "param":
-            continue
-        src, dst = chosen[ku].outputs[o], chosen[kv].inputs[a]
-        gdst, gsrc = C.grad_transition(src, dst, _consumer_split(chosen[kv], a))
-        for d, kind, factor in C._step_plan(tuple(gdst), tuple(gsrc), tuple(mesh.shape)):
-            if kind == "all_reduce":
-                saved += m * links[d].collectives[kind].alpha
-                grad_bytes[d] += keys[ku].node.outputs[o].nbytes / factor
-    buckets = [0 if b == 0 else 1 + math.ceil(max(0.0, b - 2 ** 20) / (25 * 2 ** 20)) for b in grad_bytes]
-    added = sum(n * links[d].collectives["all_reduce"].alpha for d, n in enumerate(buckets))
-    return plan.predicted.step_time_s - saved + added
-
-
-def diagnose(results: Path) -> dict:
-    """Re-plan every candidate of a results JSON against its profile and score bucket-adjusted predictions."""
-    import autopar
-
-    res = json.loads(results.read_text())
-    out = {}
-    rows_all = {}
-    for mesh, m in res["meshes"].items():
-        shape = tuple(int(x) for x in mesh.split("x"))
-        names = ("dp",) if len(shape) == 1 else ("dp", "tp")
-        rows = {}
-        for name, r in m["plans"].items():
-            model, inputs = _model()
-            p = autopar.plan(model, inputs, mesh_shape=shape, mesh_dim_names=names,
-                             cluster=str(results.parent / m["profile"]), **(r["options"] or {}))
-            rows[name] = {"predicted_s": bucket_adjusted(p.to_json()), "solver_predicted_s": p.predicted.step_time_s,
-                          "measured_fwd_bwd_s": r["measured_fwd_bwd_s"], "measured_step_s": r["measured_step_s"]}
-        out[mesh] = {"plans": rows, "score": score(rows)}
-        rows_all.update({f"{mesh}/{k}": v for k, v in rows.items()})
-    out["overall"] = score(rows_all)
-    return out
-
-
 def gpu_check(preset: str = "h200-sxm") -> dict:
     """On one CUDA GPU: measure the device as `autopar profile` does and compare single-op times with the
     roofline (solver/cost.py roofline_cost) under the spec-sheet preset and under the measured DeviceSpec."""
     from dataclasses import asdict
 
-    from autopar.profile import PRESETS
-    from autopar.profiler import ProfileOptions, _timed, measure_device
+    from autopar.cluster.profile import PRESETS
+    from autopar.cluster.measure import measure_device
+    from autopar.cluster.timing import ProfileOptions, timed as _timed
     from autopar.solver.cost import roofline_cost
 
     dev = torch.device("cuda")
@@ -408,21 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true",
                     help="instead: on one CUDA GPU, profiled and preset roofline vs measured op times")
     ap.add_argument("--out", default=None, help="result JSON (default results/cost_fidelity[_gpu].json)")
-    ap.add_argument("--diagnose", default=None, metavar="RESULTS_JSON",
-                    help="instead: re-plan the candidates of a results JSON and score bucket-adjusted predictions")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.diagnose:
-        res = diagnose(Path(args.diagnose))
-        for mesh, m in res.items():
-            sc = m["score"] if "score" in m else m
-            print(f"{mesh}: spearman {sc['spearman']:.3f}  MAE {sc['mae_s'] * 1e3:.2f} ms  "
-                  f"solver/best {sc.get('solver_vs_best', float('nan')):.3f}")
-        out = Path(args.out) if args.out else Path(args.diagnose).with_name(
-            Path(args.diagnose).stem + "_bucket_diagnosis.json")
-        out.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {out}")
-        return 0
     if args.gpu:
         res = gpu_check()
         _print_gpu(res)

@@ -54,7 +54,7 @@ ZERO3 = {"input:*": ["S(0)"], "param:*": ["S(0)"]}
 def _host_beside():
     """cpu-gloo with its device named apart from the host (ClusterProfile.host_is_device reads the name):
     the planner then offers activation offload over the profile's host link."""
-    from autopar.profile import load_cluster
+    from autopar.cluster.profile import load_cluster
     prof = load_cluster("cpu-gloo")
     return dataclasses.replace(prof, device=dataclasses.replace(prof.device, name="cpu-as-device"))
 
@@ -62,7 +62,7 @@ def _host_beside():
 def _plans(model, inputs, world: int) -> list[tuple[str, object, bool]]:
     """(name, plan) per row; solved on rank 0 and shared as JSON."""
     import autopar
-    from autopar.plan import Plan
+    from autopar.core.plan import Plan
 
     def solve(**kw):
         text = [None]
@@ -89,7 +89,7 @@ def _plans(model, inputs, world: int) -> list[tuple[str, object, bool]]:
 
 
 def _measure(pm, inputs) -> dict:
-    from autopar import memory, zero
+    from autopar.runtime import memory, zero
     opt = zero.optimizer(pm, torch.optim.AdamW, lr=1e-4)   # steps the ZeRO shards where the plan has them
     pm(**inputs).backward()          # warm-up: optimizer states exist from here on, as in steady state
     opt.step()

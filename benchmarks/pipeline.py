@@ -19,7 +19,7 @@ machine measured first with ``autopar profile --nproc 2`` (``--cluster cpu-gloo`
 so the per-micro-batch costs the planner charges (per-op overhead, send/recv latency, adding each
 micro-batch's gradients into the accumulated ones) are measured numbers. By default the plans also use
 per-op calibration: both ranks, pinned, time the model's own ops at every micro-batch size
-(``autopar.calibrate.calibrate_ops``), so small GEMMs cost what they measure rather than what a roofline
+(``autopar.cluster.calibrate.calibrate_ops``), so small GEMMs cost what they measure rather than what a roofline
 fitted on square GEMMs says; the roofline's predictions are listed beside (``--no-calibrate-ops`` plans
 with the roofline alone). Printed and written to benchmarks/results/pipeline.json with the machine and the load average
 before and after (run it on an otherwise idle machine: other processes on the two cores stretch the
@@ -127,13 +127,13 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_q) -> None:
 def _op_calibration(cfg: dict, gpt, inputs):
     """(cluster to plan with, calibration summary, the uncalibrated profile or None): with per-op
     calibration both ranks, pinned as they will run, time the model's ops at every micro-batch size
-    (autopar.calibrate.calibrate_ops on the one-device stage mesh the pipeline planner costs units on)."""
+    (autopar.cluster.calibrate.calibrate_ops on the one-device stage mesh the pipeline planner costs units on)."""
     import dataclasses
 
-    from autopar.calibrate import calibrate_ops
-    from autopar.capture import capture
-    from autopar.pipeline import _as_inputs, microbatch_inputs
-    from autopar.profile import load_cluster
+    from autopar.cluster.calibrate import calibrate_ops
+    from autopar.core.capture import capture
+    from autopar.frontend.pipeline import _as_inputs, microbatch_inputs
+    from autopar.cluster.profile import load_cluster
 
     prof = load_cluster(cfg["cluster"])
     if not cfg["calibrate_ops"]:
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     cfg["ops_profile_out"] = str(Path(args.out).with_name(Path(args.out).stem + "_profile_2_ops.json"))
     if args.cluster == "profile":
         prof = Path(args.out).with_name(Path(args.out).stem + "_profile_2.json")
-        subprocess.run([sys.executable, "-m", "autopar.cli", "profile", "--nproc", "2", "--out", str(prof)],
+        subprocess.run([sys.executable, "-m", "autopar.tools.cli", "profile", "--nproc", "2", "--out", str(prof)],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         cfg["cluster"] = str(prof)
     port = free_port()

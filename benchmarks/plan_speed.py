@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from autopar.capture import capture
-from autopar.mesh import MeshSpec
+from autopar.core.capture import capture
+from autopar.core.mesh import MeshSpec
 from autopar.models import build_model
-from autopar.profile import load_cluster
+from autopar.cluster.profile import load_cluster
 from autopar.solver import plan_graph
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_speed.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autopar.capture import CapturedModel
 from autopar.codegen.checkpoint_regions import checkpoint_regions
 from autopar.codegen.context import ShardingContext, copy_graph_module
 from autopar.codegen.drop_asserts import drop_asserts
@@ -20,7 +19,8 @@ from autopar.codegen.insert_collectives import insert_collectives
 from autopar.codegen.localize_shapes import localize_shapes
 from autopar.codegen.offload_activations import offload_activations
 from autopar.codegen.substitute_parallel_ops import substitute_parallel_ops
-from autopar.plan import Plan
+from autopar.core.capture import CapturedModel
+from autopar.core.plan import Plan
 
 PASSES = (drop_asserts, substitute_parallel_ops, insert_collectives, localize_shapes)
 MEMORY_PASSES = (checkpoint_regions, offload_activations)

@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from autopar.codegen.context import ShardingContext
-from autopar.errors import PlanFormatError, PlanMismatchError
+from autopar.core.errors import PlanFormatError, PlanMismatchError
 
 aten = torch.ops.aten
 MODES = ("full", "selective")

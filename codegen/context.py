@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from autopar.capture import CapturedModel
-from autopar.errors import PlanMismatchError
-from autopar.graph import GNode, GraphIndex, index_graph
-from autopar.plan import NodeSharding, Plan
+from autopar.core.capture import CapturedModel
+from autopar.core.errors import PlanMismatchError
+from autopar.core.graph import GNode, GraphIndex, index_graph
+from autopar.core.plan import NodeSharding, Plan
 
 
 @dataclass

@@ -14,7 +14,9 @@ import types
 import torch
 from torch import fx
 
-from autopar.plan import Plan
+import autopar.runtime_kernels as rk
+from autopar.core.errors import ConfigError
+from autopar.core.plan import Plan
 
 _FACTORIES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step,
               torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.full.default,
@@ -55,7 +57,6 @@ def coordinate(rank: int, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _kernel_names(code_globals: dict) -> dict[str, str]:
     """Global name -> ``autopar.runtime_kernels.<fn>`` for the fused kernels a fused graph calls."""
-    import autopar.runtime_kernels as rk
 
     public = {id(getattr(rk, fn)): fn for fn in rk.__all__}
     return {name: f"autopar.runtime_kernels.{public[id(obj)]}" for name, obj in code_globals.items()
@@ -99,6 +100,5 @@ def emit_source(gm: fx.GraphModule, plan: Plan, *, rank: int | None = None) -> s
 
 
 def check_rank(rank: int | None, plan: Plan) -> None:
-    from autopar.errors import ConfigError
     if rank is not None and not 0 <= rank < math.prod(plan.mesh.shape):
         raise ConfigError(f"--rank {rank} is outside the mesh of {math.prod(plan.mesh.shape)} ranks")

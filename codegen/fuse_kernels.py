@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from autopar import parallel_ops
-from autopar.placement import Shard
+import autopar.runtime_kernels as rk
+from autopar.codegen.context import ShardingContext
+from autopar.core.placement import Shard
+from autopar.ops import parallel_ops
+from autopar.runtime_kernels import cross_entropy, vocab_parallel_cross_entropy
 
 aten = torch.ops.aten
 _ASSERT = aten._assert_tensor_metadata.default
@@ -225,7 +228,6 @@ def find_fusions(gm: fx.GraphModule, ctx_or_plan=None) -> list[Fusion]:
     """Recognition only (the graph is not changed): the fusions ``fuse_kernels`` would apply to ``gm``,
     tried in the same graph order, a node taking part in at most one. On the captured graph (before
     any reshard is inserted) this is what the front end hands the planner to cost fused traffic."""
-    import autopar.runtime_kernels as rk
 
     local_dim = _local_last_dim(ctx_or_plan)
     taken: set[fx.Node] = set()
@@ -247,7 +249,6 @@ def fuse_kernels(gm: fx.GraphModule, ctx_or_plan=None) -> fx.GraphModule:
     Ensures: every matched pattern is one call of a runtime_kernels function with the same values
     (tuple-valued fused ops are read through getitem), the replaced nodes are gone, and
     ``gm.meta["autopar_fusions"]`` lists {"kind", "nodes"} per applied fusion."""
-    import autopar.runtime_kernels as rk
 
     local_dim = _local_last_dim(ctx_or_plan)
     applied = []
@@ -303,7 +304,6 @@ def _fresh_name(g: fx.Graph, base: str) -> str:
 
 def _local_last_dim(ctx_or_plan):
     """node -> size of its last dim on this rank."""
-    from autopar.codegen.context import ShardingContext
 
     def local_dim(n: fx.Node) -> int:
         shape = _shape(n)
@@ -320,7 +320,6 @@ def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mesh, logi
     """``parallel_ops.sharded_cross_entropy`` (same arguments and result) with the per-row losses from
     runtime_kernels: the vocabulary-parallel kernel form where the classes are split (one all-reduce
     of the row statistics per vocab-splitting mesh dim), the plain fused kernel where only rows are."""
-    from autopar.runtime_kernels import cross_entropy, vocab_parallel_cross_entropy
 
     sh = parallel_ops.placements(logits_sharding)
     batch_dims = [d for d, p in enumerate(sh) if p == Shard(0)]

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from autopar.codegen.context import ShardingContext
-from autopar.parallel_ops import local_shape
+from autopar.ops.parallel_ops import local_shape
 
 aten = torch.ops.aten
 # op -> index of its size argument

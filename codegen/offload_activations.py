@@ -6,8 +6,8 @@ region (``checkpoint_regions.outline_region``) into an ``OffloadedRegion`` that 
 memory when saved and copied back when backward needs it, so the device copy can be freed.
 
 Host memory: on CUDA a pinned CPU tensor, filled and read with ``non_blocking`` copies. On CPU the
-"host" copy is another CPU tensor; it is made inside ``autopar.memory.host_allocations()`` so that
-``autopar.memory`` accounts it as host, not device (the convention that lets a CPU run show what a
+"host" copy is another CPU tensor; it is made inside ``autopar.ops.tracking.host_allocations()`` so that
+``autopar.runtime.memory`` accounts it as host, not device (the convention that lets a CPU run show what a
 device would hold). Not offloaded: parameters and views of them (already resident; a copy would
 free nothing). A tensor saved by several ops is copied once per forward.
 """
@@ -17,9 +17,9 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from autopar import memory
 from autopar.codegen.checkpoint_regions import find_regions, outline_region, plan_regions, region_name
 from autopar.codegen.context import ShardingContext
+from autopar.ops import tracking
 
 
 class OffloadedRegion(nn.Module):
@@ -59,7 +59,7 @@ class OffloadedRegion(nn.Module):
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    with memory.host_allocations():
+    with tracking.host_allocations():
         host = torch.empty_like(t, device="cpu", pin_memory=t.device.type == "cuda")
         host.copy_(t, non_blocking=t.device.type == "cuda")
     return host

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from autopar.errors import PlanMismatchError, ShardingError
-from autopar.parallel_ops import local_chunk, local_shape, placements
-from autopar.placement import Shard
-from autopar.plan import Plan
+from autopar.core.errors import PlanMismatchError, ShardingError
+from autopar.core.placement import Shard
+from autopar.core.plan import Plan
+from autopar.ops.parallel_ops import local_chunk, local_shape, placements
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,6 @@ def _initialize(model: nn.Module, mesh: DeviceMesh) -> None:
     module's init distributions but differ from a single-device init with the same seed (DTensor's
     offset-based RNG, which reproduces it, exists only for CUDA-like devices).
     """
-    import torch.distributed as dist
 
     seed = torch.tensor([torch.initial_seed() % (2**62)], dtype=torch.int64, device=mesh_device(mesh))
     if dist.is_initialized():

@@ -28,8 +28,8 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import OutputKind
 
-from autopar.capture import CapturedModel
-from autopar.errors import ConfigError
+from autopar.core.capture import CapturedModel
+from autopar.core.errors import ConfigError
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autopar import parallel_ops
 from autopar.codegen.context import ShardingContext
 from autopar.codegen.insert_collectives import mesh_node
+from autopar.ops import parallel_ops
 
 aten = torch.ops.aten
 

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --mesh 2
     python examples/train_gpt.py                  # one process: the plain model, for reference
 
-Every rank builds the same GPT (examples/models/gpt.py, seeded) and reads the same deterministic
+Every rank builds the same GPT (autopar/models/gpt.py, seeded) and reads the same deterministic
 token stream; ``autopar.parallelize`` plans it on rank 0 for the mesh and applies the plan on
 every rank, then AdamW trains it. The parallel module takes the global batch on every rank and
 returns the global loss, so the loop is the single-device loop. Rank 0 prints ``step N loss X``
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autopar.mesh import default_dim_names, parse_mesh_shape
+from autopar.core.mesh import default_dim_names, parse_mesh_shape
 from autopar.models import load_example_module
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         if world > 1:
             model = parallelize(model, args, world, device)
             if rank == 0:
-                from autopar.report import render
+                from autopar.tools.report import render
                 print(render(model.plan), file=sys.stderr, flush=True)
                 if args.plan_out:
                     model.plan.to_json(args.plan_out)

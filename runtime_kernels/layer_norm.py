@@ -12,8 +12,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from autopar.runtime_kernels._triton import (MAX_ROW, ROW_WARPS, autotune, jit, next_pow2, STRIDED,
-                                             strided_launch, tl,                                             use_triton)
+from autopar.runtime_kernels._triton import (
+    MAX_ROW,
+    ROW_WARPS,
+    STRIDED,
+    autotune,
+    jit,
+    next_pow2,
+    strided_launch,
+    tl,
+    use_triton,
+)
 
 
 # --- Triton kernels -----------------------------------------------------------------------------

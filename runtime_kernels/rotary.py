@@ -12,7 +12,6 @@ import torch
 
 from autopar.runtime_kernels._triton import autotune, jit, next_pow2, tl, use_triton
 
-
 # --- Triton kernel ------------------------------------------------------------------------------
 # rows of x per program and warps (the first is what the interpreter runs)
 ROTARY_BLOCKS = [{"BLOCK_SIZE_R": r, "num_warps": w} for r in (64, 16, 32, 128) for w in (4, 8)]

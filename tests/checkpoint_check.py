@@ -100,4 +100,4 @@ def load_state(rank: int, world: int, plan_json: str, path: str) -> dict:
     """Another init (seed 1) under another plan, load the checkpoint, return the state in full."""
     pm, opt = _applied(plan_json, seed=1)
     extra = autopar.load(path, pm, opt)
-    return {**_snapshot(pm, opt), "extra": extra, "saved_plan_mesh": list(autopar.checkpoint.read_plan(path).mesh.shape)}
+    return {**_snapshot(pm, opt), "extra": extra, "saved_plan_mesh": list(autopar.runtime.checkpoint.read_plan(path).mesh.shape)}

@@ -39,7 +39,7 @@ def run_graph(gm, cap, model, inputs: dict) -> tuple[torch.Tensor, dict[str, tor
 
 
 def graph_numerics(spec: str, batch: int = 2, seq: int = 8, device: str = "cpu") -> dict:
-    from autopar.capture import capture
+    from autopar.core.capture import capture
     from autopar.codegen.context import copy_graph_module
     from autopar.codegen.drop_asserts import drop_asserts
     from autopar.codegen.fuse_kernels import fuse_kernels

@@ -51,7 +51,7 @@ def small_buckets(rank: int, world: int, accumulate: bool) -> dict:
     without accumulation over two backward calls), every gradient of a bucket of several parameters is a
     view of its bucket, and the gradients kept after backward take their bytes once (no flat copy stays
     alive beside them)."""
-    from autopar.grad_sync import GradReducer
+    from autopar.runtime.grad_sync import GradReducer
     torch.manual_seed(0)
     model, inputs = build_model("gpt-tiny", batch=4, seq=16, device="cpu")
     ref = copy.deepcopy(model)

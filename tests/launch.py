@@ -1,4 +1,4 @@
-"""Run a command line (a launcher such as torchrun, or ``python -m autopar.demo``) as a test subprocess.
+"""Run a command line (a launcher such as torchrun, or ``python -m autopar.tools.demo``) as a test subprocess.
 
 ``run_command`` never hangs: on its timeout it kills the command's whole process group (the
 command and every worker it started) and fails the test with what the command had printed.

@@ -19,9 +19,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.flop_counter import FlopCounterMode
 
 import autopar
-from autopar import memory, precision
+from autopar.runtime import memory, precision
 from autopar.models import build_model
-from autopar.plan import Plan
+from autopar.core.plan import Plan
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -207,7 +207,7 @@ def local_graph(spec: str, checkpoint: tuple[str, ...] = (), offload: tuple[str,
     and the graph's flat inputs (parameters, buffers, user inputs)."""
     import types
 
-    from autopar.capture import capture
+    from autopar.core.capture import capture
     from autopar.codegen.checkpoint_regions import checkpoint_regions
     from autopar.codegen.context import copy_graph_module
     from autopar.codegen.offload_activations import offload_activations

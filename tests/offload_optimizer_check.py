@@ -4,7 +4,7 @@
 budget, where the ILP moves activations and the optimizer to the host (on cpu-gloo, where the host is
 the device, it never offers that); the test process solves it (not rank 0, whose peer would spin in
 gloo meanwhile) and ``check_host_optimizer`` applies the JSON on the CPU ranks, takes the optimizer the
-plan asks for (``autopar.offload_optimizer.make_optimizer``) and runs one measured AdamW step against
+plan asks for (``autopar.runtime.host_optimizer.make_optimizer``) and runs one measured AdamW step against
 the single-device model.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 import autopar
-from autopar import memory
+from autopar.runtime import memory
 from autopar.models import build_model
-from autopar.offload_optimizer import HostOptimizer, make_optimizer
-from autopar.plan import Plan
+from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
+from autopar.core.plan import Plan
 from memory_check import _err, _full
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 
 def calibrate_on_ranks(rank: int, world: int, mesh_shape: tuple[int, ...]) -> dict:
-    """Every rank times gpt-tiny's ops at once (autopar.calibrate.calibrate_ops); the table's JSON form."""
+    """Every rank times gpt-tiny's ops at once (autopar.cluster.calibrate.calibrate_ops); the table's JSON form."""
     import torch
 
-    from autopar.calibrate import OpCalibrationOptions, calibrate_ops
-    from autopar.capture import capture
+    from autopar.cluster.calibrate import OpCalibrationOptions, calibrate_ops
+    from autopar.core.capture import capture
     from autopar.models import build_model
-    from autopar.profile import PRESETS
+    from autopar.cluster.profile import PRESETS
 
     torch.manual_seed(0)
     model, inputs = build_model("gpt-tiny", batch=2, seq=16, device="cpu")

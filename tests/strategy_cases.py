@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from autopar.capture import capture
+from autopar.core.capture import capture
 from autopar.codegen import build_parallel_graph
-from autopar.graph import index_graph
-from autopar.mesh import MeshSpec
-from autopar.parallel_ops import local_chunk
-from autopar.profile import PRESETS
-from autopar.placement import format_sharding
-from autopar.plan import NodeSharding
+from autopar.core.graph import index_graph
+from autopar.core.mesh import MeshSpec
+from autopar.ops.parallel_ops import local_chunk
+from autopar.cluster.profile import PRESETS
+from autopar.core.placement import format_sharding
+from autopar.core.plan import NodeSharding
 from autopar.solver.planner import plan_graph
 from autopar.solver.strategies.base import strategies_for
 
@@ -126,6 +126,19 @@ CASES = {
     "dropout": (lambda: Fn(lambda x: F.dropout(x, 0.0, training=True) * 2), _x(4, 8), [aten.dropout.default]),
     "arange": (lambda: Fn(lambda x: x + torch.arange(8, dtype=torch.float32)), _x(4, 8), [aten.arange.start_step,
                                                                                            aten.arange.default]),
+    # MoE routing: top-k experts per token, their one-hot mask, gathered and scattered rows (DTensor's rules
+    # for topk / gather / scatter_add / argmax / cumsum / sort, autopar's for one_hot / index_add)
+    "topk": (lambda: Fn(lambda x: torch.topk(x, 2, dim=-1).values * 2), _x(4, 4, 8), [aten.topk.default]),
+    "gather_argmax": (lambda: Fn(lambda x: x.gather(-1, x.argmax(-1, keepdim=True)) * x), _x(4, 4, 8),
+                      [aten.gather.default, aten.argmax.default]),
+    "scatter_add": (lambda: Fn(lambda x: torch.zeros_like(x).scatter_add(-1, x.argsort(-1), x) * x), _x(4, 4, 8),
+                    [aten.scatter_add.default]),
+    "sort_cumsum": (lambda: Fn(lambda x: torch.sort(x, dim=-1).values.cumsum(1)), _x(4, 4, 8),
+                    [aten.sort.default, aten.cumsum.default]),
+    "one_hot": (lambda: Fn(lambda x: F.one_hot(x.argmax(-1), 8).to(x.dtype) * x), _x(4, 4, 8),
+                [aten.one_hot.default]),
+    "index_add": (lambda: Fn(lambda x, w: w.index_add(0, torch.arange(4) % 2, x), (2, 4, 8)), _x(4, 4, 8),
+                  [aten.index_add.default]),
 }
 
 

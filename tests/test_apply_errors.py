@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import autopar
-from autopar.errors import AutoparError, ConfigError, MeshError, PlanFormatError, PlanMismatchError, ShardingError
+from autopar.core.errors import AutoparError, ConfigError, MeshError, PlanFormatError, PlanMismatchError, ShardingError
 from autopar.models import build_model, load_example_module
 
 DP = {"input:*": ["S(0)"], "param:*": ["R"]}

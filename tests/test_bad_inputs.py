@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import autopar
-from autopar.errors import (AutoparError, CaptureError, ClusterProfileError, ConfigError, InfeasiblePlanError,
+from autopar.core.errors import (AutoparError, CaptureError, ClusterProfileError, ConfigError, InfeasiblePlanError,
                             MeshError, PlanFormatError, PlanMismatchError, ShardingError)
 from autopar.models import build_model
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from autopar.capture import capture
-from autopar.errors import AutoparError, CaptureError
+from autopar.core.capture import capture
+from autopar.core.errors import AutoparError, CaptureError
 from autopar.models import build_model
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import autopar
-from autopar.errors import ConfigError, PlanMismatchError
+from autopar.core.errors import ConfigError, PlanMismatchError
 from autopar.models import build_model
 from checkpoint_check import load_state, resume, save_state, train
 from dist_utils import WorkerError, run_distributed

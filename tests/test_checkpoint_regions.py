@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memory_check
-from autopar.errors import PlanFormatError, PlanMismatchError
+from autopar.core.errors import PlanFormatError, PlanMismatchError
 
 VARIANTS = {
     "none": {},
@@ -96,7 +96,7 @@ def test_nested_regions_and_offload_of_a_checkpointed_module(gpt_none):
 
 
 def test_empty_lists_change_nothing():
-    from autopar.capture import capture
+    from autopar.core.capture import capture
     from autopar.models import build_model
 
     gm, _, _ = memory_check.local_graph("gpt-tiny")

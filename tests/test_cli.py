@@ -1,7 +1,7 @@
 """The ``autopar`` command line: plan writes a loadable plan, show prints its tables, every user error
 exits 1 with one ``autopar: error:`` line, bad usage exits 2, and the console script is installed.
 
-Commands run in-process through ``autopar.cli.main`` (fast); one subprocess checks the entry point.
+Commands run in-process through ``autopar.tools.cli.main`` (fast); one subprocess checks the entry point.
 """
 import contextlib
 import io
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from autopar.cli import main
-from autopar.plan import Plan
+from autopar.tools.cli import main
+from autopar.core.plan import Plan
 
 TINY = ["--model", "gpt-tiny", "--batch", "4", "--seq", "16", "--mesh", "2x2", "--cluster", "cpu-gloo"]
 
@@ -174,7 +174,7 @@ def test_profile_and_predict_errors_exit_1(capsys, argv, expected):
 
 
 def test_profile_spawns_ranks_and_writes_a_loadable_profile(tmp_path, capsys):
-    from autopar.profile import load_cluster
+    from autopar.cluster.profile import load_cluster
 
     out = tmp_path / "cluster.json"
     assert main(["profile", "--nproc", "2", "--quick", "--max-bytes", "1MiB", "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""autopar.collectives.redistribute on real gloo process groups: forward values and gradients.
+"""autopar.ops.collectives.redistribute on real gloo process groups: forward values and gradients.
 
 Every case builds, on every rank, this rank's local tensor of a seeded global tensor ``X``
 under ``src`` (partial placements get genuinely different per-rank parts), redistributes it
@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from autopar.collectives import plan_redistribute, redistribute, to_global_output, to_local_input
-from autopar.errors import ShardingError
-from autopar.placement import format_sharding, parse_sharding, redistribute_steps
+from autopar.ops.collectives import plan_redistribute, redistribute, to_global_output, to_local_input
+from autopar.core.errors import ShardingError
+from autopar.core.placement import format_sharding, parse_sharding, redistribute_steps
 
 SHAPE = (4, 8, 12)
 BASIC = ["R", "S(0)", "S(1)", "S(2)", "P(sum)"]
@@ -283,7 +283,7 @@ def _record_collectives(rank, world_size, mesh_shape, pairs):
     """Per pair: the (collective, mesh dim) calls of forward and backward, by patching the module's primitives."""
     from unittest import mock
 
-    import autopar.collectives as C
+    import autopar.ops.collectives as C
 
     mesh = _mesh(mesh_shape)
     groups = {id(mesh.get_group(d)): d for d in range(len(mesh_shape))}

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from autopar.config import Config, DistributedConfig, load_config
-from autopar.errors import ConfigError
+from autopar.runtime.distributed import Config, DistributedConfig, load_config
+from autopar.core.errors import ConfigError
 
 
 def test_toml_and_json_give_the_same_config(tmp_path):
@@ -57,13 +57,13 @@ def test_a_config_is_data_never_code(tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import datetime, torch.distributed as dist
-    from autopar.config import init_distributed
+    from autopar.runtime.distributed import init_distributed
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     print(init_distributed({"distributed": {"timeout_s": 7}}, backend="gloo", rank=0, world_size=1, store=store))
     pg = dist.distributed_c10d._get_default_group()
     import torch
     print(pg._get_backend(torch.device("cpu")).options._timeout.total_seconds())
-    from autopar.faults import _default_grace
+    from autopar.runtime.faults import _default_grace
     print(_default_grace())
     dist.destroy_process_group()
 """)
@@ -79,7 +79,7 @@ def test_init_distributed_sets_the_timeout_from_the_config(tmp_path):
 def test_init_distributed_needs_a_launcher(monkeypatch):
     for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(v, raising=False)
-    from autopar.config import init_distributed
+    from autopar.runtime.distributed import init_distributed
     with pytest.raises(ConfigError, match="run under torchrun"):
         init_distributed(timeout_s=5)
     with pytest.raises(ConfigError, match="pass rank, world_size and store together"):

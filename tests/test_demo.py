@@ -1,17 +1,17 @@
-"""``python -m autopar.demo``, the README's first command: 4 spawned gloo ranks train a GPT under a
+"""``python -m autopar.tools.demo``, the README's first command: 4 spawned gloo ranks train a GPT under a
 solved DPxTP plan, the losses match one process, and the plan file it writes loads."""
 import sys
 
 import pytest
 
-from autopar.plan import Plan
+from autopar.core.plan import Plan
 from launch import describe, run_command
 
 
 @pytest.mark.slow
 def test_demo_trains_and_matches_single_process(tmp_path):
     out = tmp_path / "plan.json"
-    res = run_command([sys.executable, "-m", "autopar.demo", "--steps", "3", "--out", str(out)], tmpdir=tmp_path,
+    res = run_command([sys.executable, "-m", "autopar.tools.demo", "--steps", "3", "--out", str(out)], tmpdir=tmp_path,
                       timeout=300, cwd=tmp_path)
     assert res.returncode == 0, describe(res)
     assert "losses match" in res.stdout, describe(res)

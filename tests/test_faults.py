@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import autopar
-from autopar.config import init_distributed
-from autopar.errors import RankFailureError
-from autopar.faults import guard_step, is_comm_failure
+from autopar.runtime.distributed import init_distributed
+from autopar.core.errors import RankFailureError
+from autopar.runtime.faults import guard_step, is_comm_failure
 
 CONFIG = {"distributed": {"backend": "gloo", "timeout_s": 3, "fault_grace_s": 2}}
 

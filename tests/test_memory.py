@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import memory_check
-from autopar import memory, precision
-from autopar.errors import ConfigError, PlanFormatError
+from autopar.runtime import memory, precision
+from autopar.core.errors import ConfigError, PlanFormatError
 
 
 def test_a_known_allocation_is_measured_exactly():

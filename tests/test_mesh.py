@@ -1,8 +1,8 @@
 """MeshSpec: construction, parsing of '8x8' strings, default names and the world-size check."""
 import pytest
 
-from autopar.errors import AutoparError, MeshError
-from autopar.mesh import MeshSpec, default_dim_names, parse_mesh_shape
+from autopar.core.errors import AutoparError, MeshError
+from autopar.core.mesh import MeshSpec, default_dim_names, parse_mesh_shape
 
 
 def test_make_from_string_and_sequence():

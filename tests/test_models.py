@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from autopar.errors import AutoparError, ConfigError
+from autopar.core.errors import AutoparError, ConfigError
 from autopar.models import BUILTIN_MODELS, build_model, builtin_names, load_example_module
 
 # Published parameter counts (GPT-2 with its tied LM head; Llama 3.2 1B ties too, Llama 3 8B/70B do not).
@@ -69,7 +69,7 @@ def test_example_modules_load_once():
     gpt = load_example_module("gpt")
     assert gpt is load_example_module("gpt") and hasattr(gpt, "GPTConfig")
     assert hasattr(load_example_module("llama"), "Llama")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="no built-in model family"):
         load_example_module("nope")
 
 

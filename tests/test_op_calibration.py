@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from autopar.errors import AutoparError, ClusterProfileError
-from autopar.profile import PRESETS, ClusterProfile, OpTable, OpTableError, OpTime, load_cluster
+from autopar.core.errors import AutoparError, ClusterProfileError
+from autopar.cluster.profile import PRESETS, ClusterProfile, OpTable, OpTableError, OpTime, load_cluster
 from op_calibration_check import calibrate_on_ranks
 
 CPU = PRESETS["cpu-gloo"]
@@ -17,8 +17,8 @@ CPU = PRESETS["cpu-gloo"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    from autopar.capture import capture
-    from autopar.graph import index_graph
+    from autopar.core.capture import capture
+    from autopar.core.graph import index_graph
     from autopar.models import build_model
 
     torch.manual_seed(0)
@@ -60,8 +60,8 @@ def test_lookup_is_used_where_present_and_roofline_otherwise(tiny):
 
 
 def test_local_shapes_divide_sharded_dims():
-    from autopar.graph import TensorMeta
-    from autopar.placement import Partial, Replicate, Shard
+    from autopar.core.graph import TensorMeta
+    from autopar.core.placement import Partial, Replicate, Shard
     from autopar.solver.cost import local_shape
 
     m = TensorMeta(shape=(8, 6, 5), dtype=torch.float32)
@@ -71,10 +71,10 @@ def test_local_shapes_divide_sharded_dims():
 
 
 def test_collect_ops_dedupes_the_strategies_the_ilp_considers(tiny):
-    from autopar.calibrate import collect_ops
+    from autopar.cluster.calibrate import collect_ops
     from autopar.solver.cost import FREE_OPS, op_key
     from autopar.solver.ilp import collect_keys
-    from autopar.mesh import MeshSpec
+    from autopar.core.mesh import MeshSpec
 
     gi = tiny[3]
     calls = collect_ops(tiny[2], (2, 2))
@@ -142,8 +142,8 @@ def test_plan_follows_the_measured_times(tiny):
     """calibrate_ops times every op of the replicated plan; its predicted compute is then exactly the table's
     times (plus the per-op extra), and scaling the table scales it; the roofline plan differs."""
     import autopar
-    from autopar.calibrate import OpCalibrationOptions, calibrate_ops
-    from autopar.plan import SCHEMA_PATH
+    from autopar.cluster.calibrate import OpCalibrationOptions, calibrate_ops
+    from autopar.core.plan import SCHEMA_PATH
 
     model, inputs, cap, _ = tiny
     table = calibrate_ops(cap, (2,), CPU, options=OpCalibrationOptions(trials=2, warmup=1, min_trial_s=2e-4))
@@ -189,7 +189,7 @@ def test_scale_and_extra_are_charged(tiny):
 
 
 def test_cli_profile_ops_of_writes_a_table_the_planner_charges(tmp_path, capsys):
-    from autopar.cli import main
+    from autopar.tools.cli import main
 
     out = tmp_path / "cluster.json"
     assert main(["profile", "--nproc", "2", "--quick", "--max-bytes", "1MiB", "--ops-of", "gpt-tiny", "--batch", "2",
@@ -204,14 +204,14 @@ def test_cli_profile_ops_of_writes_a_table_the_planner_charges(tmp_path, capsys)
     without.to_json(tmp_path / "roofline.json")
     assert main(["plan", "--model", "gpt-tiny", "--batch", "2", "--seq", "16", "--mesh", "2",
                  "--cluster", str(tmp_path / "roofline.json"), "--out", str(tmp_path / "plan0.json")]) == 0
-    from autopar.plan import Plan
+    from autopar.core.plan import Plan
     p1, p0 = Plan.from_json(plan), Plan.from_json(tmp_path / "plan0.json")
     assert p1.cluster.op_times == prof.op_times
     assert p1.predicted.time_breakdown["compute_s"] != pytest.approx(p0.predicted.time_breakdown["compute_s"], rel=1e-3)
 
 
 def test_capped_calibration_leaves_the_rest_to_the_roofline(tiny):
-    from autopar.calibrate import OpCalibrationOptions, calibrate_ops, collect_ops
+    from autopar.cluster.calibrate import OpCalibrationOptions, calibrate_ops, collect_ops
     from autopar.solver.cost import compute_cost, op_key
 
     cap, gi = tiny[2], tiny[3]

@@ -1,4 +1,4 @@
-"""Inter-op planner (autopar.solver.pipeline, autopar.pipeline): DP partitions with known answers, the
+"""Inter-op planner (autopar.solver.pipeline, autopar.frontend.pipeline): DP partitions with known answers, the
 predicted bubble against the analytic (p-1)/(m+p-1), schedule choice under memory, the 2-node known
 answer (pipeline across a slow inter-node link with TP inside the nodes, ahead of DP/ZeRO or TP across
 them), fix= / prefer= with stages, bad input, and the plan JSON."""
@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import autopar
-from autopar.errors import ConfigError, MeshError
+from autopar.core.errors import ConfigError, MeshError
 from autopar.models import build_model, load_example_module
-from autopar.plan import SCHEMA_PATH, Plan
-from autopar.profile import PRESETS, LinkSpec
-from autopar.report import render
-from autopar.solver.pipeline import PipelineConfig, UnitCost, UnitCosts, partition, search
+from autopar.core.plan import SCHEMA_PATH, Plan
+from autopar.cluster.profile import PRESETS, LinkSpec
+from autopar.tools.report import render
+from autopar.core.options import PipelineOptions
+from autopar.solver.pipeline import UnitCost, UnitCosts, partition, search
 
 
 def _units(n: int, block: float = 1.0, prefix: float = 0.0, suffix: float = 0.0, w: float = 0.0,
@@ -61,14 +62,14 @@ def test_bubble_matches_analytic(p, m):
 def test_more_microbatches_less_bubble_and_1f1b_when_memory_is_short():
     # activations of 10 bytes per block per micro-batch; GPipe holds all 8 micro-batches, 1F1B at most p
     u = _units(4, a=10.0)
-    cfg = PipelineConfig(microbatches=8)
+    cfg = PipelineOptions(microbatches=8)
     best = search(lambda m, k: u, batch=8, p=2, dp=1, config=cfg, budget=None, link=None)
     assert best.schedule in ("interleaved",)       # no memory limit: the smallest bubble wins
     tight = search(lambda m, k: u, batch=8, p=2, dp=1, config=dataclasses.replace(cfg, virtual_stages=None),
                    budget=2 * 10.0 * 2, link=None)   # 2 blocks x 10 B x 2 micro-batches in flight
     assert tight.schedule == "1f1b"
     # a micro-batch of 16/m samples costs 1/m of the batch: more micro-batches, smaller bubble, faster step
-    auto = search(lambda m, k: _units(4, block=16.0 / m), batch=16, p=2, dp=1, config=PipelineConfig(schedule="1f1b"),
+    auto = search(lambda m, k: _units(4, block=16.0 / m), batch=16, p=2, dp=1, config=PipelineOptions(schedule="1f1b"),
                   budget=None, link=None)
     assert auto.microbatches == 16 and auto.step_time_s == pytest.approx((16 + 1) * 2 * 1.0)
 
@@ -79,19 +80,19 @@ def test_gradient_accumulation_gives_a_best_microbatch_count():
     def units(m, k):
         u = _units(4, block=16.0 / m)
         return dataclasses.replace(u, block=dataclasses.replace(u.block, accum_s=0.4))
-    best = search(units, batch=16, p=2, dp=1, config=PipelineConfig(schedule="1f1b"), budget=None, link=None)
+    best = search(units, batch=16, p=2, dp=1, config=PipelineOptions(schedule="1f1b"), budget=None, link=None)
     assert best.microbatches == 8
     assert best.step_time_s == pytest.approx(32 + 4 + 7 * 0.8)
     assert best.accum_s == pytest.approx(7 * 0.8) and best.bubble_s == pytest.approx(4.0)
     # without the accumulation term the most micro-batches win
     flat = search(lambda m, k: _units(4, block=16.0 / m), batch=16, p=2, dp=1,
-                  config=PipelineConfig(schedule="1f1b"), budget=None, link=None)
+                  config=PipelineOptions(schedule="1f1b"), budget=None, link=None)
     assert flat.microbatches == 16
 
 
 def test_unit_costs_charge_gradient_accumulation_by_gradient_bytes():
-    from autopar.capture import capture
-    from autopar.mesh import MeshSpec
+    from autopar.core.capture import capture
+    from autopar.core.mesh import MeshSpec
     from autopar.solver.pipeline import unit_costs
 
     gpt = load_example_module("gpt")
@@ -127,7 +128,7 @@ def test_two_nodes_on_ethernet_pipeline_crosses_nodes_tp_inside():
       idle for the blocks (both nodes compute the same step), i.e. one node's compute time;
     * TP across all 16 GPUs: every block's activation all-reduces cross the slow link.
     """
-    from autopar.pipeline import plan_layouts
+    from autopar.frontend.layouts import plan_layouts
 
     ll = load_example_module("llama")
     cfg = ll.LlamaConfig(vocab_size=32000, max_seq_len=2048, n_layer=48, n_head=64, n_kv_head=8, d_model=8192,

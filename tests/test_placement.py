@@ -3,8 +3,8 @@ import pytest
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-from autopar.errors import PlanFormatError
-from autopar.placement import (format_placement, format_sharding, parse_placement, parse_sharding,
+from autopar.core.errors import PlanFormatError
+from autopar.core.placement import (format_placement, format_sharding, parse_placement, parse_sharding,
                                sharding_str)
 
 CASES = [(Shard(0), "S(0)"), (Shard(3), "S(3)"), (Shard(-1), "S(-1)"), (Replicate(), "R"),

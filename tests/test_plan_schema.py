@@ -5,10 +5,10 @@ import json
 import pytest
 from torch.distributed.tensor import Replicate, Shard
 
-from autopar.errors import AutoparError, PlanFormatError
-from autopar.mesh import MeshSpec
-from autopar.plan import SCHEMA_PATH, FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
-from autopar.profile import PRESETS
+from autopar.core.errors import AutoparError, PlanFormatError
+from autopar.core.mesh import MeshSpec
+from autopar.core.plan import SCHEMA_PATH, FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
+from autopar.cluster.profile import PRESETS
 
 QKV = "blocks.0.attn.qkv.weight"
 

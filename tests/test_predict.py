@@ -1,4 +1,4 @@
-"""autopar.predict: analytic communication volumes (DP all-reduce 2(n-1)/n*Psi, Megatron 1-D TP four
+"""autopar.cluster.predict: analytic communication volumes (DP all-reduce 2(n-1)/n*Psi, Megatron 1-D TP four
 all-reduces of b*s*h per layer per micro-batch, ZeRO-3 1.5x DP), the pipeline bubble, activation
 memory per Korthikanti et al., agreement with the solver's cost functions, and the input errors."""
 from dataclasses import replace
@@ -6,11 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from autopar.errors import AutoparError, ClusterProfileError, ConfigError
-from autopar.mesh import MeshSpec
+from autopar.core.errors import AutoparError, ClusterProfileError, ConfigError
 from autopar.models import load_example_module
-from autopar.predict import GPTPlan, params_per_gpu, predict
-from autopar.profile import PRESETS
+from autopar.cluster.predict import GPTPlan, params_per_gpu, predict
+from autopar.cluster.profile import PRESETS
 from autopar.solver.cost import collective_time
 
 H100 = PRESETS["h100-sxm"]

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from autopar.errors import AutoparError, ClusterProfileError
-from autopar.mesh import MeshSpec
-from autopar.profile import (COLLECTIVES, PRESETS, AlphaBeta, ClusterProfile, LinkSpec, load_cluster,
+from autopar.core.errors import AutoparError, ClusterProfileError
+from autopar.core.mesh import MeshSpec
+from autopar.cluster.profile import (COLLECTIVES, PRESETS, AlphaBeta, ClusterProfile, LinkSpec, load_cluster,
                              with_capacity)
 
 

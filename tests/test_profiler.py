@@ -1,14 +1,14 @@
-"""autopar.profiler: the alpha-beta fit recovers known parameters from synthetic timings, and a live
+"""autopar.cluster.measure: the alpha-beta fit recovers known parameters from synthetic timings, and a live
 2-rank gloo profile yields a loadable ClusterProfile whose fitted links explain what was measured."""
 import json
 import random
 
 import pytest
 
-from autopar.errors import AutoparError, ClusterProfileError, ConfigError
-from autopar.mesh import MeshSpec
-from autopar.profile import COLLECTIVES, ClusterProfile, load_cluster
-from autopar.profiler import ProfileOptions, fit_alpha_beta, fit_linear, sizes_between
+from autopar.core.errors import AutoparError, ClusterProfileError, ConfigError
+from autopar.core.mesh import MeshSpec
+from autopar.cluster.profile import COLLECTIVES, ClusterProfile, load_cluster
+from autopar.cluster.timing import ProfileOptions, fit_alpha_beta, fit_linear, sizes_between
 from autopar.solver.cost import collective_time
 from profile_check import measure
 
@@ -127,7 +127,7 @@ def test_live_fit_explains_the_measurements(live_profile):
 
 
 def test_per_op_fit_recovers_a_known_surcharge():
-    from autopar.profiler import fit_per_op
+    from autopar.cluster.timing import fit_per_op
 
     rng = random.Random(1)
     ops, base = [40, 40, 80, 160], [0.005, 0.05, 0.1, 0.4]
@@ -143,7 +143,7 @@ def test_per_op_fit_recovers_a_known_surcharge():
 def test_live_checkpoint_surcharges_are_the_fit_of_the_probes(live_profile):
     """The checkpointed probes were timed, and the profile's surcharges are fit_per_op of what they took beyond
     plain and beyond the recompute the cost model charges."""
-    from autopar.profiler import fit_per_op
+    from autopar.cluster.timing import fit_per_op
 
     results, path = live_profile
     raw = results[0]["measurements"]["device"]["checkpoint"]

@@ -35,3 +35,23 @@ def test_every_strategy_matches_single_device(case, mesh_shape, pool, request):
     r = request.getfixturevalue(pool).run(force_every_strategy, case, mesh_shape)[0]
     assert r["checked"] == expected
     assert not r["failures"], "\n".join(r["failures"][:20])
+
+
+def test_moe_routing_ops_are_not_replicate_fallbacks():
+    """topk / gather / scatter_add / argmax / cumsum / sort take DTensor's rules, one_hot / index_add autopar's:
+    each offers split strategies on a mesh dim instead of the logged replicate fallback."""
+    from autopar.core.capture import capture
+    from autopar.core.graph import index_graph
+    from autopar.solver.strategies import strategies_for
+    from strategy_cases import CASES
+
+    seen = set()
+    for case in ("topk", "gather_argmax", "scatter_add", "sort_cumsum", "one_hot", "index_add"):
+        model_fn, inputs_fn, ops = CASES[case]
+        gi = index_graph(capture(model_fn(), inputs_fn(), fold_layers=False))
+        for g in gi.nodes.values():
+            if g.kind == "op" and g.target in ops:
+                strategies, fallback = strategies_for(g, gi.nodes, (2,))
+                assert not fallback and len(strategies) > 1, (case, g.target)
+                seen.add(g.target)
+    assert len(seen) == 8

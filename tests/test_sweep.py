@@ -1,4 +1,4 @@
-"""autopar.sweep and ``autopar plan --sweep-memory``: plans from the top budget down to the smallest
+"""autopar.tools.sweep and ``autopar plan --sweep-memory``: plans from the top budget down to the smallest
 feasible one on the tiny GPT (h100-sxm preset, (2,) mesh), the time-memory frontier, and its PNG."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
-from autopar import cli
-from autopar.capture import capture
-from autopar.mesh import MeshSpec
+from autopar.tools import cli
+from autopar.core.capture import capture
+from autopar.core.mesh import MeshSpec
 from autopar.models import build_model
-from autopar.profile import PRESETS
-from autopar.sweep import SweepPoint, pareto, plot, render_sweep, sweep_memory
+from autopar.cluster.profile import PRESETS
+from autopar.tools.sweep import SweepPoint, pareto, plot, render_sweep, sweep_memory
 
 
 def _png_size(path) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from autopar.plan import Plan
+from autopar.core.plan import Plan
 from launch import REPO, describe, run_command, torchrun
 
 SCRIPT = str(REPO / "examples" / "train_gpt.py")

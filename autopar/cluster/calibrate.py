@@ -9,23 +9,35 @@ the table the cost model charges instead of the roofline where it has an entry.
 """
 from __future__ import annotations
 
+import datetime
+import functools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from autopar.core.errors import ConfigError
 from autopar.cluster.profile import ClusterProfile, DeviceSpec, LinkSpec, OpKey, OpTable, OpTime
-from autopar.cluster.measure import ProfileOptions, _timed, fit_per_op
+from autopar.cluster.timing import ProfileOptions, fit_per_op, op_overhead, timed
+from autopar.codegen.checkpoint_regions import _selective_policy
+from autopar.core.capture import capture
+from autopar.core.errors import ConfigError
+from autopar.core.graph import index_graph
+from autopar.models import load_example_module
+from autopar.solver.cost import FREE_OPS, checkpoint_overhead, compute_cost, contraction_flops, local_shape, op_key
+from autopar.solver.strategies import strategies_for
+from autopar.solver.strategies.base import in_meta
 
 
 def _probe_model(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
     """The probe GPT (layers, d_model, heads, vocab, seq, batch) on ``device``, its inputs, its captured
     graph (blocks not folded) and a one-device profile of ``spec``."""
-    from autopar.core.capture import capture
-    from autopar.core.graph import index_graph
-    from autopar.models import load_example_module
 
     layers, dm, heads, vocab, seq, batch = probe
     m = load_example_module("gpt")
@@ -42,9 +54,6 @@ def _probe_model(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device)
 def _probe_costs(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device):
     """(overhead seconds, roofline seconds) the cost model gives the probe GPT's forward+backward on one
     device, and a closure that runs it."""
-    from autopar.solver.cost import compute_cost
-    from autopar.solver.strategies import strategies_for
-    from autopar.solver.strategies.base import in_meta
 
     model, inputs, gi, profile = _probe_model(spec, probe, device)
     bare = replace(profile, device=replace(spec, op_overhead_s=0.0))
@@ -71,7 +80,7 @@ def calibrate(spec: DeviceSpec, device: torch.device, opts: ProfileOptions) -> t
     rows = []
     for probe in opts.probes:
         o, r, run = _probe_costs(spec, probe, device)
-        t = _timed(run, device, opts.trials, opts.warmup)
+        t = timed(run, device, opts.trials, opts.warmup)
         rows.append({"probe": list(probe), "overhead_s": o, "roofline_s": r, "measured_s": t})
     ts = np.array([row["measured_s"] for row in rows])
     terms = np.array([[row["overhead_s"], row["roofline_s"]] for row in rows])
@@ -92,9 +101,6 @@ def _probe_blocks(spec: DeviceSpec, probe: tuple[int, ...], device: torch.device
     """The probe GPT, its inputs, and per checkpoint mode what the cost model charges for re-running its
     blocks (selective: the ops other than contractions, full: every op) and how many op nodes the blocks
     hold (what solver.cost.checkpoint_overhead charges per op)."""
-    from autopar.solver.cost import checkpoint_overhead, compute_cost, contraction_flops
-    from autopar.solver.strategies import strategies_for
-    from autopar.solver.strategies.base import in_meta
 
     model, inputs, gi, profile = _probe_model(spec, probe, device)
     counted = replace(spec, selective_op_overhead_s=1.0, recompute_op_overhead_s=1.0)
@@ -118,11 +124,8 @@ def measure_checkpoint_overhead(spec: DeviceSpec, device: torch.device, opts: Pr
     blocks under ``torch.utils.checkpoint`` (the selective policy codegen uses), against the same probe
     plain; s = sum_i N_i (T_mode,i - T_plain,i - R_mode,i) / sum_i N_i^2 weighted by 1/T_plain,i^2, N_i
     the blocks' op nodes, R_mode,i what the cost model charges for re-running them; at least 0."""
-    import functools
 
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    from autopar.codegen.checkpoint_regions import _selective_policy
 
     modes = {"full": {}, "selective": {"context_fn": functools.partial(create_selective_checkpoint_contexts,
                                                                         _selective_policy)}}
@@ -131,11 +134,11 @@ def measure_checkpoint_overhead(spec: DeviceSpec, device: torch.device, opts: Pr
         model, inputs, charged, ops = _probe_blocks(spec, probe, device)
         plain = [b.forward for b in model.blocks]
         row = {"probe": list(probe), "block_ops": ops, "charged_s": charged,
-               "plain_s": _timed(lambda: model(**inputs).backward(), device, opts.trials, opts.warmup)}
+               "plain_s": timed(lambda: model(**inputs).backward(), device, opts.trials, opts.warmup)}
         for mode, kw in modes.items():
             for b, f in zip(model.blocks, plain):
                 b.forward = functools.partial(checkpoint, f, use_reentrant=False, **kw)
-            row[f"{mode}_s"] = _timed(lambda: model(**inputs).backward(), device, opts.trials, opts.warmup)
+            row[f"{mode}_s"] = timed(lambda: model(**inputs).backward(), device, opts.trials, opts.warmup)
         for b, f in zip(model.blocks, plain):
             b.forward = f
         rows.append(row)
@@ -185,10 +188,6 @@ def collect_ops(caps, mesh_shape: tuple[int, ...]) -> dict[OpKey, _OpCall]:
     """Every distinct op (``solver.cost.op_key``) the ILP can charge for the captured model(s) ``caps`` on a
     mesh of ``mesh_shape``: each op node under each of its candidate strategies, at its local shapes.
     Views and other free ops are left out (the cost model charges them nothing)."""
-    from autopar.core.graph import index_graph
-    from autopar.solver.cost import FREE_OPS, local_shape, op_key
-    from autopar.solver.strategies import strategies_for
-    from autopar.solver.strategies.base import in_meta
 
     mesh_shape = tuple(mesh_shape)
     out: dict[OpKey, _OpCall] = {}
@@ -213,8 +212,6 @@ def _op_closures(call: _OpCall, device: torch.device):
     """(forward, forward + backward) closures running ``call`` on fresh tensors of its local shapes, or None
     when the op cannot run there or gives other local shapes than the strategy says (its non-tensor
     arguments spell global sizes, e.g. a factory op under a sharded output)."""
-    import torch.fx as fx
-    from torch.utils import _pytree as pytree
 
     tensors = []
     for shape, dtype in zip(call.shapes, call.dtypes):
@@ -256,9 +253,7 @@ def _op_closures(call: _OpCall, device: torch.device):
 
 def _trial(fn, iters: int, device: torch.device) -> float:
     """Seconds per call of ``iters`` back-to-back calls, the ranks started together."""
-    import time
 
-    import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
@@ -299,13 +294,8 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
     ``extra_op_s``: what a step pays per op beyond the op itself (views, autograd bookkeeping), which the
     probe calibration folded into ``profile.device.op_overhead_s``: that overhead minus the raw per-op
     overhead measured now beside the ops (``profiler._op_overhead``, at least 0)."""
-    import datetime
-    import logging
-    import time
 
-    import torch.distributed as dist
 
-    from autopar.cluster.measure import _op_overhead
 
     log = logging.getLogger(__name__)
     opts = options or OpCalibrationOptions()
@@ -368,9 +358,9 @@ def calibrate_ops(caps, mesh_shape: tuple[int, ...], profile: ClusterProfile, *,
                     skipped, len(calls), opts.max_ops, opts.max_seconds)
     scale = 1.0
     if chain:   # the timed ops once each, back to back, as a step runs them
-        t_chain = _timed(lambda: [f() for f, _ in chain], device, timing.trials, 1)
+        t_chain = timed(lambda: [f() for f, _ in chain], device, timing.trials, 1)
         scale = t_chain / sum(t for _, t in chain)
-    raw = _op_overhead(device, timing)
+    raw = op_overhead(device, timing)
     extra = max(0.0, profile.device.op_overhead_s - raw)
     return OpTable(times=times, ranks=ranks, extra_op_s=extra, scale=scale, sources={
         "device": f"timed by autopar.cluster.calibrate.calibrate_ops on {device} with {ranks} rank(s) at once",

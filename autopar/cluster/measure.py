@@ -40,150 +40,38 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 
+from autopar.cluster.calibrate import OpCalibrationOptions, calibrate, calibrate_ops, measure_checkpoint_overhead
+from autopar.cluster.profile import COLLECTIVES, AlphaBeta, ClusterProfile, DeviceSpec, LinkSpec
+from autopar.cluster.timing import ProfileOptions, fit_alpha_beta, fit_linear, op_overhead, timed
+from autopar.core.capture import capture
 from autopar.core.errors import ClusterProfileError, ConfigError
 from autopar.core.mesh import MeshSpec
-from autopar.cluster.profile import COLLECTIVES, AlphaBeta, ClusterProfile, DeviceSpec, LinkSpec
+from autopar.core.placement import Partial, Replicate, Shard
+from autopar.core.runtime_rules import ring_traffic
+from autopar.models import build_model
+from autopar.ops.collectives import redistribute
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-# per-rank ring traffic per byte of the full tensor, as solver/cost.py collective_time charges it
-_TRAFFIC = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-            "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
 
 
 # --- fitting ----------------------------------------------------------------------------------
-def fit_linear(x: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
-    """Least-squares ``t = a + b*x`` weighted by 1/t (relative error, so small sizes pin ``a``);
-    ``a`` is clamped at 0 (then ``b`` is refitted through the origin). Returns (a, b)."""
-    xs, ts = np.asarray(x, dtype=float), np.asarray(t, dtype=float)
-    if xs.shape != ts.shape or xs.ndim != 1:
-        raise ConfigError(f"sizes and times must be two 1-D sequences of one length, got {xs.shape} and {ts.shape}")
-    if len(np.unique(xs)) < 2:
-        raise ConfigError(f"an alpha-beta fit needs at least 2 distinct sizes, got {sorted(set(xs.tolist()))}")
-    if not (np.all(np.isfinite(xs)) and np.all(xs >= 0) and np.all(np.isfinite(ts)) and np.all(ts > 0)):
-        raise ConfigError("sizes must be finite and >= 0 and times finite and > 0 to fit alpha-beta")
-    w = 1.0 / ts
-    (a, b), *_ = np.linalg.lstsq(np.stack([w, w * xs], axis=1), w * ts, rcond=None)
-    if a < 0:
-        a = 0.0
-        b = float(np.sum(w * w * xs * ts) / np.sum(w * w * xs * xs))
-    return float(a), float(b)
-
-
-def fit_per_op(ops: Sequence[float], base: Sequence[float], timed: Sequence[float]) -> float:
-    """Seconds per op ``s`` with ``timed_i - base_i = s * ops_i``: least squares weighted by 1/base_i^2
-    (relative error, so a small probe, where the surcharge stands out of the noise, counts as much as a
-    large one); at least 0 (a surcharge the noise hides is none)."""
-    n, b, t = (np.asarray(v, dtype=float) for v in (ops, base, timed))
-    if not (n.shape == b.shape == t.shape and n.ndim == 1) or not np.all(b > 0) or not np.any(n > 0):
-        raise ConfigError(f"need op counts (some > 0), base times > 0 and timed times of one length, got "
-                          f"{n.tolist()}, {b.tolist()}, {t.tolist()}")
-    w = 1.0 / b ** 2
-    return max(0.0, float(np.sum(w * n * (t - b)) / np.sum(w * n * n)))
-
-
-def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> AlphaBeta:
-    """alpha (s) and beta (s/byte) from times measured at message sizes (bytes of ring traffic)."""
-    a, b = fit_linear(sizes, times)
-    if not b > 0:
-        raise ClusterProfileError(f"the times {list(times)} do not grow with message size {list(sizes)}; "
-                                  f"measure larger messages (--max-bytes) to fit a bandwidth")
-    return AlphaBeta(alpha=a, beta=b)
-
-
 # --- options ----------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class ProfileOptions:
-    """What to measure and how often. Sizes are bytes of the full (gathered) tensor."""
-
-    message_sizes: tuple[int, ...] = (1 << 12, 1 << 15, 1 << 18, 1 << 20, 1 << 22)
-    matmul_sizes: tuple[int, ...] = (32, 64, 128, 256, 384)
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    stream_bytes: tuple[int, ...] = (1 << 16, 1 << 20, 1 << 23)
-    trials: int = 5
-    warmup: int = 2
-    # GPT probes (layers, d_model, heads, vocab, seq, batch) whose forward+backward calibrates the roofline
-    probes: tuple[tuple[int, int, int, int, int, int], ...] = ((2, 64, 4, 256, 32, 2), (2, 128, 4, 512, 64, 8),
-                                                             (2, 256, 8, 1024, 64, 8))
-    # per-op calibration (optional): (model spec as `autopar plan --model` takes it, batch, seq) whose ops are
-    # timed at the local shapes of every strategy on the profiled mesh (autopar.cluster.calibrate.calibrate_ops)
-    ops_of: tuple[str, int, int] | None = None
-    ops_trial_s: float = 20e-3   # shortest timed trial of one op (OpCalibrationOptions.min_trial_s)
-
-    @staticmethod
-    def for_backend(backend: str, message_sizes: tuple[int, ...] | None = None, trials: int = 5) -> "ProfileOptions":
-        """Defaults sized for the hardware: CPU gloo (KiB..MiB, small GEMMs) or GPU nccl (up to 256 MiB,
-        GEMMs up to 8192, 1 GiB streams) where small sizes would only measure launch latency."""
-        if backend == "nccl":
-            return ProfileOptions(message_sizes=message_sizes or sizes_between(1 << 16, 1 << 28, 7),
-                                  matmul_sizes=(512, 1024, 2048, 4096, 8192), stream_bytes=(1 << 24, 1 << 28, 1 << 30),
-                                  dtypes=("float32", "tf32", "bfloat16", "float16"), trials=trials,
-                                  probes=((4, 1024, 16, 8192, 512, 8), (4, 2048, 16, 8192, 1024, 8)))
-        return ProfileOptions(message_sizes=message_sizes or ProfileOptions.message_sizes, trials=trials)
-
-    def __post_init__(self) -> None:
-        if self.trials < 1 or self.warmup < 0:
-            raise ConfigError(f"trials must be >= 1 and warmup >= 0, got {self.trials}, {self.warmup}")
-        if len(set(self.message_sizes)) < 2 or min(self.message_sizes) < 64:
-            raise ConfigError(f"give at least 2 distinct message sizes of >= 64 bytes, got {self.message_sizes}")
-        if len(set(self.matmul_sizes)) < 2 or min(self.matmul_sizes) < 1:
-            raise ConfigError(f"give at least 2 distinct matmul sizes, got {self.matmul_sizes}")
-
-
-def sizes_between(lo: int, hi: int, count: int) -> tuple[int, ...]:
-    """``count`` message sizes spaced geometrically from lo to hi bytes (multiples of 64)."""
-    if not (64 <= lo < hi) or count < 2:
-        raise ConfigError(f"need 64 <= min bytes < max bytes and >= 2 sizes, got {lo}, {hi}, {count}")
-    return tuple(sorted({max(64, int(round(lo * (hi / lo) ** (i / (count - 1)) / 64)) * 64) for i in range(count)}))
-
-
 # --- timing helpers -----------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device, trials: int, warmup: int, iters: int = 1) -> float:
-    """Median of ``trials`` runs of ``iters`` back-to-back calls (per call), maximum over all ranks.
-
-    The median, not the fastest run: a training step pays every call's typical time, and the fastest
-    run hides how unevenly calls take. On gloo ranks that share cores the spread is mostly in the
-    collectives (a tight loop of small all-reduces measured 1.0 ms fastest, 3.2 ms median, while
-    matmuls spread 1.3x), so the fastest runs priced collectives low against compute. The maximum over
-    ranks is what a synchronous step waits for."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(trials):
-        if dist.is_initialized():
-            dist.barrier()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / iters)
-    med = torch.tensor([float(np.median(samples))], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return float(med.item())
-
-
 def _runtime_call(kind: str, nbytes: int, mesh, d: int, device: torch.device) -> Callable[[], object] | None:
     """The collective step as the parallel module runs it (autopar.ops.collectives.redistribute on mesh dim d,
     with its copies and checks), on a 2-D fp32 tensor whose full size is ~``nbytes``; None for send/recv."""
-    from autopar.ops.collectives import redistribute
-    from autopar.core.placement import Partial, Replicate, Shard
 
     n = mesh.size(d)
     cols = 16 * n
@@ -234,8 +122,8 @@ def _sweep(kind: str, mesh, d: int, device: torch.device, opts: ProfileOptions) 
         unit = 64 * n * n  # whole rows of 16n fp32 columns, n | rows: both call paths move exactly nbytes
         nbytes = max(unit, nbytes // unit * unit)
         call = _runtime_call(kind, nbytes, mesh, d, device) or _collective_call(kind, nbytes, n, group, device)
-        ts.append(_timed(call, device, opts.trials, opts.warmup, iters=max(1, min(16, (1 << 20) // nbytes))))
-        xs.append(_TRAFFIC[kind](n) * nbytes)
+        ts.append(timed(call, device, opts.trials, opts.warmup, iters=max(1, min(16, (1 << 20) // nbytes))))
+        xs.append(ring_traffic(kind, n) * nbytes)
     return xs, ts
 
 
@@ -252,15 +140,15 @@ def measure_sync(mesh, d: int, device: torch.device, opts: ProfileOptions, all_r
     nbytes = max(64 * n * n, min(opts.message_sizes) // (64 * n * n) * 64 * n * n)
     call = _runtime_call("all_reduce", nbytes, mesh, d, device)
     trials = 2 * opts.trials
-    t_mm = _timed(lambda: torch.mm(a, a), device, opts.trials, opts.warmup, iters=64)
+    t_mm = timed(lambda: torch.mm(a, a), device, opts.trials, opts.warmup, iters=64)
     k = max(1, int(work_s / max(t_mm, 1e-9)))
 
     def work():
         for _ in range(k):
             torch.mm(a, a)
-    t_work = _timed(work, device, trials, opts.warmup, iters=8)
-    t_both = _timed(lambda: (work(), call()), device, trials, opts.warmup, iters=8)
-    fitted = all_reduce.alpha + all_reduce.beta * _TRAFFIC["all_reduce"](n) * nbytes
+    t_work = timed(work, device, trials, opts.warmup, iters=8)
+    t_both = timed(lambda: (work(), call()), device, trials, opts.warmup, iters=8)
+    fitted = all_reduce.alpha + all_reduce.beta * ring_traffic("all_reduce", n) * nbytes
     sync = max(0.0, t_both - t_work - fitted)
     return sync, {"work_s": t_work, "work_and_call_s": t_both, "fitted_call_s": fitted, "bytes": nbytes,
                   "matmuls": k, "sync_s": sync}
@@ -282,7 +170,7 @@ def measure_links(mesh, opts: ProfileOptions, progress: Progress | None = None) 
             continue
         group, coll, raw[names[d]] = mesh.get_group(d), {}, {}
         for kind in COLLECTIVES:
-            _timed(_collective_call(kind, max(opts.message_sizes), n, group, device), device, 1, opts.warmup)
+            timed(_collective_call(kind, max(opts.message_sizes), n, group, device), device, 1, opts.warmup)
             for attempt in range(2):  # a sweep that noise made non-increasing is measured once more
                 xs, ts = _sweep(kind, mesh, d, device, opts)
                 try:
@@ -320,14 +208,14 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
         if progress:
             progress(what, done[0], steps)
 
-    overhead = _op_overhead(device, opts)
+    overhead = op_overhead(device, opts)
     raw["op_overhead_s"] = overhead
     tick("op overhead")
     flops, times = [], []
     for k in opts.matmul_sizes:
         a = torch.randn(k, k, device=device)
         b = torch.randn(k, k, device=device)
-        times.append(_timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2)))
+        times.append(timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2)))
         flops.append(2.0 * k ** 3)
         tick(f"matmul {k}")
     intercept, slope = fit_linear(flops, times)
@@ -348,7 +236,7 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = dt == "tf32"
         try:
-            t = _timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2))
+            t = timed(lambda: torch.mm(a, b), device, opts.trials, opts.warmup, iters=max(1, 2 ** 21 // k ** 2))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         f = 2.0 * k ** 3
@@ -360,7 +248,7 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
         numel = max(1, nbytes // 4)
         a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
         c = torch.empty_like(a)
-        ts.append(_timed(lambda: torch.add(a, b, out=c), device, opts.trials, opts.warmup,
+        ts.append(timed(lambda: torch.add(a, b, out=c), device, opts.trials, opts.warmup,
                          iters=max(1, 2 ** 22 // numel)))
         xs.append(3.0 * numel * 4)
         tick(f"memory {nbytes} B")
@@ -373,30 +261,16 @@ def measure_device(device: torch.device, opts: ProfileOptions, progress: Progres
                       max_matmul_efficiency=1.0, matmul_half_efficiency_flops=half, max_memory_efficiency=1.0,
                       op_overhead_s=overhead)
     if opts.probes:
-        from autopar.cluster.calibrate import calibrate, measure_checkpoint_overhead
         spec, raw["calibration"] = calibrate(spec, device, opts)
         spec, raw["checkpoint"] = measure_checkpoint_overhead(spec, device, opts)
     return spec, host_bw, raw
-
-
-def _op_overhead(device: torch.device, opts: ProfileOptions) -> float:
-    """Seconds per tiny op as the cost model charges it: forward (1x) plus backward (1x) per op."""
-    chain = 16
-    x = torch.ones(8, device=device, requires_grad=True)
-
-    def run():
-        y = x
-        for _ in range(chain):
-            y = y * 1.0001
-        y.sum().backward()
-    return _timed(run, device, opts.trials, opts.warmup, iters=20) / (2 * (chain + 1))
 
 
 def _host_bandwidth(device: torch.device, opts: ProfileOptions) -> float:
     nbytes = max(opts.message_sizes) * 4
     host = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
     dev = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    t = _timed(lambda: dev.copy_(host, non_blocking=True), device, opts.trials, opts.warmup, iters=4)
+    t = timed(lambda: dev.copy_(host, non_blocking=True), device, opts.trials, opts.warmup, iters=4)
     return nbytes / t
 
 
@@ -427,7 +301,6 @@ def _device_name(device: torch.device) -> str:
 def profile_cluster(mesh_shape: tuple[int, ...], *, dim_names: tuple[str, ...] | None = None,
                     opts: ProfileOptions | None = None, progress: Progress | None = None) -> dict:
     """Measure on the current (initialized) process group; every rank returns the profile JSON dict."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     opts = opts or ProfileOptions.for_backend(dist.get_backend())
     spec = MeshSpec.make(mesh_shape, dim_names)
@@ -471,11 +344,7 @@ def _with_op_times(prof: ClusterProfile, opts: ProfileOptions, device: torch.dev
                    progress: Progress | None) -> ClusterProfile:
     """``prof`` with per-op calibration of the model ``opts.ops_of`` = (spec, batch, seq) on its mesh: every
     rank builds the model on ``device`` and times its ops at once (autopar.cluster.calibrate.calibrate_ops)."""
-    from dataclasses import replace
 
-    from autopar.cluster.calibrate import OpCalibrationOptions, calibrate_ops
-    from autopar.core.capture import capture
-    from autopar.models import build_model
 
     spec, batch, seq = opts.ops_of
     if progress:
@@ -522,7 +391,6 @@ def run_profile(*, nproc: int, mesh_shape: tuple[int, ...] | None = None, dim_na
                 timeout: float = 1800.0) -> dict:
     """Profile JSON dict: joins the process group when one exists (torchrun: RANK/WORLD_SIZE set), else
     spawns ``nproc`` local ranks. ``progress`` must be picklable (a module-level function) when spawning."""
-    import torch.multiprocessing as mp
 
     if backend not in ("gloo", "nccl"):
         raise ConfigError(f"backend {backend!r}: use gloo (CPU) or nccl (GPU)")

@@ -32,16 +32,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from autopar.cluster.profile import ClusterProfile, LinkSpec
 from autopar.core.errors import ConfigError
 from autopar.core.mesh import MeshSpec
-from autopar.cluster.profile import ClusterProfile, LinkSpec
+from autopar.core.runtime_rules import ring_traffic
 from autopar.solver.cost import OpCost, collective_time, roofline_cost
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "gpipe")
-_TRAFFIC = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-            "reduce_scatter": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,7 +213,7 @@ def _collective(kind: str, count: int, nbytes: float, n: int, link: LinkSpec | N
     if n <= 1 or count == 0 or link is None:
         return Collective(kind=kind, ranks=n, count=0, bytes_each=nbytes, traffic_bytes=0.0, time_s=0.0)
     return Collective(kind=kind, ranks=n, count=count, bytes_each=nbytes,
-                      traffic_bytes=count * _TRAFFIC[kind](n) * nbytes,
+                      traffic_bytes=count * ring_traffic(kind, n) * nbytes,
                       time_s=count * collective_time(kind, nbytes, n, link))
 
 

@@ -18,9 +18,7 @@ from pathlib import Path
 
 from autopar.core.errors import ClusterProfileError
 from autopar.core.mesh import MeshSpec
-
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
-
+from autopar.core.runtime_rules import COLLECTIVES
 
 
 class OpTableError(ClusterProfileError):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 import re
+import sys
 import traceback
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx._pytree
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
@@ -156,21 +160,35 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
     return dataclasses.replace(_capture(model, example_inputs), model_params=full_params)
 
 
-def _leaf_arg_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    """For each pytree leaf of (args, kwargs), in export's order, the forward() argument it belongs to."""
-    import inspect
-    import torch.utils._pytree as pytree
-
+def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The top-level inputs of a call ``model(*args, **kwargs)`` by name, in export's order (positional
+    first): a named parameter's name, ``<name>[i]`` for the i-th value of ``*<name>``, and for a keyword
+    its key, whether it binds to a named parameter or to ``**kwargs``. Capture names each input of the
+    graph this way and the parallel module binds its call the same way."""
     try:
-        params = list(inspect.signature(model.forward).parameters)
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
-    names = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+    out: dict[str, object] = {}
     for i, a in enumerate(args):
-        top = params[i] if i < len(params) else f"arg{i}"
-        names += [top] * len(pytree.tree_leaves(a))
+        if i < len(positional):
+            out[positional[i]] = a
+        else:
+            out[f"{var}[{i - len(positional)}]" if var else f"arg{i}"] = a
     for k, v in kwargs.items():
-        names += [k] * len(pytree.tree_leaves(v))
+        if k in out:
+            raise CaptureError(f"input {k!r} is given both positionally and by keyword")
+        out[k] = v
+    return out
+
+
+def _leaf_arg_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """For each pytree leaf of (args, kwargs), in export's order, the forward() argument it belongs to."""
+    names = []
+    for name, v in bind_inputs(model, args, kwargs).items():
+        names += [name] * len(pytree.tree_leaves(v))
     return names
 
 
@@ -203,6 +221,29 @@ def _folding_related(e: CaptureError) -> bool:
     return isinstance(cause, (IndexError, KeyError, AssertionError)) or "index" in str(e).lower()
 
 
+def _register_output_types() -> None:
+    """Let torch.export flatten the caches HuggingFace models return by default (``use_cache=True``:
+    a DynamicCache in the output), with the pytree registration transformers ships for it. The cache is
+    kept, not dropped: the parallel module returns the model's outputs in their structure. Only when
+    transformers is already imported (a model of it is being captured)."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.cache_utils import EncoderDecoderCache
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:    # another transformers version: models without registered caches fail as before
+        return
+    register_dynamic_cache_export_support()
+    # encoder-decoder models (T5, BART) return a pair of DynamicCaches: flattened as the pair
+    if EncoderDecoderCache not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(
+            EncoderDecoderCache, lambda c: ([c.self_attention_cache, c.cross_attention_cache], None),
+            lambda values, _: EncoderDecoderCache(*values),
+            serialized_type_name=f"{EncoderDecoderCache.__module__}.{EncoderDecoderCache.__name__}")
+        torch.fx._pytree.register_pytree_flatten_spec(
+            EncoderDecoderCache, lambda c, spec: [c.self_attention_cache, c.cross_attention_cache])
+
+
 def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
@@ -212,6 +253,7 @@ def _capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedModel:
     if on_meta:
         args = tuple(_to_meta(a) for a in args)
         kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+    _register_output_types()
     try:
         program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # re-raised with the op and the model's line

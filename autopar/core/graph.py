@@ -206,6 +206,13 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
                 base = f"{sub}/{op_name(g.target)}" if sub else op_name(g.target)
                 rel[g.name] = f"{base}#{ordinal[base]}"
                 ordinal[base] += 1
+            elif g.name in cap.constant_fqns:
+                # a lifted constant's name carries a model-wide counter (``lifted_tensor_7``): name it by its
+                # module and its ordinal within the block instead, so identical blocks get identical keys
+                sub = g.module_path[len(prefix):].lstrip(".")
+                base = f"{sub}.constant" if sub else "constant"
+                rel[g.name] = f"{g.kind}:{base}#{ordinal[base]}"
+                ordinal[base] += 1
             else:
                 rel[g.name] = f"{g.kind}:{g.fqns[0][len(prefix):].lstrip('.')}"
 
@@ -246,3 +253,18 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
                      if isinstance(a, fx.Node) and a.name in nodes)
     return GraphIndex(nodes=nodes, layer_counts=true_counts, observed_counts=dict(observed),
                       shared_lists=shared_lists, output_refs=out_refs)
+
+
+def folding_problem(cap: CapturedModel, gi: GraphIndex) -> str | None:
+    """Why a capture with folded blocks does not stand for the whole model (None: it does). Folding is
+    exact only when the captured blocks of each folded list are the same graph (they share keys, which
+    the plan expands to every block) and no output of the model comes from inside a block (per-layer
+    outputs, such as a key/value cache or hidden states of every layer, would be missing)."""
+    for lst in cap.folded_layers:
+        if lst not in gi.shared_lists:
+            return f"the captured blocks of {lst!r} are not the same graph"
+    for ref in gi.output_refs:
+        g = gi.nodes[ref.src]
+        if g.layer is not None and g.layer[0] in cap.folded_layers:
+            return f"an output of the model ({ref.src}) is computed inside a block of {g.layer[0]!r}"
+    return None

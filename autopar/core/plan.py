@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autopar.cluster.profile import ClusterProfile
 from autopar.core.errors import PlanFormatError
 from autopar.core.mesh import MeshSpec
 from autopar.core.placement import Sharding, parse_sharding
-from autopar.cluster.profile import ClusterProfile
 
 PLAN_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("plan_schema.json")

@@ -17,13 +17,13 @@ import time
 import torch
 from torch import nn
 
-from autopar.codegen.split_stages import split_stages
 from autopar.cluster.profile import ClusterProfile
+from autopar.codegen.split_stages import split_stages
 from autopar.core.capture import ExampleInputs, _foldable_lists, capture, normalize_inputs
 from autopar.core.errors import ConfigError, MeshError, ShardingError
 from autopar.core.graph import index_graph
 from autopar.core.mesh import PP_DIM, MeshSpec
-from autopar.core.options import PipelineOptions, PlanOptions
+from autopar.core.options import PipelineOptions
 from autopar.core.placement import Replicate, parse_sharding
 from autopar.core.plan import ModelInfo, Plan, Predicted, SolverStats
 from autopar.runtime.pipeline import batch_size

@@ -9,7 +9,6 @@ errors and must not capture, plan or run anything.
 from __future__ import annotations
 
 import dataclasses
-
 import importlib
 import inspect
 from collections.abc import Callable

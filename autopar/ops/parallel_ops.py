@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from autopar.ops.collectives import redistribute
 from autopar.core.placement import Partial, Replicate, Shard, Sharding, parse_sharding
+from autopar.ops.collectives import redistribute
 
 
 @functools.lru_cache(maxsize=4096)

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from autopar.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,8 +125,6 @@ def init_distributed(config: str | os.PathLike | dict | Config | None = None, *,
     ``timeout_s`` / ``backend`` override the config. Under torchrun nothing else is needed; spawned
     processes pass ``rank``, ``world_size`` and a ``store`` (or set the ``env://`` variables). When a
     group is already running it is kept (and a differing timeout is logged)."""
-    import torch
-    import torch.distributed as dist
 
     global _ACTIVE
     cfg = load_config(config).distributed

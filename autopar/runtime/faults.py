@@ -19,6 +19,8 @@ not touched. Imports autopar's core only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import time
@@ -27,7 +29,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from autopar.core.errors import RankFailureError
+from autopar.core.errors import PlanMismatchError, RankFailureError
+from autopar.runtime.distributed import active_distributed_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 
 def _default_grace() -> float:
-    from autopar.runtime.distributed import active_distributed_config
 
     cfg = active_distributed_config()
     if cfg is not None:
@@ -111,8 +113,6 @@ def guard_step(*, grace_s: float | None = None) -> Iterator[None]:
 
 def plan_digest(plan) -> int:
     """A 63-bit hash of everything a plan decides (its JSON without the solver's wall times)."""
-    import hashlib
-    import json
 
     d = plan.to_dict()
     d["solver"] = {k: v for k, v in d["solver"].items() if k != "phase_times_s"}
@@ -123,7 +123,6 @@ def plan_digest(plan) -> int:
 def check_same_plan(plan, device: torch.device | str = "cpu") -> None:
     """Every rank of the default process group must hold the same plan; else PlanMismatchError naming
     the ranks that differ from rank 0 (raised on every rank). A collective: call it on all ranks."""
-    from autopar.core.errors import PlanMismatchError
 
     world = dist.get_world_size()
     if world == 1:

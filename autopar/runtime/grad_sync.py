@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.core.errors import ConfigError
+from autopar.core.runtime_rules import FIRST_GRAD_BUCKET_BYTES, GRAD_BUCKET_BYTES
 
 
 class GradReducer:
@@ -33,7 +34,7 @@ class GradReducer:
     view of its bucket (the runtime points the DTensor parameter's ``.grad`` there)."""
 
     def __init__(self, params: list[tuple[torch.Tensor, tuple[int, ...], Callable | None]], mesh: DeviceMesh,
-                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int = 2**20) -> None:
+                 bucket_bytes: int = GRAD_BUCKET_BYTES, first_bucket_bytes: int = FIRST_GRAD_BUCKET_BYTES) -> None:
         self.mesh = mesh
         self.buckets: list[list[torch.Tensor]] = []
         self.dims: list[tuple[int, ...]] = []

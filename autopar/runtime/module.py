@@ -14,7 +14,9 @@ DTensor with the parameter's spec sharing the local gradient's storage. Before e
 local gradients are re-synchronized with ``param.grad`` (``zero_grad(set_to_none=True)`` sets it to
 None; a gradient assigned by the user is adopted), so accumulation, zeroing and optimizers behave
 exactly as with ``to_local()``. Gradients the bucketed reducer sums (``autopar.runtime.grad_sync``) are
-published by the reducer instead, once they are views of its bucket.
+published by the reducer instead, once they are views of its bucket. A ZeRO-2 parameter's gradient is
+reduce-scattered by ``autopar.runtime.zero`` into ``param.grad`` (this rank's shard, a DTensor with the
+gradient-sharding placements and the global shape); its local leaf's ``.grad`` stays None between backward calls.
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from autopar.core.capture import CapturedModel
+from autopar.core.capture import CapturedModel, bind_inputs
 from autopar.core.errors import ConfigError, PlanMismatchError
-from autopar.runtime.grad_sync import GradReducer
-from autopar.ops.collectives import to_local_input
-from autopar.ops.parallel_ops import local_chunk, placements
 from autopar.core.plan import Plan
+from autopar.ops.collectives import to_local_input
+from autopar.ops.parallel_ops import local_chunk, local_shape, placements
+from autopar.runtime.grad_sync import GradReducer
 from autopar.runtime.precision import check_precision, compute_dtype
 from autopar.runtime.zero import ZeroShards
 
@@ -56,6 +58,10 @@ class ParallelModule(nn.Module):
         self.__dict__["plan"] = plan
         self.__dict__["mesh"] = mesh
         self.__dict__["_signature"] = inspect.signature(model.forward)
+        self.__dict__["_source"] = model            # whose forward() a call is bound to (capture.bind_inputs)
+        # non-tensor inputs (flags such as use_cache) were baked into the graph when it was captured
+        self.__dict__["_planned_values"] = {k: v for k, v in bind_inputs(model, cap.args, cap.kwargs).items()
+                                            if not isinstance(v, torch.Tensor)}
         self.__dict__["_out_spec"] = cap.program.call_spec.out_spec
         self.input_mode = input_mode
         order = []   # (kind, name) per placeholder of the rewritten graph
@@ -97,6 +103,8 @@ class ParallelModule(nn.Module):
         reduced = [(fqn_of[name], deferred[name]) for name in ready_order
                    if fqn_of[name] not in plan.gradient_sharding]
         self.__dict__["_reduced"] = {fqn for fqn, _ in reduced}   # their gradients are published by the reducer
+        # ZeRO-2: param.grad is this rank's reduced shard, put there by autopar.zero's hook (not published, not adopted)
+        self.__dict__["_zero2"] = set(plan.gradient_sharding)
         for kind, name in order:
             if kind == "param":
                 self._leaf(name)
@@ -122,10 +130,15 @@ class ParallelModule(nn.Module):
             return local
         if p.requires_grad:
             local.requires_grad_(True)
-            if fqn not in self._reduced:       # the reducer publishes once the gradient is in its bucket
+            if fqn in self._zero2:             # autopar.zero reduce-scatters it into p.grad
+                pass
+            elif fqn not in self._reduced:     # the reducer publishes once the gradient is in its bucket
                 local.register_post_accumulate_grad_hook(functools.partial(_publish_grad, p))
             elif entry is not None and self.__dict__.get("grad_reducer") is not None:   # a replaced parameter
                 self.grad_reducer.replace(entry[1], local, functools.partial(_publish_grad, p))
+        zero = self.__dict__.get("zero")
+        if entry is not None and zero is not None and zero.key(fqn) is not None:   # a replaced ZeRO parameter
+            zero.attach(fqn, p, local)
         self._leaves[fqn] = (p, local)
         return local
 
@@ -139,10 +152,20 @@ class ParallelModule(nn.Module):
 
     def _bind(self, args, kwargs) -> dict[str, torch.Tensor]:
         try:
-            bound = self._signature.bind(*args, **kwargs)
+            self._signature.bind(*args, **kwargs)
         except TypeError as e:
             raise PlanMismatchError(f"inputs do not fit the model's forward: {e}") from None
-        given = {k: v for k, v in bound.arguments.items() if v is not None}
+        named = bind_inputs(self._source, args, kwargs)
+        given = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+        for k, v in named.items():
+            if isinstance(v, torch.Tensor):
+                continue
+            param = self._signature.parameters.get(k)
+            default = param.default if param is not None and param.default is not param.empty else None
+            planned = self._planned_values.get(k, default)
+            if not _same_value(v, planned):
+                raise PlanMismatchError(f"input {k!r} is {v!r} but the model was captured with {planned!r} (a "
+                                        f"non-tensor input is part of the planned graph); re-plan with this value")
         unplanned = [k for k in given if k not in self._inputs]
         if unplanned:
             raise PlanMismatchError(f"input {unplanned[0]!r} was not given when the model was planned; "
@@ -168,7 +191,7 @@ class ParallelModule(nn.Module):
         for kind, name in self._order:
             if kind == "param":
                 local = self._leaf(name)
-                if grad and local.requires_grad:
+                if grad and local.requires_grad and name not in self._zero2:
                     _adopt_grad(self._leaves[name][0], local)
                 flat.append(local)
             elif kind == "buffer":
@@ -194,6 +217,13 @@ class ParallelModule(nn.Module):
         return self.graph_module.code
 
 
+def _same_value(a, b) -> bool:
+    try:
+        return bool(a == b) if type(a) is type(b) else (a is None and b is None)
+    except Exception:   # values without a plain equality: only the same object counts
+        return a is b
+
+
 def _adopt_grad(p: torch.Tensor, local: torch.Tensor) -> None:
     """Make the local leaf's ``.grad`` the local tensor of ``p.grad`` (None when the user cleared it)."""
     g = p.grad
@@ -211,5 +241,4 @@ def _publish_grad(p: torch.Tensor, local: torch.Tensor) -> None:
 
 
 def _local(shape: list[int], sharding: str, mesh_shape: tuple[int, ...]) -> list[int]:
-    from autopar.ops.parallel_ops import local_shape
     return local_shape(tuple(shape), sharding, mesh_shape)

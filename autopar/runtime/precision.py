@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from autopar.core.plan import LOSS_SCALING, PRECISION_DTYPES, check_precision
 
@@ -44,5 +45,4 @@ def grad_scaler(plan, device_type: str, process_group=None, **options):
     them and halve the scale. ``options``: ``init_scale``, ``growth_interval``, ... as GradScaler."""
     if check_precision(plan.precision)["loss_scaling"] != "dynamic":
         return None
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     return ShardedGradScaler(device_type, process_group=process_group, **options)

@@ -7,13 +7,29 @@ what to do); 2 bad command-line usage (argparse).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from autopar.core.errors import AutoparError
+from autopar.cluster.measure import run_profile
+from autopar.cluster.predict import GPTPlan, predict
+from autopar.cluster.profile import ClusterProfile, load_cluster
+from autopar.cluster.timing import ProfileOptions, sizes_between
+from autopar.codegen import build_parallel_graph
+from autopar.codegen.emit import check_rank, emit_source, place_factories
+from autopar.core.capture import capture
+from autopar.core.errors import AutoparError, ConfigError, PlanMismatchError
+from autopar.core.mesh import PP_DIM, MeshSpec
+from autopar.core.options import PipelineOptions, PlanOptions, parse_bytes
+from autopar.core.plan import Plan
+from autopar.frontend.planning import plan as autopar_plan
+from autopar.models import build_model
+from autopar.tools.explain import explain, render_explanation
+from autopar.tools.report import fmt_bytes, fmt_time, render, summary
+from autopar.tools.sweep import plot, render_sweep, sweep_memory
 
 EPILOG = "Exit codes: 0 ok, 1 autopar error (message says what to fix), 2 bad usage."
 
@@ -38,45 +54,67 @@ class _Phase:
         print(f" {'done' if exc[0] is None else 'failed'} in {self.seconds:.2f}s", file=sys.stderr, flush=True)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from autopar.frontend.api import default_fuse, fusible_groups, parse_bytes
-    from autopar.core.capture import capture
-    from autopar.core.mesh import MeshSpec
-    from autopar.models import build_model
-    from autopar.cluster.profile import load_cluster
-    from autopar.tools.report import render
-    from autopar.solver import plan_graph
+def _placements_arg(values: list[str] | None, flag: str) -> dict[str, list[str]] | None:
+    """``--fix 'input:*=S(0),R'`` (repeatable) -> {pattern: placements}."""
+    if not values:
+        return None
+    out = {}
+    for v in values:
+        pat, sep, rhs = v.rpartition("=")
+        places = [x for x in rhs.replace(",", " ").split() if x]
+        if not sep or not pat or not places:
+            raise ConfigError(f"{flag} {v!r}: write PATTERN=PLACEMENTS, one placement per mesh dim, e.g. "
+                              f"{flag} 'input:*=S(0),R'")
+        out[pat] = places
+    return out
 
+
+def plan_options(args: argparse.Namespace) -> PlanOptions:
+    """The ``plan`` command's flags as the PlanOptions ``autopar.plan`` takes."""
+    pipeline: object = None
+    fixed = {k: getattr(args, k) for k in ("stages", "schedule", "microbatches", "virtual_stages")
+             if getattr(args, k) is not None}
+    if args.no_pipeline:
+        if fixed:
+            raise ConfigError(f"--no-pipeline contradicts {sorted('--' + k.replace('_', '-') for k in fixed)}")
+        pipeline = False
+    elif fixed:
+        pipeline = PipelineOptions(**fixed)
+    return PlanOptions(memory_budget=args.memory, fix=_placements_arg(args.fix, "--fix"),
+                       prefer=_placements_arg(args.prefer, "--prefer"), backend=args.backend,
+                       time_limit=args.time_limit, nodes=args.nodes, fold_layers=not args.no_fold,
+                       precision=args.precision, fuse=args.fuse, offload=False if args.no_offload else None,
+                       recompute=args.recompute, zero=args.zero, pipeline=pipeline)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    opts = plan_options(args)
     mesh = MeshSpec.make(args.mesh, args.mesh_names)
     profile = load_cluster(args.cluster)
-    budget = parse_bytes(args.memory) if args.memory else profile.device.memory_capacity
     profile.dim_links(mesh, args.nodes)  # validate the topology before any work
     _check_sweep_args(args)
     with _Phase(f"build {args.model} on meta"):
         model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
-    with _Phase("capture (torch.export)") as cap_phase:
-        cap = capture(model, inputs, fold_layers=not args.no_fold)
     if args.sweep_memory:
-        return _sweep(args, cap, mesh, profile, budget)
-    fuse = default_fuse(profile) if args.fuse is None else args.fuse
-    with _Phase("strategies + ILP"):
-        plan = plan_graph(cap, mesh, profile, nodes=args.nodes, budget=budget, backend=args.backend,
-                          time_limit=args.time_limit, phase_times={"capture": cap_phase.seconds},
-                          fusions=fusible_groups(cap) if fuse else None, offload=not args.no_offload,
-                          recompute=args.recompute, zero=args.zero)
+        with _Phase("capture (torch.export)"):
+            cap = capture(model, inputs, fold_layers=opts.fold_layers)
+        return _sweep(args, cap, mesh, profile, opts)
+    what = "pipeline stages + ILPs" if PP_DIM in mesh.dim_names and opts.pipeline is not False else "ILP"
+    with _Phase(f"capture + strategies + {what}"):
+        plan = autopar_plan(model, inputs, mesh_shape=mesh.shape, mesh_dim_names=mesh.dim_names, cluster=profile,
+                            options=opts)
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
     return 0
 
 
-def _sweep(args: argparse.Namespace, cap, mesh, profile, budget: int) -> int:
+def _sweep(args: argparse.Namespace, cap, mesh, profile, opts: PlanOptions) -> int:
     """``plan --sweep-memory``: the time-memory frontier as a table (stdout) and optionally a PNG."""
-    from autopar.tools.sweep import plot, render_sweep, sweep_memory
-
+    budget = opts.memory_budget or profile.device.memory_capacity
     with _Phase(f"memory sweep ({args.sweep_points} budgets)"):
-        points = sweep_memory(cap, mesh, profile, top_budget=budget, points=args.sweep_points, nodes=args.nodes,
-                              backend=args.backend, time_limit=args.time_limit, offload=not args.no_offload)
+        points = sweep_memory(cap, mesh, profile, top_budget=budget, points=args.sweep_points,
+                              options=opts.replace(pipeline=False))
     mesh_text = "x".join(map(str, mesh.shape))
     print(f"time-memory sweep: {args.model} batch {args.batch} x {args.seq}, mesh {mesh_text}, cluster {profile.name}")
     print(render_sweep(points))
@@ -87,7 +125,6 @@ def _sweep(args: argparse.Namespace, cap, mesh, profile, budget: int) -> int:
 
 
 def _check_sweep_args(args: argparse.Namespace) -> None:
-    from autopar.core.errors import ConfigError
 
     if not args.sweep_memory:
         if args.sweep_out:
@@ -106,18 +143,13 @@ def _check_sweep_args(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from autopar.core.plan import Plan
-    from autopar.tools.report import render
 
     plan = Plan.from_json(args.plan)
     if args.explain:
-        from autopar.core.errors import ConfigError
-        from autopar.tools.explain import explain, render_explanation
 
         if not args.model:
             raise ConfigError("show --explain recaptures the model to cost the alternatives: give --model, the spec "
                               "the plan was made with (e.g. --model gpt-tiny)")
-        from autopar.tools.report import summary
         print(summary(plan) + "\n\n" + render_explanation(explain(plan, args.model, top=args.alternatives)))
         return 0
     print(render(plan))
@@ -134,12 +166,7 @@ def _progress(what: str, done: int, total: int) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import dataclasses
 
-    from autopar.frontend.api import parse_bytes
-    from autopar.core.mesh import MeshSpec
-    from autopar.cluster.profile import ClusterProfile
-    from autopar.cluster.measure import ProfileOptions, run_profile, sizes_between
 
     lo, hi = ("64KiB", "256MiB") if args.backend == "nccl" else ("4KiB", "4MiB")
     sizes = sizes_between(parse_bytes(args.min_bytes or lo), parse_bytes(args.max_bytes or hi), args.num_sizes)
@@ -167,7 +194,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _profile_table(prof, dim_names) -> str:
-    from autopar.tools.report import fmt_time
     lines = [f"{prof.name}: {prof.device.name}",
              "  matmul " + ", ".join(f"{k} {v / 1e9:.2f} GFLOP/s" for k, v in prof.device.peak_flops.items())
              + f"; memory {prof.device.memory_bandwidth / 1e9:.2f} GB/s; op overhead "
@@ -186,8 +212,6 @@ def _profile_table(prof, dim_names) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from autopar.cluster.predict import GPTPlan, predict
-    from autopar.cluster.profile import load_cluster
 
     plan = GPTPlan(layers=args.layers, hidden=args.hidden, heads=args.heads, seq=args.seq, vocab=args.vocab,
                    global_batch=args.global_batch, micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, dp=args.dp,
@@ -202,7 +226,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _prediction_text(pred) -> str:
-    from autopar.tools.report import fmt_bytes, fmt_time
     c = pred.plan
     mesh = " x ".join(f"{k}={v}" for k, v in pred.mesh.items())
     tb = ", ".join(f"{k.removesuffix('_s')} {fmt_time(v)}" for k, v in pred.time_breakdown.items() if v)
@@ -221,12 +244,6 @@ def _prediction_text(pred) -> str:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from autopar.core.capture import capture
-    from autopar.codegen import build_parallel_graph
-    from autopar.codegen.emit import check_rank, emit_source, place_factories
-    from autopar.core.errors import PlanMismatchError
-    from autopar.models import build_model
-    from autopar.core.plan import Plan
 
     plan = Plan.from_json(args.plan)
     check_rank(args.rank, plan)
@@ -259,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=8, help="global batch size (default 8)")
     pl.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     pl.add_argument("--mesh", default="8", help="mesh shape, e.g. 8x8 (default 8)")
-    pl.add_argument("--mesh-names", default=None, help="mesh dim names, e.g. dp,tp (default dp / dp,tp / dp,sp,tp)")
+    pl.add_argument("--mesh-names", default=None,
+                    help="mesh dim names, e.g. dp,tp (default dp / dp,tp / dp,sp,tp); a dim named pp is laid out as "
+                         "pipeline stages")
     pl.add_argument("--cluster", default="h100-sxm",
                     help="preset (h100-sxm, h200-sxm, a100-80g-sxm, cpu-gloo) or profile JSON path")
     pl.add_argument("--nodes", type=int, default=None,
@@ -279,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "memory (a GPU profile; default: the solver decides)")
     pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
                     help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
+    pl.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="compute dtype under autocast with fp32 master weights (default fp32)")
+    pl.add_argument("--fix", action="append", metavar="PATTERN=PLACEMENTS",
+                    help="pin placements of what PATTERN matches (graph key or FQN glob), one per mesh dim, e.g. "
+                         "--fix 'input:*=S(0),R' (repeatable)")
+    pl.add_argument("--prefer", action="append", metavar="PATTERN=PLACEMENTS",
+                    help="like --fix, for op outputs where the op has such a strategy (repeatable)")
+    pl.add_argument("--no-pipeline", action="store_true",
+                    help="on a mesh with a pp dim, plan without pipeline stages (pp as an ordinary dim)")
+    pl.add_argument("--stages", type=int, default=None, help="pipeline stages in all (default: the planner's)")
+    pl.add_argument("--schedule", default=None, choices=["gpipe", "1f1b", "interleaved"],
+                    help="pipeline schedule (default: the planner's)")
+    pl.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches (default: the planner's)")
+    pl.add_argument("--virtual-stages", type=int, default=None, help="stages per pp rank (interleaved schedule)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.add_argument("--sweep-memory", action="store_true",
                     help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "

@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
+
+import autopar
+from autopar.cluster.profile import load_cluster
+from autopar.core.errors import AutoparError
+from autopar.core.mesh import default_dim_names, parse_mesh_shape
+from autopar.models import load_example_module
+from autopar.tools.report import render
 
 RTOL, ATOL = 1e-4, 1e-5
 _HOST = "127.0.0.1"
@@ -55,7 +64,6 @@ class DemoConfig:
 
 def build_gpt(cfg: DemoConfig) -> nn.Module:
     """The example GPT at the demo's size, initialized from ``cfg.seed`` (the same on every rank)."""
-    from autopar.models import load_example_module
 
     gpt = load_example_module("gpt")
     torch.manual_seed(cfg.seed)
@@ -107,14 +115,11 @@ def _progress(msg: str) -> None:
 def _worker(rank: int, world: int, port: int, cfg: DemoConfig, mesh_shape: tuple[int, ...],
             dim_names: tuple[str, ...], cluster: str, out: str, result_q) -> None:
     """One rank: join the gloo group, parallelize the GPT, train, report the losses; always exits."""
-    from autopar.core.errors import AutoparError
 
     try:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        import autopar
-        from autopar.tools.report import render
 
         torch.set_num_threads(1)
         store = dist.TCPStore(_HOST, port, is_master=False, timeout=datetime.timedelta(seconds=60))
@@ -144,7 +149,6 @@ def _worker(rank: int, world: int, port: int, cfg: DemoConfig, mesh_shape: tuple
 
 def _exit_worker(result_q) -> None:
     """destroy_process_group, flush, os._exit(0): a plain exit sometimes aborts in gloo's destructors."""
-    import torch.distributed as dist
 
     with contextlib.suppress(Exception):
         if dist.is_initialized():
@@ -166,8 +170,6 @@ def run_parallel(cfg: DemoConfig, mesh_shape: tuple[int, ...], dim_names: tuple[
                  timeout: float, while_waiting: Callable[[], T]) -> tuple[list[float], T]:
     """Train on ``prod(mesh_shape)`` spawned gloo processes: rank 0's losses, and the result of
     ``while_waiting()``, which the parent runs while the workers start up and plan. Raises DemoError."""
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     world = math.prod(mesh_shape)
     ctx = mp.get_context("spawn")
@@ -270,9 +272,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from autopar.core.errors import AutoparError
-    from autopar.core.mesh import default_dim_names, parse_mesh_shape
-    from autopar.cluster.profile import load_cluster
 
     parser = _parser()
     args = parser.parse_args(argv)

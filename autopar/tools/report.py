@@ -135,8 +135,9 @@ def fusion_lines(plan: Plan) -> list[str]:
 def render(plan: Plan) -> str:
     parts = [summary(plan), *pipeline_lines(plan), "", "parameters",
              _table(["parameter", "placement"] + (["optimizer state"] if plan.optimizer_sharding else []),
-                    param_rows(plan)), "",
-             "layers", _table(["module", "count", "time", "comm", "memory"],
-                              [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s), fmt_bytes(r.memory_bytes)]
-                               for r in plan.layers]), *fusion_lines(plan)]
-    return "\n".join(parts)
+                    param_rows(plan))]
+    if plan.layers:   # a pipelined plan keeps its per-module costs in each stage's plan
+        parts += ["", "layers", _table(["module", "count", "time", "comm", "memory"],
+                                       [[r.name, str(r.count), fmt_time(r.time_s), fmt_time(r.comm_s),
+                                         fmt_bytes(r.memory_bytes)] for r in plan.layers])]
+    return "\n".join([*parts, *fusion_lines(plan)])

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from autopar.cluster.profile import ClusterProfile
 from autopar.core.capture import CapturedModel
 from autopar.core.errors import ConfigError, InfeasiblePlanError
 from autopar.core.mesh import MeshSpec
+from autopar.core.options import PlanOptions
 from autopar.core.plan import Plan
-from autopar.cluster.profile import ClusterProfile
-from autopar.tools.report import fmt_bytes, fmt_time, memory_decisions
+from autopar.frontend.planning import solve_captured
+from autopar.tools.report import _table, fmt_bytes, fmt_time, memory_decisions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,11 +36,14 @@ class SweepPoint:
 
 
 def sweep_memory(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, top_budget: int, points: int = 6,
-                 progress: Callable[[str], None] | None = None, **plan_options) -> list[SweepPoint]:
+                 progress: Callable[[str], None] | None = None, options: PlanOptions | None = None
+                 ) -> list[SweepPoint]:
     """Plans of ``cap`` at ``points`` budgets from ``top_budget`` down to the smallest feasible one (budget
-    descending). ``plan_options`` go to solver.plan_graph (nodes, backend, time_limit, offload)."""
-    from autopar.solver import plan_graph
-
+    descending), each solved as ``autopar.plan`` solves a captured model under ``options`` (their
+    ``memory_budget`` is replaced by each point's; pipeline stages are not swept)."""
+    options = options or PlanOptions()
+    if options.pipeline not in (None, False):
+        raise ConfigError("a memory sweep plans without pipeline stages; pass pipeline=False (CLI: --no-pipeline)")
     if not isinstance(points, int) or points < 2:
         raise ConfigError(f"a memory sweep needs at least 2 points (the top budget and the smallest feasible one), "
                           f"got {points!r}")
@@ -46,7 +51,7 @@ def sweep_memory(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *,
     def solve(budget: int) -> Plan:
         if progress:
             progress(f"budget {fmt_bytes(budget)}")
-        return plan_graph(cap, mesh, profile, budget=budget, **plan_options)
+        return solve_captured(cap, mesh, profile, options, budget=budget)
 
     top = solve(top_budget)   # an infeasible top budget raises here, naming the smallest feasible one
     try:
@@ -83,7 +88,6 @@ def pareto(points: list[SweepPoint], rel: float = 1e-6) -> list[SweepPoint]:
 
 def render_sweep(points: list[SweepPoint]) -> str:
     """The sweep as a table (budget descending); ``*`` marks the Pareto frontier."""
-    from autopar.tools.report import _table
 
     rows = [[fmt_bytes(p.budget_bytes), fmt_time(p.step_time_s), fmt_bytes(p.peak_bytes),
              fmt_time(p.time_breakdown.get("comm_s", 0.0)), fmt_time(p.time_breakdown.get("recompute_s", 0.0)),

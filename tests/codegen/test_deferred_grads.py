@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import autopar
-from autopar import parallel_ops
-from autopar.capture import capture
+from autopar.ops import parallel_ops
+from autopar.core.capture import capture
 from autopar.codegen import build_parallel_graph
 from autopar.models import build_model
 from parallel_check import assert_step_result, check_training_step

@@ -1,7 +1,11 @@
 """Golden snapshot of the emitted code for the demo-sized GPT on a (dp, tp) = (2, 2) mesh.
 
-Any codegen change shows up here as a diff. To accept an intended change, regenerate with
-``python tests/codegen/test_emit_golden.py`` and review the diff of tests/golden/.
+The snapshot is emitted from a stored plan (tests/golden/gpt_tiny_2x2_dptp.plan.json), which pins every
+decision: every node's input and output placements, every parameter, the memory decisions. So the
+snapshot moves only when codegen changes, never with the cost model or the solver. Any codegen change
+shows up here as a diff. To accept an intended change, regenerate with
+``python tests/codegen/test_emit_golden.py`` (it re-plans with FIX below and rewrites both files) and
+review the diff of tests/golden/.
 """
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ import sys
 from pathlib import Path
 
 import autopar
-from autopar.capture import capture
+from autopar.core.capture import capture
 from autopar.codegen import build_parallel_graph
 from autopar.codegen.emit import emit_source, place_factories
+from autopar.core.plan import Plan
 from autopar.models import build_model
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "gpt_tiny_2x2_dptp.py"
+GOLDEN_PLAN = GOLDEN.with_suffix(".plan.json")
 # Megatron-style DP x TP, pinned so the snapshot does not move with cost-model changes.
 FIX = {"input:*": ["S(0)", "R"],
        "param:*attn.qkv.*": ["R", "S(0)"], "param:*mlp.fc.*": ["R", "S(0)"],
@@ -25,11 +31,27 @@ FIX = {"input:*": ["S(0)", "R"],
        "blocks.*/attn.proj/linear#0": ["S(0)", "P(sum)"], "blocks.*/mlp.proj/linear#0": ["S(0)", "P(sum)"]}
 
 
-def emitted(fuse: bool = False) -> str:
+def planned() -> Plan:
+    """The plan the golden was emitted from, solved anew (only when regenerating)."""
     model, inputs = build_model("gpt-tiny", batch=8, seq=16, device="meta")
-    plan = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("dp", "tp"), cluster="h100-sxm", fix=FIX)
+    return autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("dp", "tp"), cluster="h100-sxm", fix=FIX,
+                        recompute="none", zero=0, offload=False)
+
+
+def emitted(fuse: bool = False, plan: Plan | None = None) -> str:
+    model, inputs = build_model("gpt-tiny", batch=8, seq=16, device="meta")
+    plan = plan if plan is not None else Plan.from_json(GOLDEN_PLAN)
     gm, _ = build_parallel_graph(capture(model, inputs, fold_layers=False), plan, fuse=fuse)
     return emit_source(place_factories(gm, "cpu"), plan)
+
+
+def test_the_stored_plan_pins_every_decision():
+    plan = Plan.from_json(GOLDEN_PLAN)
+    model, inputs = build_model("gpt-tiny", batch=8, seq=16, device="meta")
+    assert set(plan.param_placements) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    keys = set(plan.node_shardings)
+    assert len(keys) > 40 and all(plan.node_shardings[k].outputs for k in keys)
+    assert not plan.checkpoint and not plan.offload and not plan.optimizer_sharding and not plan.optimizer_offload
 
 
 def test_emitted_code_matches_golden():
@@ -64,5 +86,7 @@ def test_fused_emit_replaces_the_golden_ops_by_kernel_calls():
 
 
 if __name__ == "__main__":
-    GOLDEN.write_text(emitted())
-    print(f"wrote {GOLDEN}", file=sys.stderr)
+    p = planned()
+    p.to_json(GOLDEN_PLAN)
+    GOLDEN.write_text(emitted(plan=p))
+    print(f"wrote {GOLDEN_PLAN} and {GOLDEN}", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fuse_checks
-from autopar.capture import capture
+from autopar.core.capture import capture
 from autopar.codegen.context import copy_graph_module
 from autopar.codegen.drop_asserts import drop_asserts
 from autopar.codegen.fuse_kernels import fuse_kernels

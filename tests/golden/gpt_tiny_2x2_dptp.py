@@ -3,8 +3,8 @@
 # Every rank runs this code: shards are even, so local shapes do not depend on the rank.
 
 NoneType = type(None)
-from autopar.parallel_ops import reshard as autopar_parallel_ops_reshard
-from autopar.parallel_ops import sharded_cross_entropy as autopar_parallel_ops_sharded_cross_entropy
+from autopar.ops.parallel_ops import reshard as autopar_ops_parallel_ops_reshard
+from autopar.ops.parallel_ops import sharded_cross_entropy as autopar_ops_parallel_ops_sharded_cross_entropy
 from math import inf
 from math import nan
 from torch import device
@@ -26,9 +26,9 @@ class RewrittenModule(torch.nn.Module):
         add = torch.ops.aten.add.Tensor(embedding, embedding_1);  embedding = embedding_1 = None
         dropout = torch.ops.aten.dropout.default(add, 0.0, True);  add = None
         layer_norm = torch.ops.aten.layer_norm.default(dropout, [64], p_blocks_0_ln_1_weight, p_blocks_0_ln_1_bias, 1e-05, False);  p_blocks_0_ln_1_weight = p_blocks_0_ln_1_bias = None
-        reshard = autopar_parallel_ops_reshard(layer_norm, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm = None
+        reshard = autopar_ops_parallel_ops_reshard(layer_norm, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm = None
         linear = torch.ops.aten.linear.default(reshard, p_blocks_0_attn_qkv_weight, p_blocks_0_attn_qkv_bias);  reshard = p_blocks_0_attn_qkv_weight = p_blocks_0_attn_qkv_bias = None
-        reshard_1 = autopar_parallel_ops_reshard(linear, mesh, 'S(0) S(2)', 'S(0) R');  linear = None
+        reshard_1 = autopar_ops_parallel_ops_reshard(linear, mesh, 'S(0) S(2)', 'S(0) R');  linear = None
         split = torch.ops.aten.split.Tensor(reshard_1, 64, 2);  reshard_1 = None
         getitem = split[0]
         getitem_1 = split[1]
@@ -39,29 +39,29 @@ class RewrittenModule(torch.nn.Module):
         transpose_1 = torch.ops.aten.transpose.int(view_1, 1, 2);  view_1 = None
         view_2 = torch.ops.aten.view.default(getitem_2, [4, 16, 4, 16]);  getitem_2 = None
         transpose_2 = torch.ops.aten.transpose.int(view_2, 1, 2);  view_2 = None
-        reshard_2 = autopar_parallel_ops_reshard(transpose, mesh, 'S(0) R', 'S(0) S(1)');  transpose = None
-        reshard_3 = autopar_parallel_ops_reshard(transpose_1, mesh, 'S(0) R', 'S(0) S(1)');  transpose_1 = None
-        reshard_4 = autopar_parallel_ops_reshard(transpose_2, mesh, 'S(0) R', 'S(0) S(1)');  transpose_2 = None
+        reshard_2 = autopar_ops_parallel_ops_reshard(transpose, mesh, 'S(0) R', 'S(0) S(1)');  transpose = None
+        reshard_3 = autopar_ops_parallel_ops_reshard(transpose_1, mesh, 'S(0) R', 'S(0) S(1)');  transpose_1 = None
+        reshard_4 = autopar_ops_parallel_ops_reshard(transpose_2, mesh, 'S(0) R', 'S(0) S(1)');  transpose_2 = None
         scaled_dot_product_attention = torch.ops.aten.scaled_dot_product_attention.default(reshard_2, reshard_3, reshard_4, None, 0.0, True);  reshard_2 = reshard_3 = reshard_4 = None
         transpose_3 = torch.ops.aten.transpose.int(scaled_dot_product_attention, 1, 2);  scaled_dot_product_attention = None
         reshape = torch.ops.aten.reshape.default(transpose_3, [4, 16, 32]);  transpose_3 = None
-        reshard_5 = autopar_parallel_ops_reshard(p_blocks_0_attn_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_0_attn_proj_bias = None
+        reshard_5 = autopar_ops_parallel_ops_reshard(p_blocks_0_attn_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_0_attn_proj_bias = None
         linear_1 = torch.ops.aten.linear.default(reshape, p_blocks_0_attn_proj_weight, reshard_5);  reshape = p_blocks_0_attn_proj_weight = reshard_5 = None
-        reshard_6 = autopar_parallel_ops_reshard(linear_1, mesh, 'S(0) P(sum)', 'S(0) R');  linear_1 = None
+        reshard_6 = autopar_ops_parallel_ops_reshard(linear_1, mesh, 'S(0) P(sum)', 'S(0) R');  linear_1 = None
         add_1 = torch.ops.aten.add.Tensor(dropout, reshard_6);  dropout = reshard_6 = None
         layer_norm_1 = torch.ops.aten.layer_norm.default(add_1, [64], p_blocks_0_ln_2_weight, p_blocks_0_ln_2_bias, 1e-05, False);  p_blocks_0_ln_2_weight = p_blocks_0_ln_2_bias = None
-        reshard_7 = autopar_parallel_ops_reshard(layer_norm_1, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_1 = None
+        reshard_7 = autopar_ops_parallel_ops_reshard(layer_norm_1, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_1 = None
         linear_2 = torch.ops.aten.linear.default(reshard_7, p_blocks_0_mlp_fc_weight, p_blocks_0_mlp_fc_bias);  reshard_7 = p_blocks_0_mlp_fc_weight = p_blocks_0_mlp_fc_bias = None
         gelu = torch.ops.aten.gelu.default(linear_2, approximate = 'tanh');  linear_2 = None
-        reshard_8 = autopar_parallel_ops_reshard(p_blocks_0_mlp_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_0_mlp_proj_bias = None
+        reshard_8 = autopar_ops_parallel_ops_reshard(p_blocks_0_mlp_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_0_mlp_proj_bias = None
         linear_3 = torch.ops.aten.linear.default(gelu, p_blocks_0_mlp_proj_weight, reshard_8);  gelu = p_blocks_0_mlp_proj_weight = reshard_8 = None
-        reshard_9 = autopar_parallel_ops_reshard(linear_3, mesh, 'S(0) P(sum)', 'S(0) R');  linear_3 = None
+        reshard_9 = autopar_ops_parallel_ops_reshard(linear_3, mesh, 'S(0) P(sum)', 'S(0) R');  linear_3 = None
         dropout_1 = torch.ops.aten.dropout.default(reshard_9, 0.0, True);  reshard_9 = None
         add_2 = torch.ops.aten.add.Tensor(add_1, dropout_1);  add_1 = dropout_1 = None
         layer_norm_2 = torch.ops.aten.layer_norm.default(add_2, [64], p_blocks_1_ln_1_weight, p_blocks_1_ln_1_bias, 1e-05, False);  p_blocks_1_ln_1_weight = p_blocks_1_ln_1_bias = None
-        reshard_10 = autopar_parallel_ops_reshard(layer_norm_2, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_2 = None
+        reshard_10 = autopar_ops_parallel_ops_reshard(layer_norm_2, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_2 = None
         linear_4 = torch.ops.aten.linear.default(reshard_10, p_blocks_1_attn_qkv_weight, p_blocks_1_attn_qkv_bias);  reshard_10 = p_blocks_1_attn_qkv_weight = p_blocks_1_attn_qkv_bias = None
-        reshard_11 = autopar_parallel_ops_reshard(linear_4, mesh, 'S(0) S(2)', 'S(0) R');  linear_4 = None
+        reshard_11 = autopar_ops_parallel_ops_reshard(linear_4, mesh, 'S(0) S(2)', 'S(0) R');  linear_4 = None
         split_1 = torch.ops.aten.split.Tensor(reshard_11, 64, 2);  reshard_11 = None
         getitem_3 = split_1[0]
         getitem_4 = split_1[1]
@@ -72,29 +72,29 @@ class RewrittenModule(torch.nn.Module):
         transpose_5 = torch.ops.aten.transpose.int(view_4, 1, 2);  view_4 = None
         view_5 = torch.ops.aten.view.default(getitem_5, [4, 16, 4, 16]);  getitem_5 = None
         transpose_6 = torch.ops.aten.transpose.int(view_5, 1, 2);  view_5 = None
-        reshard_12 = autopar_parallel_ops_reshard(transpose_4, mesh, 'S(0) R', 'S(0) S(1)');  transpose_4 = None
-        reshard_13 = autopar_parallel_ops_reshard(transpose_5, mesh, 'S(0) R', 'S(0) S(1)');  transpose_5 = None
-        reshard_14 = autopar_parallel_ops_reshard(transpose_6, mesh, 'S(0) R', 'S(0) S(1)');  transpose_6 = None
+        reshard_12 = autopar_ops_parallel_ops_reshard(transpose_4, mesh, 'S(0) R', 'S(0) S(1)');  transpose_4 = None
+        reshard_13 = autopar_ops_parallel_ops_reshard(transpose_5, mesh, 'S(0) R', 'S(0) S(1)');  transpose_5 = None
+        reshard_14 = autopar_ops_parallel_ops_reshard(transpose_6, mesh, 'S(0) R', 'S(0) S(1)');  transpose_6 = None
         scaled_dot_product_attention_1 = torch.ops.aten.scaled_dot_product_attention.default(reshard_12, reshard_13, reshard_14, None, 0.0, True);  reshard_12 = reshard_13 = reshard_14 = None
         transpose_7 = torch.ops.aten.transpose.int(scaled_dot_product_attention_1, 1, 2);  scaled_dot_product_attention_1 = None
         reshape_1 = torch.ops.aten.reshape.default(transpose_7, [4, 16, 32]);  transpose_7 = None
-        reshard_15 = autopar_parallel_ops_reshard(p_blocks_1_attn_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_1_attn_proj_bias = None
+        reshard_15 = autopar_ops_parallel_ops_reshard(p_blocks_1_attn_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_1_attn_proj_bias = None
         linear_5 = torch.ops.aten.linear.default(reshape_1, p_blocks_1_attn_proj_weight, reshard_15);  reshape_1 = p_blocks_1_attn_proj_weight = reshard_15 = None
-        reshard_16 = autopar_parallel_ops_reshard(linear_5, mesh, 'S(0) P(sum)', 'S(0) R');  linear_5 = None
+        reshard_16 = autopar_ops_parallel_ops_reshard(linear_5, mesh, 'S(0) P(sum)', 'S(0) R');  linear_5 = None
         add_3 = torch.ops.aten.add.Tensor(add_2, reshard_16);  add_2 = reshard_16 = None
         layer_norm_3 = torch.ops.aten.layer_norm.default(add_3, [64], p_blocks_1_ln_2_weight, p_blocks_1_ln_2_bias, 1e-05, False);  p_blocks_1_ln_2_weight = p_blocks_1_ln_2_bias = None
-        reshard_17 = autopar_parallel_ops_reshard(layer_norm_3, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_3 = None
+        reshard_17 = autopar_ops_parallel_ops_reshard(layer_norm_3, mesh, 'S(0) R', 'S(0) R', 'S(0) P(sum)');  layer_norm_3 = None
         linear_6 = torch.ops.aten.linear.default(reshard_17, p_blocks_1_mlp_fc_weight, p_blocks_1_mlp_fc_bias);  reshard_17 = p_blocks_1_mlp_fc_weight = p_blocks_1_mlp_fc_bias = None
         gelu_1 = torch.ops.aten.gelu.default(linear_6, approximate = 'tanh');  linear_6 = None
-        reshard_18 = autopar_parallel_ops_reshard(p_blocks_1_mlp_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_1_mlp_proj_bias = None
+        reshard_18 = autopar_ops_parallel_ops_reshard(p_blocks_1_mlp_proj_bias, mesh, 'R R', 'R P(sum)', 'P(sum) R');  p_blocks_1_mlp_proj_bias = None
         linear_7 = torch.ops.aten.linear.default(gelu_1, p_blocks_1_mlp_proj_weight, reshard_18);  gelu_1 = p_blocks_1_mlp_proj_weight = reshard_18 = None
-        reshard_19 = autopar_parallel_ops_reshard(linear_7, mesh, 'S(0) P(sum)', 'S(0) R');  linear_7 = None
+        reshard_19 = autopar_ops_parallel_ops_reshard(linear_7, mesh, 'S(0) P(sum)', 'S(0) R');  linear_7 = None
         dropout_2 = torch.ops.aten.dropout.default(reshard_19, 0.0, True);  reshard_19 = None
         add_4 = torch.ops.aten.add.Tensor(add_3, dropout_2);  add_3 = dropout_2 = None
         layer_norm_4 = torch.ops.aten.layer_norm.default(add_4, [64], p_ln_f_weight, p_ln_f_bias, 1e-05, False);  add_4 = p_ln_f_weight = p_ln_f_bias = None
         linear_8 = torch.ops.aten.linear.default(layer_norm_4, p_wte_weight);  layer_norm_4 = p_wte_weight = None
         flatten = torch.ops.aten.flatten.using_ints(linear_8, 0, 1);  linear_8 = None
         flatten_1 = torch.ops.aten.flatten.using_ints(labels);  labels = None
-        cross_entropy_loss = autopar_parallel_ops_sharded_cross_entropy(flatten, flatten_1, mesh, 'S(0) R', -100, 1, True);  flatten = flatten_1 = mesh = None
+        cross_entropy_loss = autopar_ops_parallel_ops_sharded_cross_entropy(flatten, flatten_1, mesh, 'S(0) R', -100, 1, True);  flatten = flatten_1 = mesh = None
         return (cross_entropy_loss,)
     
