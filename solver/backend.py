@@ -72,7 +72,8 @@ def _run(prob: pulp.LpProblem, solver, name: str, t0: float) -> SolveResult:
 
 @contextlib.contextmanager
 def _native_stdout_to_stderr():
-    """HiGHS prints a banner from C++ on file descriptor 1 however msg is set; keep stdout for results."""
+    """HiGHS prints a banner from C++ on file descriptor 1 however msg is set: keep stdout for results (the
+    banner goes to stderr, beside the progress lines)."""
     sys.stdout.flush()
     try:
         saved = os.dup(1)

@@ -61,7 +61,7 @@ def grad_bucket_count(grad_bytes: float, bucket_bytes: int = GRAD_BUCKET_BYTES,
 def grad_buckets(params: Sequence[tuple[object, tuple[int, ...], object, int]],
                  bucket_bytes: int = GRAD_BUCKET_BYTES, first_bucket_bytes: int = FIRST_GRAD_BUCKET_BYTES
                  ) -> list[tuple[list, tuple[int, ...], int]]:
-    """The reducer's buckets (``autopar.runtime.grad_sync.GradReducer``'s grouping, restated): ``params`` are
+    """The reducer's buckets (``autopar.runtime.grad_sync.GradReducer`` forms them with this function): ``params`` are
     (name, mesh dims its gradient is summed over, dtype, bytes) in the order gradients become ready; a bucket
     holds consecutive parameters of one (dims, dtype), the first up to ``first_bucket_bytes``, the later ones
     up to ``bucket_bytes`` (a parameter larger than that is a bucket alone). Returns (names, dims, bytes) per

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.core.errors import ConfigError
-from autopar.core.runtime_rules import FIRST_GRAD_BUCKET_BYTES, GRAD_BUCKET_BYTES
+from autopar.core.runtime_rules import FIRST_GRAD_BUCKET_BYTES, GRAD_BUCKET_BYTES, grad_buckets
 
 
 class GradReducer:
@@ -40,19 +40,13 @@ class GradReducer:
         self.dims: list[tuple[int, ...]] = []
         self.bucket_of: dict[int, int] = {}
         self._publish = {id(p): fn for p, _, fn in params}
-        cur: list[torch.Tensor] = []
-        size, key = 0, None
-        for p, dims, _ in params:
-            nbytes = p.numel() * p.element_size()
-            cap = first_bucket_bytes if not self.buckets else bucket_bytes  # a small first bucket starts early
-            if cur and (size + nbytes > cap or (dims, p.dtype) != key):
-                self._close(cur, key)
-                cur, size = [], 0
-            cur.append(p)
-            key = (dims, p.dtype)
-            size += nbytes
-        if cur:
-            self._close(cur, key)
+        # the bucketing rule the planner prices (core.runtime_rules.grad_buckets): consecutive parameters of
+        # one (dims, dtype), a small first bucket so the first all-reduce starts early
+        by_index = [p for p, _, _ in params]
+        grouped = grad_buckets([(i, tuple(dims), p.dtype, p.numel() * p.element_size())
+                                for i, (p, dims, _) in enumerate(params)], bucket_bytes, first_bucket_bytes)
+        for names, dims, _nbytes in grouped:
+            self._close([by_index[i] for i in names], (dims,))
         self._base: dict[int, torch.Tensor] = {}
         self._ready: list[set[int]] = [set() for _ in self.buckets]
         self._pending: list[tuple[list[torch.Tensor], list]] = []
