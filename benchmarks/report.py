@@ -99,9 +99,20 @@ def kernels(d: dict) -> list[tuple[str, str, str, str]]:
              _yes(worst["vs_compile"] >= 1.0))]
 
 
+def zoo(d: dict) -> list[tuple[str, str, str, str]]:
+    rows = [("zoo (HF models on a (2, 2) gloo mesh vs one device)",
+             f"{d['matched']} of {d['total']} rows match", "all", _yes(d["matched"] == d["total"]))]
+    if d.get("memory_rows"):
+        errs = [r["memory_relative_error"] for r in d["rows"] if r.get("memory_relative_error") is not None]
+        worst = max(errs, key=abs)
+        rows.append(("zoo predicted vs measured peak", f"{d['memory_within_10pct']} of {d['memory_rows']} rows "
+                     f"within; worst {worst:+.1%}", "+-10%", _yes(d["memory_within_10pct"] == d["memory_rows"])))
+    return rows
+
+
 SECTIONS = [("plan_speed", plan_speed), ("overhead", overhead), ("memory_fidelity", memory_fidelity),
             ("cost_fidelity", cost_fidelity), ("pipeline", pipeline), ("fuzz_plans", fuzz_plans),
-            ("kernels", kernels)]
+            ("kernels", kernels), ("zoo", zoo)]
 
 
 def table() -> str:

@@ -4,7 +4,8 @@ For every zoo entry, bare (the model returning its ModelOutput, default config) 
 ``forward(**kwargs)`` returns the loss): (a) the default plan and (b) a plan under 40 % of the unconstrained
 plan's predicted peak (or the smallest feasible budget, when 40 % is not), each applied on a (2, 2) gloo
 mesh and checked against one device (loss, every gradient, one AdamW step under an LR scheduler:
-tests/zoo/check.py). Records planning time, ILP size, optimality, replicate fallbacks and the check's
+tests/zoo/check.py), and the plan's predicted peak compared with the peak a second step measures
+(``autopar.memory``, torch's MemTracker underneath; target +-10 %). Records planning time, ILP size, optimality, replicate fallbacks and the check's
 result per row; writes benchmarks/results/zoo.json. Run ``python benchmarks/zoo.py [--models llama,t5]
 [--kinds bare] [--mesh 2x2]``.
 """
@@ -90,9 +91,12 @@ def main(argv=None) -> int:
                 for which, (text, stats) in plans.items():
                     t0 = time.perf_counter()
                     try:
-                        res = pool.run(check_zoo_step, name, kind, mesh, text)
+                        res = pool.run(check_zoo_step, name, kind, mesh, text, True)
                         ok = all(not r["missing_grads"] and not r["bad"] for r in res)
+                        peak = max(r["measured_peak_bytes"] for r in res)
+                        err = stats["predicted_peak_bytes"] / peak - 1 if peak else None
                         row = {"model": name, "kind": kind, "plan": which, **stats, "matches_one_device": ok,
+                               "measured_peak_bytes": peak, "memory_relative_error": err,
                                "check_s": round(time.perf_counter() - t0, 2), "ranks": res}
                     except Exception as e:
                         row = {"model": name, "kind": kind, "plan": which, **stats, "matches_one_device": False,
@@ -100,14 +104,18 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{name:10s} {kind:6s} {which:7s} plan {stats['plan_s']:6.1f}s {stats['variables']:7d} vars "
                           f"{'optimal' if stats['optimal'] else 'NOT optimal'} fallbacks {stats['fallbacks']:3d} "
-                          f"-> {'matches' if row['matches_one_device'] else 'MISMATCH ' + str(row.get('error', row.get('ranks', [{}])[0].get('bad')))[:200]}",
+                          f"-> {'matches' if row['matches_one_device'] else 'MISMATCH ' + str(row.get('error', row.get('ranks', [{}])[0].get('bad')))[:200]}"
+                          f"  memory {row.get('memory_relative_error') or float('nan'):+.1%}",
                           flush=True)
     finally:
         pool.close()
+    errs = [r["memory_relative_error"] for r in rows if r.get("memory_relative_error") is not None]
     res = {"mesh": list(mesh), "rows": rows, "matched": sum(bool(r.get("matches_one_device")) for r in rows),
-           "total": len(rows), "machine": machine()}
+           "total": len(rows), "memory_within_10pct": sum(abs(e) <= 0.1 for e in errs), "memory_rows": len(errs),
+           "machine": machine()}
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"{res['matched']} of {res['total']} rows match one device; wrote {args.out}")
+    print(f"{res['matched']} of {res['total']} rows match one device; memory within +-10 % in "
+          f"{res['memory_within_10pct']} of {res['memory_rows']}; wrote {args.out}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The zoo check run on gloo ranks (module level: the pools import it by name): a plan applied to a zoo
 model matches one device -- the loss, every parameter gradient, and the parameters after one AdamW step
-driven by an LR scheduler (LambdaLR), with the optimizer the plan needs (``autopar.make_optimizer``)."""
+driven by an LR scheduler (LambdaLR), with the optimizer the plan needs (``autopar.make_optimizer``); with
+``measure_memory`` the peak of a second step measured by ``autopar.memory`` (torch's MemTracker)."""
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,8 @@ def _loss(out):
     return out if isinstance(out, torch.Tensor) else out.loss
 
 
-def check_zoo_step(rank: int, world: int, name: str, kind: str, mesh_shape: tuple[int, ...], plan_json: str) -> dict:
+def check_zoo_step(rank: int, world: int, name: str, kind: str, mesh_shape: tuple[int, ...], plan_json: str,
+                   measure_memory: bool = False) -> dict:
     model, inputs = build(name, kind)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp")[: len(mesh_shape)])
@@ -59,5 +61,14 @@ def check_zoo_step(rank: int, world: int, name: str, kind: str, mesh_shape: tupl
     for n, p in pm.named_parameters():
         errors[f"param:{n}"] = _excess(_full(p.detach()), ref_params[n].detach())
     bad = {k: v for k, v in errors.items() if v > 0}
-    return {"missing_grads": missing, "bad": dict(sorted(bad.items(), key=lambda kv: -kv[1])[:5]),
-            "checked": len(errors), "optimizer": type(opt).__name__}
+    out = {"missing_grads": missing, "bad": dict(sorted(bad.items(), key=lambda kv: -kv[1])[:5]),
+           "checked": len(errors), "optimizer": type(opt).__name__}
+    if measure_memory:   # a second, steady-state step (optimizer states live) under torch's MemTracker
+        opt.zero_grad(set_to_none=True)
+        with autopar.memory.track(pm, opt) as t:
+            _loss(pm(**inputs)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out["measured_peak_bytes"] = t.peak_bytes
+        out["measured_breakdown"] = t.breakdown
+    return out
