@@ -19,7 +19,7 @@ from autopar.core.errors import (
                                  RankFailureError,
                                  ShardingError,
 )
-from autopar.core.options import PipelineOptions, PlanOptions
+from autopar.core.options import ApplyOptions, PipelineOptions, PlanOptions
 from autopar.core.plan import Plan
 from autopar.frontend.applying import apply, parallelize
 from autopar.frontend.planning import plan
@@ -30,7 +30,7 @@ from autopar.runtime.faults import guard_step
 from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
 from autopar.runtime.pipeline import forward_backward
 
-__all__ = ["AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "HostOptimizer", "InfeasiblePlanError",
+__all__ = ["ApplyOptions", "AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "HostOptimizer", "InfeasiblePlanError",
            "MeshError", "PipelineOptions", "Plan", "PlanFormatError", "PlanMismatchError", "PlanOptions",
            "RankFailureError", "ShardingError", "apply", "capture", "forward_backward", "guard_step", "init_distributed",
            "load", "make_optimizer", "memory", "parallelize", "plan", "precision", "save", "zero"]

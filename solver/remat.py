@@ -125,6 +125,7 @@ class Remat:
         cnt = {mode: m.var(f"c{gidx}_{mode}", lowBound=0, upBound=n, cat="Integer") for mode in self.modes}
         m.add_row(pulp.lpSum(cnt.values()) == n, f"remat_n_{gidx}")
         kept, rtime, boundary, a_block, off = [], [], [], [], []
+        a_cut: list = []   # A_g (c_sel + c_full) / N through the v's: a valid lower bound on T_g (below)
         key_act: dict[int, list] = defaultdict(list)   # per key: (bytes one block keeps, x) per strategy
         if self.recompute is not None:   # told: every block of the list in that mode
             m.add_row(cnt[TOLD[self.recompute]] == n, f"remat_told_{gidx}")
@@ -146,6 +147,7 @@ class Remat:
                     a_block.append((act[j], xs[j]))
                     key_act[ki].append((act[j], xs[j]))
                     kept.append((n * act[j], v["keep"][j]))
+                    a_cut += [(act[j], v["sel"][j]), (act[j], v["full"][j])]
                 if contraction and contraction[j]:   # the bytes selective recompute keeps
                     kept.append((n * contraction[j], v["sel"][j]))
                 if "off" in v:
@@ -178,6 +180,8 @@ class Remat:
             kc_bound, off_copies = _kept_copies(m, gidx, n, cnt, t.kept_copy, kept, a_block)
             bound += kc_bound
         m.add_row(tr >= pulp.lpSum(c / UNIT * x for c, x in a_block) - bound / UNIT * (1 - u), f"remat_peak_{gidx}")
+        if a_cut:   # T_g >= A_g (c_sel + c_full) / N <= A_g u: no integer plan cut off, the LP bound tightened
+            m.add_row(tr >= pulp.lpSum(c / UNIT * x for c, x in a_cut), f"remat_peak_cut_{gidx}")
         if "off" in cnt:
             # an offloaded block's backward brings its saved tensors back one op at a time (the unpack hook
             # copies a tensor when its op's backward runs; the copy dies with it): T_g >= the largest
@@ -315,4 +319,6 @@ def _recomputed_comm(m: ShardingModel, gidx: int, n: int, cnt: dict, comm: list)
         z = m.var(f"rz{gidx}_{b}", lowBound=0)
         m.add_row(z >= f - f_max * (1 - beta), f"rz{gidx}_{b}")
         out.append((2.0 ** b, z))
+    # the envelope on the count itself (exact at c = N; valid as F <= F_max): sum_b 2^b z_b >= N F - F_max (N - c)
+    m.add_row(pulp.lpSum(c * z for c, z in out) >= n * f - f_max * (n - cnt["sel"] - cnt["full"]), f"rz{gidx}_all")
     return out

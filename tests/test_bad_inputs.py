@@ -194,3 +194,23 @@ def test_bad_input(case, tmp_path, request):
         case.run(tmp_path, pool)
     assert type(ei.value) is case.error, f"{case.name}: raised {type(ei.value).__name__}: {ei.value}"
     assert case.message in str(ei.value), f"{case.name}: message {str(ei.value)!r} lacks {case.message!r}"
+
+
+def test_options_are_validated_in_one_place_naming_the_option():
+    from autopar.core.options import ApplyOptions, PipelineOptions, PlanOptions
+
+    with pytest.raises(autopar.ConfigError, match="unknown plan option"):
+        PlanOptions.from_kwargs(recompte="full")
+    with pytest.raises(autopar.ConfigError, match="recompute="):
+        PlanOptions(recompute="sometimes")
+    with pytest.raises(autopar.ConfigError, match="zero="):
+        PlanOptions(zero=3)
+    with pytest.raises(autopar.ConfigError, match="memory budget"):
+        PlanOptions(memory_budget="lots")
+    with pytest.raises(autopar.ConfigError, match="pipeline schedule"):
+        PipelineOptions(schedule="zigzag")
+    with pytest.raises(autopar.ConfigError, match="input_mode"):
+        ApplyOptions(input_mode="sharded")
+    with pytest.raises(autopar.ConfigError, match="zero=1 is not supported with pipeline stages"):
+        PlanOptions(zero=1, pipeline=True).check_pipeline()
+    assert PlanOptions(memory_budget="2GiB", pipeline={"stages": 4}).memory_budget == 2 << 30

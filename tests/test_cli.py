@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from autopar.tools.cli import main
+import autopar
 from autopar.core.plan import Plan
+from autopar.tools.cli import main
 
 TINY = ["--model", "gpt-tiny", "--batch", "4", "--seq", "16", "--mesh", "2x2", "--cluster", "cpu-gloo"]
 
@@ -230,3 +231,28 @@ def test_fused_plan_show_and_emit(tmp_path, capsys):
     assert "# Fused kernels (fuse_kernels pass): rms_norm x1, rotary x4, add_norm x4, swiglu x2, cross_entropy x1;" in src
     assert main(["emit", str(path), "--model", "llama-tiny"]) == 0
     assert "runtime_kernels" not in capsys.readouterr().out
+
+
+def test_plan_on_a_pp_mesh_plans_pipeline_stages(capsys, tmp_path):
+    """`autopar plan` goes through autopar.plan: a mesh dim named pp is laid out as pipeline stages, and the
+    pipeline flags fix their choices (the CLI used to treat pp as an ordinary dim)."""
+    out = tmp_path / "pp.json"
+    argv = ["plan", "--model", "gpt-tiny", "--batch", "8", "--seq", "16", "--mesh", "2x2", "--mesh-names", "pp,dp",
+            "--cluster", "cpu-gloo", "--schedule", "1f1b", "--microbatches", "2", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "pipeline over pp: 2 stages, schedule 1f1b, 2 micro-batches" in text
+    plan = autopar.Plan.from_json(out)
+    assert plan.pipeline["schedule"] == "1f1b" and len(plan.pipeline["stages"]) == 2
+    assert "--no-pipeline contradicts" in _error_line(capsys, [*argv[:-2], "--no-pipeline", "--out", str(out)])
+    assert "zero=1 is not supported with pipeline stages" in _error_line(capsys, [*argv, "--zero", "1"])
+
+
+def test_plan_takes_fix_and_precision_flags(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["plan", *TINY, "--fix", "input:*=S(0),R", "--fix", "param:*=R R", "--precision", "bf16",
+                 "--out", str(out)]) == 0
+    plan = autopar.Plan.from_json(out)
+    assert all(pl == ("R", "R") for pl in plan.param_placements.values())
+    assert plan.precision["compute_dtype"] == "bfloat16"
+    assert "write PATTERN=PLACEMENTS" in _error_line(capsys, ["plan", *TINY, "--fix", "input:*"])

@@ -15,12 +15,13 @@ from typing import Any
 from autopar.core.errors import AutoparError, ConfigError
 from autopar.core.plan import PRECISION_DTYPES, check_precision
 
-__all__ = ["PIPELINE_SCHEDULES", "RECOMPUTE_MODES", "PipelineOptions", "PlanOptions", "parse_bytes",
+__all__ = ["INPUT_MODES", "PIPELINE_SCHEDULES", "RECOMPUTE_MODES", "ApplyOptions", "PipelineOptions", "PlanOptions", "parse_bytes",
            "precision_option"]
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE_MODES = ("none", "selective", "full", "offload")
 BACKENDS = ("auto", "highs", "cbc")
+INPUT_MODES = ("global", "local")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -220,3 +221,19 @@ class PlanOptions:
                                   f"stage's memory decisions are the solver's, without ZeRO or offload); drop it "
                                   f"or pass pipeline=False")
 
+
+@dataclass(frozen=True, kw_only=True)
+class ApplyOptions:
+    """What ``autopar.apply`` / ``parallelize`` take besides the model, plan and mesh."""
+
+    input_mode: str = "global"
+    """``global``: every rank gets the whole batch (as the model does); ``local``: each rank its shard."""
+    defer_param_grads: bool = True
+    """Reduce data-parallel gradients in overlapped buckets after backward (False: inside each backward,
+    as pipeline stages need: several backwards per step)."""
+
+    def __post_init__(self):
+        if self.input_mode not in INPUT_MODES:
+            raise ConfigError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if not isinstance(self.defer_param_grads, bool):
+            raise ConfigError(f"defer_param_grads must be True or False, got {self.defer_param_grads!r}")

@@ -22,7 +22,7 @@ from autopar.core import errors
 from autopar.core.capture import ExampleInputs, capture
 from autopar.core.errors import AutoparError, ConfigError, MeshError, PlanMismatchError
 from autopar.core.mesh import PP_DIM
-from autopar.core.options import PlanOptions
+from autopar.core.options import ApplyOptions, PlanOptions
 from autopar.core.plan import Plan
 from autopar.frontend.planning import plan as autopar_plan
 from autopar.runtime.faults import check_same_plan
@@ -53,6 +53,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     with ``autopar.forward_backward``). ``defer_param_grads=False`` reduces data-parallel gradients
     inside each backward instead of in overlapped buckets (pipeline stages: several backwards per step).
     """
+    ApplyOptions(input_mode=input_mode, defer_param_grads=defer_param_grads)   # validated before any work
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be an autopar.Plan (Plan.from_json(path) loads one), got {type(plan).__name__}")
     if not hasattr(mesh, "mesh_dim_names") or not hasattr(mesh, "get_group"):

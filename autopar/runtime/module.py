@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from autopar.core.capture import CapturedModel, bind_inputs
 from autopar.core.errors import ConfigError, PlanMismatchError
+from autopar.core.options import ApplyOptions
 from autopar.core.plan import Plan
 from autopar.ops.collectives import to_local_input
 from autopar.ops.parallel_ops import local_chunk, local_shape, placements
@@ -43,8 +44,7 @@ class ParallelModule(nn.Module):
     def __init__(self, model: nn.Module, gm: fx.GraphModule, cap: CapturedModel, plan: Plan, mesh: DeviceMesh,
                  input_shardings: dict[str, str], buffer_shardings: dict[str, str], input_mode: str = "global"):
         super().__init__()
-        if input_mode not in ("global", "local"):
-            raise ConfigError(f"input_mode must be 'global' or 'local', got {input_mode!r}")
+        ApplyOptions(input_mode=input_mode)   # validated in one place (autopar.core.options)
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
