@@ -248,7 +248,8 @@ def _plan(local_shape, src, dst, mesh_shape, grad_src, grad_dst) -> Redistribute
 
 # ------------------------------------------------------------------------------------------ collectives
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch has only the former
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _UNSUPPORTED: set[tuple[str, str]] = set()  # (backend, collective) found unsupported at run time
 
@@ -283,7 +284,7 @@ def _try_native(name: str, group, call) -> bool:
 def _all_gather(x: torch.Tensor, dim: int, n: int, group) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-    _all_gather_single(out, x, group=group)
+    all_gather_single(out, x, group=group)
     parts = out.view((n,) + tuple(x.shape))
     return parts[0].clone() if n == 1 else torch.cat(parts.unbind(0), dim=dim)
 

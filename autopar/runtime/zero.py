@@ -45,6 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from autopar.core.errors import ConfigError, PlanMismatchError
 from autopar.core.placement import Sharding, parse_sharding, zero_sharding
+from autopar.ops.collectives import all_gather_single
 from autopar.runtime import memory
 
 __all__ = ["ZeroOptimizer", "ZeroShards", "full_grads", "optimizer"]
@@ -204,7 +205,7 @@ class ZeroShards:
                 chunks = list(region.chunk(self.mesh.shape[i], dim=d))
                 mine = chunks[coord[i]]
                 if region.is_contiguous() and all(c.is_contiguous() for c in chunks):
-                    dist.all_gather_into_tensor(region, mine, group=group)
+                    all_gather_single(region, mine, group=group)
                 else:                         # NCCL wants a contiguous input; gloo takes the view
                     inp = mine if mine.is_contiguous() or dist.get_backend(group) == "gloo" else mine.contiguous()
                     dist.all_gather(chunks, inp, group=group)
