@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from fuzz_check import case_for, check_plans, make_case
 
+from autopar.cluster.profile import load_cluster
 from autopar.core.capture import capture
 from autopar.core.mesh import MeshSpec
-from autopar.models import build_model
 from autopar.core.placement import format_sharding
-from autopar.cluster.profile import load_cluster
+from autopar.models import build_model
 from autopar.solver.random_plan import draw_memory, draw_strategies, random_plan
-from fuzz_check import case_for, check_plans, make_case
 
 # seeds 0..3 cover every (model, mesh) pair once (seed 4, a second gpt-tiny draw on (2,), runs below)
 SEEDS_2 = [0, 1]
@@ -88,3 +88,18 @@ def test_a_plan_that_fails_is_reported(dist2):
     rows = dist2.run(check_plans, [(spec, json.dumps(d), seed), make_case(4)])
     assert not rows[0][0]["ok"] and "PlanMismatchError" in rows[0][0]["error"], rows[0][0]
     assert rows[0][1]["ok"], rows[0][1]
+
+
+@pytest.mark.parametrize(("spec", "mesh", "seed", "pool"), [("zoo:llama:kwargs", (2, 2), 11, "dist4"),
+                                                            ("zoo:bert:bare", (2,), 12, "dist2")],
+                         ids=["hf-llama-kwargs-(2,2)", "hf-bert-bare-(2,)"])
+def test_random_plans_on_hf_models_match_one_device(request, spec, mesh, seed, pool):
+    """HuggingFace models as users bring them, under random plans with drawn recompute and offload (the class
+    of plan under which parameters used to lose their gradients): every gradient and one step match."""
+    from fuzz_check import make_case_for
+
+    case = make_case_for(spec, mesh, seed)
+    plan = json.loads(case[1])
+    (row,) = request.getfixturevalue(pool).run(check_plans, [case])[0]
+    assert row["ok"], row
+    assert plan["checkpoint"] and plan["offload"], "these seeds draw recompute and offload for some blocks"
