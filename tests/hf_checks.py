@@ -9,21 +9,11 @@ import copy
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
+from zoo.models import LossOf
 
 import autopar
 
 RTOL, ATOL = 1e-4, 1e-5
-
-
-class LossOf(torch.nn.Module):
-    """The wrapper users write around an HF model: keyword inputs in, the loss out."""
-
-    def __init__(self, m: torch.nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, **kw):
-        return self.m(**kw).loss
 
 
 def build_hf(kind: str, *, layers: int = 4, batch: int = 4, seq: int = 16, seed: int = 0):
