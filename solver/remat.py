@@ -180,8 +180,17 @@ class Remat:
             kc_bound, off_copies = _kept_copies(m, gidx, n, cnt, t.kept_copy, kept, a_block)
             bound += kc_bound
         m.add_row(tr >= pulp.lpSum(c / UNIT * x for c, x in a_block) - bound / UNIT * (1 - u), f"remat_peak_{gidx}")
-        if a_cut:   # T_g >= A_g (c_sel + c_full) / N <= A_g u: no integer plan cut off, the LP bound tightened
-            m.add_row(tr >= pulp.lpSum(c / UNIT * x for c, x in a_cut), f"remat_peak_cut_{gidx}")
+        if a_cut:
+            # a valid inequality that tightens the LP bound (the big-M row above is void for fractional u):
+            # T_g >= A_g (c_sel + c_full) / N + K_lo, the v's being x c / N at integer points; at u = 1 the
+            # right side is at most A_g + K_g + M_g (K_g >= K_lo, its least value: copies kept "only" instead of
+            # the producer's tensor are negative; M_g >= 0), at u = 0 it is K_lo <= 0: no plan is cut off
+            k_lo = 0.0
+            by_edge: dict[int, list] = defaultdict(list)
+            for e, c, _ in t.kept_copy:
+                by_edge[e].append(c)
+            k_lo = sum(min(0.0, min(cs)) for cs in by_edge.values())
+            m.add_row(tr >= pulp.lpSum(c / UNIT * x for c, x in a_cut) + k_lo / UNIT, f"remat_peak_cut_{gidx}")
         if "off" in cnt:
             # an offloaded block's backward brings its saved tensors back one op at a time (the unpack hook
             # copies a tensor when its op's backward runs; the copy dies with it): T_g >= the largest
