@@ -40,10 +40,15 @@ def plan_speed(d: dict) -> list[tuple[str, str, str, str]]:
     for name, m in d["models"].items():
         target = d.get("targets_s", {}).get(name)
         figure = (f"capture -> plan {m['capture_to_plan_s']:.1f} s, {m['num_variables']:,} variables, "
-                  f"{'optimal' if m['optimal'] else m['status']}")
+                  f"{'optimal' if m['optimal'] else 'not proven optimal'}"
+                  + (f", {m['nodes_fallback']} fallback ops" if "nodes_fallback" in m else ""))
         rows.append((f"plan_speed {name} ({d['mesh']}, {d['cluster']})", figure,
                      f"<= {target:.0f} s" if target else "-",
                      _yes(d.get("target_results", {}).get(name)) if target else "n/a"))
+    for name, err in d.get("failed", {}).items():
+        target = d.get("targets_s", {}).get(name)
+        rows.append((f"plan_speed {name} ({d['mesh']}, {d['cluster']})", f"no plan: {err.split(';')[0][:120]}",
+                     f"<= {target:.0f} s" if target else "-", _yes(False)))
     return rows
 
 
