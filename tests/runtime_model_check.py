@@ -3,7 +3,7 @@ runs in one training step, for comparison with ``autopar.solver.runtime_model.pl
 
 ``count_collectives`` applies each plan and runs one forward (phase ``fwd``) and one backward (``bwd``)
 with every torch.distributed collective entry point wrapped (``torch.distributed`` and ``distributed_c10d``,
-and the aliases autopar's modules hold of them, e.g. ``autopar.ops.collectives._all_gather_single``): a call
+and the aliases autopar's modules hold of them, e.g. ``autopar.ops.collectives.all_gather_single``): a call
 is recorded as (phase, kind, mesh dim, bytes), the mesh dim found by matching the call's process group with
 ``mesh.get_group(d)`` (by identity, else by its ranks), the bytes as runtime_model defines them: the tensor
 unsharded on that mesh dim (the all-reduced tensor, the all-gather's output, the reduce-scatter's input, the

@@ -302,7 +302,7 @@ def _record_collectives(rank, world_size, mesh_shape, pairs):
     dist_spy.all_to_all_single = spy("all_to_all", C.dist.all_to_all_single)
     out = []
     with mock.patch.object(C, "dist", dist_spy), \
-            mock.patch.object(C, "_all_gather_single", spy("all_gather", C._all_gather_single)), \
+            mock.patch.object(C, "all_gather_single", spy("all_gather", C.all_gather_single)), \
             mock.patch.object(C, "_reduce_scatter_single", spy("reduce_scatter", C._reduce_scatter_single)):
         for src, dst in pairs:
             src_p, dst_p = _sh(src), _sh(dst)
