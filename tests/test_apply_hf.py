@@ -40,6 +40,7 @@ CASES = [pytest.param(arch, None, {"cluster": "h100-sxm", "memory_budget": BUDGE
 CASES += [pytest.param(arch, DPxTP[arch], {}, id=f"{arch}-(2,2)-dpxtp") for arch in ("gpt2", "llama")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "fix", "options"), CASES)
 def test_hf_training_step_matches_single_device(request, dist4, arch, fix, options):
     plan = None

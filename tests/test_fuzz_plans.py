@@ -90,6 +90,7 @@ def test_a_plan_that_fails_is_reported(dist2):
     assert rows[0][1]["ok"], rows[0][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("spec", "mesh", "seed", "pool"), [("zoo:llama:kwargs", (2, 2), 11, "dist4"),
                                                             ("zoo:bert:bare", (2,), 12, "dist2")],
                          ids=["hf-llama-kwargs-(2,2)", "hf-bert-bare-(2,)"])

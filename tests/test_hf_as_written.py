@@ -31,6 +31,7 @@ def plans():
     return out
 
 
+@pytest.mark.slow   # the plans fixture solves two (2,2) ILPs on HF graphs
 @pytest.mark.parametrize("kind", ["kwargs", "bare"])
 def test_plan_covers_every_parameter(plans, kind):
     model, _ = build_hf(kind)
@@ -38,6 +39,7 @@ def test_plan_covers_every_parameter(plans, kind):
     assert set(plan.param_placements) == {n for n, _ in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kwargs", "bare"])
 def test_hf_model_as_written_matches_one_device(dist4, plans, kind):
     results = dist4.run(check_hf_as_written, kind, (2, 2), plans[kind])
@@ -59,6 +61,7 @@ def test_folding_falls_back_when_blocks_emit_outputs():
     assert not exact.folded_layers
 
 
+@pytest.mark.slow
 def test_a_plan_missing_a_parameter_is_refused(plans):
     model, inputs = build_hf("kwargs")
     plan = autopar.Plan.from_json(plans["kwargs"])

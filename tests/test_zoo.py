@@ -11,6 +11,8 @@ import autopar
 from zoo.check import check_zoo_step
 from zoo.models import build
 
+pytestmark = pytest.mark.slow   # HF models on gloo ranks
+
 pytest.importorskip("transformers")
 
 DP = {"input:*": ["S(0)"], "param:*": ["R"]}     # pinned: a small ILP, the runtime and capture under test

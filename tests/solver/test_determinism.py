@@ -24,6 +24,8 @@ sys.path.insert(0, {tests!r})
 import torch
 import autopar
 from autopar.runtime.faults import plan_digest
+
+pytestmark = pytest.mark.slow   # plans in several subprocesses (about a minute)
 case = {case!r}
 torch.manual_seed(0)
 if case.startswith("gpt-tiny"):
