@@ -128,11 +128,11 @@ def _foldable_lists(model: nn.Module, min_len: int) -> dict[str, nn.ModuleList]:
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: bool = True,
-            fold_min_layers: int = 4) -> CapturedModel:
+            fold_min_layers: int = 4, fold_blocks: int = 2) -> CapturedModel:
     """Export ``model`` on ``example_inputs`` (tuple = positional, dict = keyword) without running it.
 
     With ``fold_layers`` a ModuleList of >= ``fold_min_layers`` identical blocks is captured with
-    two of them (export time grows with depth); the planner scales their costs back to the true
+    ``fold_blocks`` (two) of them (export time grows with depth); the planner scales their costs back to the true
     count, recorded in ``folded_layers``. If the folded model does not export, the full one is.
     """
     full_params = tuple((n, tuple(int(x) for x in p.shape))
@@ -146,7 +146,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
                     parent_name, _, attr = name.rpartition(".")
                     parent = model.get_submodule(parent_name) if parent_name else model
                     saved[name] = (parent, attr, mod)
-                    setattr(parent, attr, nn.ModuleList(list(mod)[:2]))
+                    setattr(parent, attr, nn.ModuleList(list(mod)[:fold_blocks]))
                 cap = _capture(model, example_inputs)
                 return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()},
                                            model_params=full_params)

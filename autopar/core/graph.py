@@ -246,6 +246,12 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
             ordinal_outside[base] += 1
         elif g.kind == "input":
             g.key = f"input:{g.name}"
+        elif g.name in cap.constant_fqns:
+            # a lifted constant outside the blocks: its name's model-wide counter depends on how many blocks
+            # were captured, so it is keyed by its module and its ordinal there (as ops are)
+            base = f"{g.module_path or 'root'}.constant"
+            g.key = f"{g.kind}:{base}#{ordinal_outside[base]}"
+            ordinal_outside[base] += 1
         else:
             g.key = f"{g.kind}:{g.fqns[0]}"
     out_node = next(n for n in graph.nodes if n.op == "output")

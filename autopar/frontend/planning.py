@@ -86,14 +86,23 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
 
 
 def capture_exact(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: bool = True) -> CapturedModel:
-    """``capture``, with repeated blocks folded only where folding stands for the whole model
-    (``graph.folding_problem``); otherwise the model is captured again with every block."""
+    """``capture``, with repeated blocks folded only where folding stands for the whole model; otherwise the
+    model is captured again with every block. Folding must pass ``graph.folding_problem`` on the capture with
+    two blocks, and the graph outside the blocks must be the same with three (a model whose code outside its
+    layer list loops over the layers, e.g. building one mask per layer, fails this)."""
     cap = capture(model, example_inputs, fold_layers=fold_layers)
-    if cap.folded_layers:
-        problem = folding_problem(cap, index_graph(cap))
-        if problem is not None:
-            log.info("planning every block (no folding): %s", problem)
-            cap = capture(model, example_inputs, fold_layers=False)
+    if not cap.folded_layers:
+        return cap
+    gi = index_graph(cap)
+    problem = folding_problem(cap, gi)
+    if problem is None and min(cap.folded_layers.values()) > 3:
+        three = index_graph(capture(model, example_inputs, fold_layers=True, fold_blocks=3))
+        outside = lambda g: {n.key for n in g.nodes.values() if n.layer is None}   # noqa: E731
+        if outside(three) != outside(gi):
+            problem = "the graph outside the repeated blocks changes with the number of blocks"
+    if problem is not None:
+        log.info("planning every block (no folding): %s", problem)
+        cap = capture(model, example_inputs, fold_layers=False)
     return cap
 
 
