@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # plans in several subprocesses (about a minute)
 
 SCRIPT = r"""
 import json, sys
@@ -25,7 +26,6 @@ import torch
 import autopar
 from autopar.runtime.faults import plan_digest
 
-pytestmark = pytest.mark.slow   # plans in several subprocesses (about a minute)
 case = {case!r}
 torch.manual_seed(0)
 if case.startswith("gpt-tiny"):
