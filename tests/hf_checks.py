@@ -9,25 +9,16 @@ import copy
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from zoo.models import LossOf
+from zoo.models import build
 
 import autopar
 
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def build_hf(kind: str, *, layers: int = 4, batch: int = 4, seq: int = 16, seed: int = 0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, vocab_size=128)
-    model = tf.LlamaForCausalLM(cfg).train()
-    if kind == "kwargs":
-        model = LossOf(model)
-    gen = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, 128, (batch, seq), generator=gen)
-    return model, {"input_ids": ids, "labels": torch.randint(0, 128, (batch, seq), generator=gen)}
+def build_hf(kind: str):
+    """The zoo's 4-layer HF LLaMA (default config, ``use_cache`` as it comes), bare or in the **kwargs wrapper."""
+    return build("llama", kind)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

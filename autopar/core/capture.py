@@ -160,15 +160,21 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
     return dataclasses.replace(_capture(model, example_inputs), model_params=full_params)
 
 
-def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of ``model.forward`` (None where Python cannot tell it)."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind_inputs(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> dict[str, object]:
     """The top-level inputs of a call ``model(*args, **kwargs)`` by name, in export's order (positional
     first): a named parameter's name, ``<name>[i]`` for the i-th value of ``*<name>``, and for a keyword
     its key, whether it binds to a named parameter or to ``**kwargs``. Capture names each input of the
-    graph this way and the parallel module binds its call the same way."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
+    graph this way and the parallel module binds its call the same way (with the signature it keeps:
+    ``forward_signature(model)``, read once, not per call)."""
+    params = list(signature.parameters.values()) if signature is not None else []
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     var = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
     out: dict[str, object] = {}
@@ -187,7 +193,7 @@ def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object
 def _leaf_arg_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """For each pytree leaf of (args, kwargs), in export's order, the forward() argument it belongs to."""
     names = []
-    for name, v in bind_inputs(model, args, kwargs).items():
+    for name, v in bind_inputs(forward_signature(model), args, kwargs).items():
         names += [name] * len(pytree.tree_leaves(v))
     return names
 

@@ -21,7 +21,6 @@ gradient-sharding placements and the global shape); its local leaf's ``.grad`` s
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.utils._pytree as pytree
@@ -29,7 +28,7 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from autopar.core.capture import CapturedModel, bind_inputs
+from autopar.core.capture import CapturedModel, bind_inputs, forward_signature
 from autopar.core.errors import ConfigError, PlanMismatchError
 from autopar.core.options import ApplyOptions
 from autopar.core.plan import Plan
@@ -57,10 +56,9 @@ class ParallelModule(nn.Module):
         self.__dict__["graph_module"] = gm          # not a submodule: keeps FQNs those of the model
         self.__dict__["plan"] = plan
         self.__dict__["mesh"] = mesh
-        self.__dict__["_signature"] = inspect.signature(model.forward)
-        self.__dict__["_source"] = model            # whose forward() a call is bound to (capture.bind_inputs)
+        self.__dict__["_signature"] = forward_signature(model)   # a call is bound to it (capture.bind_inputs)
         # non-tensor inputs (flags such as use_cache) were baked into the graph when it was captured
-        self.__dict__["_planned_values"] = {k: v for k, v in bind_inputs(model, cap.args, cap.kwargs).items()
+        self.__dict__["_planned_values"] = {k: v for k, v in bind_inputs(self._signature, cap.args, cap.kwargs).items()
                                             if not isinstance(v, torch.Tensor)}
         self.__dict__["_out_spec"] = cap.program.call_spec.out_spec
         self.input_mode = input_mode
@@ -152,15 +150,16 @@ class ParallelModule(nn.Module):
 
     def _bind(self, args, kwargs) -> dict[str, torch.Tensor]:
         try:
-            self._signature.bind(*args, **kwargs)
+            if self._signature is not None:
+                self._signature.bind(*args, **kwargs)
         except TypeError as e:
             raise PlanMismatchError(f"inputs do not fit the model's forward: {e}") from None
-        named = bind_inputs(self._source, args, kwargs)
+        named = bind_inputs(self._signature, args, kwargs)
         given = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
         for k, v in named.items():
             if isinstance(v, torch.Tensor):
                 continue
-            param = self._signature.parameters.get(k)
+            param = self._signature.parameters.get(k) if self._signature is not None else None
             default = param.default if param is not None and param.default is not param.empty else None
             planned = self._planned_values.get(k, default)
             if not _same_value(v, planned):

@@ -25,6 +25,7 @@ from autopar.core.errors import AutoparError, ConfigError, PlanMismatchError
 from autopar.core.mesh import PP_DIM, MeshSpec
 from autopar.core.options import PipelineOptions, PlanOptions, parse_bytes
 from autopar.core.plan import Plan
+from autopar.frontend.planning import capture_exact
 from autopar.frontend.planning import plan as autopar_plan
 from autopar.models import build_model
 from autopar.tools.explain import explain, render_explanation
@@ -97,7 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
     if args.sweep_memory:
         with _Phase("capture (torch.export)"):
-            cap = capture(model, inputs, fold_layers=opts.fold_layers)
+            cap = capture_exact(model, inputs, fold_layers=opts.fold_layers)   # as autopar.plan captures
         return _sweep(args, cap, mesh, profile, opts)
     what = "pipeline stages + ILPs" if PP_DIM in mesh.dim_names and opts.pipeline is not False else "ILP"
     with _Phase(f"capture + strategies + {what}"):
