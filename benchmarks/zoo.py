@@ -60,6 +60,7 @@ def plans_for(name: str, kind: str, mesh: tuple[int, ...]) -> dict[str, tuple[st
     return {k: (plan.to_json(), {"plan_s": round(s, 2), "variables": plan.solver.num_variables,
                                  "optimal": plan.solver.optimal, "fallbacks": len(plan.nodes_fallback),
                                  "predicted_peak_bytes": plan.predicted.peak_memory_bytes,
+                                 "predicted_breakdown": dict(plan.predicted.memory_breakdown),
                                  "budget_bytes": budget if k == "budget" else None,
                                  "memory_decisions": {"checkpoint": list(plan.checkpoint), "offload": list(plan.offload),
                                                       "zero": len(plan.optimizer_sharding)}})

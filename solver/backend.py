@@ -35,10 +35,12 @@ class SolveResult:
     seconds: float        # wall time of every run, fallback included
 
 
-def make_solver(backend: str, time_limit: float):
-    """(PuLP solver, its name) for ``backend`` ("auto", "highs" or "cbc")."""
+def make_solver(backend: str, time_limit: float, cutoff: float | None = None):
+    """(PuLP solver, its name) for ``backend`` ("auto", "highs" or "cbc"). ``cutoff`` (HiGHS only: its
+    ``objective_bound``): only solutions below it count; none is "Infeasible"."""
     if backend in ("auto", "highs"):
-        s = pulp.HiGHS(msg=False, timeLimit=time_limit)
+        opts = {} if cutoff is None else {"objective_bound": float(cutoff)}
+        s = pulp.HiGHS(msg=False, timeLimit=time_limit, **opts)
         if s.available():
             return s, "highs"
         if backend == "highs":
@@ -46,12 +48,21 @@ def make_solver(backend: str, time_limit: float):
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit))), "cbc"
 
 
+def cutoff_supported(backend: str) -> bool:
+    """Whether ``backend`` ("auto", "highs", "cbc") runs with a ``cutoff`` (HiGHS, when installed)."""
+    return backend in ("auto", "highs") and pulp.HiGHS(msg=False).available()
+
+
 def solve_problem(prob: pulp.LpProblem, *, backend: str = "auto", time_limit: float = 60.0,
-                  distrust: Callable[[SolveResult], str | None] | None = None) -> SolveResult:
+                  distrust: Callable[[SolveResult], str | None] | None = None,
+                  cutoff: float | None = None) -> SolveResult:
     """Solve ``prob`` under the module's policy. ``distrust(result)`` (after a HiGHS run): the reason to
-    solve again with CBC, or None to keep the result."""
+    solve again with CBC, or None to keep the result. ``cutoff``: see make_solver (needs
+    cutoff_supported; an "Infeasible" answer then means no solution below it)."""
     t0 = time.perf_counter()
-    solver, name = make_solver(backend, time_limit)
+    if cutoff is not None and not cutoff_supported(backend):
+        raise ShardingError(f"a cutoff needs HiGHS (backend {backend!r})")
+    solver, name = make_solver(backend, time_limit) if cutoff is None else make_solver(backend, time_limit, cutoff)
     result = _run(prob, solver, name, t0)
     if name == "highs" and distrust is not None:
         reason = distrust(result)

@@ -39,7 +39,9 @@ else:
 kw = dict(mesh_shape=mesh, mesh_dim_names=names, cluster="cpu-gloo")
 if case.endswith("budget"):
     free = autopar.plan(model, inputs, **kw)
-    kw["memory_budget"] = int(0.6 * free.predicted.peak_memory_bytes)
+    kw["memory_budget"] = int((0.4 if case.startswith("llama") else 0.6) * free.predicted.peak_memory_bytes)
+if case.startswith("llama") and case.endswith("budget"):
+    kw["time_limit"] = 30   # stage one proves its plan (~5 s on 2 idle cores); nothing below it comes in 30 s
 p = autopar.plan(model, inputs, **kw)
 print("RESULT " + json.dumps({{"digest": plan_digest(p), "optimal": p.solver.optimal,
                               "objective": p.solver.objective}}))
@@ -55,15 +57,18 @@ def _plan_in_subprocess(case: str, seed: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("case", ["gpt-tiny", "gpt-tiny-budget", "llama-kwargs"])
+@pytest.mark.parametrize("case", ["gpt-tiny", "gpt-tiny-budget", "llama-kwargs", "llama-kwargs-budget"])
 def test_same_plan_across_hash_seeds(case):
     a = _plan_in_subprocess(case, 0)
     b = _plan_in_subprocess(case, 12345)
-    assert a["optimal"] and b["optimal"], (a, b)
+    if case != "llama-kwargs-budget":   # that one stops at its time limit: stage one's plan (solver.ilp)
+        assert a["optimal"] and b["optimal"], (a, b)
     assert a["objective"] == pytest.approx(b["objective"], rel=1e-9)
     assert a["digest"] == b["digest"], f"{case}: different plans under PYTHONHASHSEED 0 and 12345"
 
 
-# Not covered here: the llama zoo model (kwargs) on (2, 2) under a memory budget (0.4 or 0.7 of its
-# unconstrained peak) does not reach proven optimality within the 60 s time limit on 2 cores, and the
-# incumbent HiGHS holds at a time limit depends on how far it got, so two processes can differ there.
+# The llama zoo model (kwargs) on (2, 2) at 0.4 of its unconstrained peak does not reach proven optimality
+# within its time limit on 2 cores; before the staged solve (solver.ilp: no recompute first, then the full
+# model below that plan) the incumbent HiGHS held at the limit depended on how far it got, so two processes
+# could differ. Now the plan at the limit is stage one's, unless the full model finds a faster one, which
+# it did not within 60 s on 2 cores; where it does on a faster machine, that plan depends on the timing.
