@@ -18,6 +18,10 @@ that splits its work on a mesh dim receives a Partial gradient (the data-paralle
 Memory per rank: parameters, gradients (same placement), AdamW states (two fp32 tensors per
 parameter element), activations kept for backward (non-view op outputs, and gathered copies of
 parameters an op keeps). Must not import codegen.
+
+Mixed precision (plan.precision): ``autocast_graph`` rewrites a float32 capture's metas to the dtypes autocast
+gives each value (``autocast_dtypes``), so the functions above charge compute at that dtype's peak and bytes
+at their real size, with parameters, gradients and AdamW states float32.
 """
 from __future__ import annotations
 
@@ -248,6 +252,137 @@ def grad_transition(src: tuple[Placement, ...], dst: tuple[Placement, ...], cons
     gdst = tuple(Partial("sum") if isinstance(p, Replicate) and sp else grad_placement(p)
                  for p, sp in zip(dst, consumer_split))
     return gdst, tuple(grad_placement(p) for p in src)
+
+
+# --- mixed precision ------------------------------------------------------------------------
+# torch.amp's autocast op lists for CUDA (PyTorch docs, "Automatic Mixed Precision package", Autocast Op
+# Reference, CUDA Op-Specific Behavior), by ATen op name: ops that run in the lower precision, and ops that
+# run (and return) in float32 whatever their inputs. Every other op runs in the type its tensor inputs
+# promote to, so a float32 value meeting a lower-precision one (a residual add) is float32 again.
+AUTOCAST_LOWER = frozenset({
+    "linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "addr", "chain_matmul",
+    "multi_dot", "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "prelu", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention"})
+AUTOCAST_FP32 = frozenset({
+    "pow", "acos", "asin", "cosh", "sinh", "tan", "erfinv", "exp", "expm1", "log", "log10", "log1p", "log2",
+    "reciprocal", "rsqrt", "softplus", "cumprod", "cumsum", "prod", "sum", "dist", "pdist", "cdist", "norm",
+    "renorm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "softmax", "_softmax",
+    "log_softmax", "_log_softmax", "softmin", "normalize", "cosine_similarity", "cross_entropy_loss", "nll_loss",
+    "nll_loss_forward", "nll_loss2d", "mse_loss", "l1_loss", "smooth_l1_loss", "kl_div", "poisson_nll_loss",
+    "binary_cross_entropy_with_logits", "cosine_embedding_loss", "hinge_embedding_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "multi_margin_loss", "soft_margin_loss", "triplet_margin_loss"})
+
+
+def _op_name(target) -> str:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if packet is not None else ""
+
+
+def _promoted(dtypes) -> torch.dtype | None:
+    out = None
+    for d in dtypes:
+        if d is not None and d.is_floating_point:
+            out = d if out is None else torch.promote_types(out, d)
+    return out
+
+
+def autocast_dtypes(gi, compute_dtype: torch.dtype, device_type: str = "cuda") -> dict[str, tuple]:
+    """The dtype each node's outputs have when the captured (float32) model runs under
+    ``torch.autocast(device_type, compute_dtype)`` with float32 parameters (plan.precision's mixed precision).
+
+    ``device_type="cpu"``: torch's own answer, each op dispatched on fake tensors under CPU autocast (its op
+    lists differ from CUDA's); an op the fake mode cannot run falls back to the rule below. ``"cuda"``: the
+    CUDA autocast lists (``AUTOCAST_LOWER`` / ``AUTOCAST_FP32``), which need no GPU to apply: a lower-precision
+    op's floating outputs that followed its inputs take ``compute_dtype``, an fp32-list op's stay float32, and
+    any other op's outputs that followed its inputs' dtype follow their new promoted dtype. Parameters,
+    buffers and inputs keep theirs; explicit casts keep their target dtype. Returns node name -> dtypes."""
+    new: dict[str, tuple] = {}
+    fake_vals: dict[str, object] = {}
+    mode = None
+    if device_type == "cpu":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for name, g in gi.nodes.items():
+        orig = tuple(m.dtype if m is not None else None for m in g.outputs)
+        if g.kind != "op":
+            new[name] = orig
+            continue
+        in_orig = _promoted(gi.nodes[r.src].outputs[r.out].dtype for r in g.inputs
+                            if gi.nodes[r.src].outputs[r.out] is not None)
+        in_new = _promoted(new[r.src][r.out] for r in g.inputs)
+        out = None
+        if mode is not None and g.fx_node is not None:
+            out = _dispatch_dtypes(g, gi, new, fake_vals, mode, compute_dtype)
+        if out is None:
+            op = _op_name(g.target)
+            if op in AUTOCAST_FP32:
+                out = orig
+            elif op in AUTOCAST_LOWER:
+                out = tuple(compute_dtype if d is not None and d == in_orig and d.is_floating_point else d
+                            for d in orig)
+            else:
+                out = tuple(in_new if d is not None and d == in_orig and d.is_floating_point and in_new is not None
+                            else d for d in orig)
+        new[name] = out
+        if mode is not None and name not in fake_vals and g.fx_node is not None:
+            fake_vals[name] = _fakes(mode, g, out, g.fx_node.meta.get("val"))
+    return new
+
+
+def _dispatch_dtypes(g, gi, new, fake_vals, mode, compute_dtype) -> tuple | None:
+    """Output dtypes of ``g`` run on fake tensors (its inputs at their ``new`` dtypes) under CPU autocast."""
+    import torch.utils._pytree as pytree
+
+    def val(a):
+        if not isinstance(a, fx.Node):
+            return a
+        if a.name in fake_vals:
+            return fake_vals[a.name]
+        v = a.meta.get("val")
+        if a.name not in new:
+            return v
+        return _fakes(mode, gi.nodes[a.name], new[a.name], v)
+
+    try:
+        with mode, torch.autocast("cpu", dtype=compute_dtype):
+            args, kwargs = pytree.tree_map(val, (tuple(g.fx_node.args), dict(g.fx_node.kwargs)))
+            res = g.target(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):   # fake mode cannot run it
+        return None
+    fake_vals[g.name] = res
+    vals = res if isinstance(res, (list, tuple)) else (res,)
+    out = tuple(v.dtype if isinstance(v, torch.Tensor) else None for v in vals)
+    return out if len(out) == len(g.outputs) else None
+
+
+def _fakes(mode, g, dtypes, val):
+    """Fake tensors for ``g``'s outputs at ``dtypes`` (a tuple where the node returns several)."""
+    with mode:
+        made = tuple(torch.empty(m.shape, dtype=d) if m is not None else None for m, d in zip(g.outputs, dtypes))
+    return made if isinstance(val, (list, tuple)) else made[0]
+
+
+def autocast_graph(gi, compute_dtype: torch.dtype, device_type: str = "cuda"):
+    """A copy of GraphIndex ``gi`` whose tensor metas carry the dtypes of ``autocast_dtypes``: compute_cost then
+    charges each op at its dtype's peak (``DeviceSpec.flops_for``: bf16/fp16 tensor cores) and moves its bytes at
+    their real size, reshardings communicate lower-precision activations at their size, and activation memory
+    counts them at it, while parameters, their gradients (autocast's casts return float32 gradients to the
+    float32 parameters) and AdamW states stay float32. float32: ``gi`` itself."""
+    if compute_dtype == torch.float32:
+        return gi
+    import copy
+
+    dtypes = autocast_dtypes(gi, compute_dtype, device_type)
+    nodes = {}
+    for name, g in gi.nodes.items():
+        g2 = copy.copy(g)
+        g2.outputs = tuple(TensorMeta(shape=m.shape, dtype=d) if m is not None else None
+                           for m, d in zip(g.outputs, dtypes[name]))
+        nodes[name] = g2
+    return type(gi)(nodes=nodes, layer_counts=dict(gi.layer_counts), observed_counts=dict(gi.observed_counts),
+                    shared_lists=set(gi.shared_lists), output_refs=gi.output_refs)
 
 
 # --- memory -------------------------------------------------------------------------------

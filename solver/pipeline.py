@@ -48,6 +48,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from autopar.cluster.profile import ClusterProfile, LinkSpec
 from autopar.core.capture import CapturedModel
 from autopar.core.errors import ConfigError, InfeasiblePlanError
@@ -56,6 +58,7 @@ from autopar.core.mesh import MeshSpec
 from autopar.core.options import PIPELINE_SCHEDULES, PipelineOptions
 from autopar.solver import ilp
 from autopar.solver.categories import MemCategory
+from autopar.solver.cost import autocast_graph
 from autopar.solver.keys import match_fix
 
 log = logging.getLogger(__name__)
@@ -129,13 +132,18 @@ def matching_patterns(gi, fix: dict | None, prefer: dict | None) -> tuple[dict, 
 
 def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: ClusterProfile,
                links: tuple[LinkSpec, ...], *, budget: float | None = None, backend: str = "auto",
-               time_limit: float = 60.0, fix: dict | None = None, prefer: dict | None = None) -> UnitCosts:
+               time_limit: float = 60.0, fix: dict | None = None, prefer: dict | None = None,
+               compute_dtype: torch.dtype = torch.float32) -> UnitCosts:
     """Solve the intra-op ILP for ``cap`` (captured at one micro-batch) on the sub-mesh and split its
     chosen costs into prefix / one block / suffix. ``budget`` bounds the whole model's memory on one
     sub-mesh (the caller passes p x the device budget: each of p stages gets one device's); the DP
     then checks every stage, in-flight activations included, against the device budget. ``fix`` /
-    ``prefer`` (sub-mesh placements) pin what they match in this graph (see matching_patterns)."""
-    gi = index_graph(cap)
+    ``prefer`` (sub-mesh placements) pin what they match in this graph (see matching_patterns).
+    ``compute_dtype``: the plan's autocast dtype (plan.precision): ops are costed at the dtypes autocast gives
+    them (solver.cost.autocast_graph); stage boundaries are sent at their captured dtype, as the pipeline
+    runtime casts them back to it."""
+    gi32 = index_graph(cap)
+    gi = autocast_graph(gi32, compute_dtype, "cpu" if profile.host_is_device else "cuda")
     if layer_list not in gi.layer_counts:
         raise ConfigError(f"{layer_list!r} is not a list of repeated blocks in this model; found "
                           f"{sorted(gi.layer_counts) or 'none'}")
@@ -166,7 +174,7 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
         if g.layer is not None and g.layer[0] == layer_list and g.outputs and g.outputs[0] is not None:
             users = [u for u in g.fx_node.users] if g.fx_node is not None else []
             if any(layer_of_gnode(gi, u.name, layer_list) != g.layer for u in users):
-                boundary = max(boundary, float(g.outputs[0].nbytes))
+                boundary = max(boundary, float(gi32.nodes[g.name].outputs[0].nbytes))
     per = {u: UnitCost(time_s=v["t"] / (n if u == "block" else 1), static_bytes=v["w"] / (n if u == "block" else 1),
                        act_bytes=v["a"] / (n if u == "block" else 1), accum_s=v["g"] / (n if u == "block" else 1))
            for u, v in acc.items()}

@@ -12,12 +12,21 @@ and ``autopar plan`` agree on the same hardware numbers. Per micro-batch and lay
 * TP (1-D Megatron): 4 all-reduces of b*s*h elements (2 forward, 2 backward); with sequence
   parallel 4 all-gathers + 4 reduce-scatters of the same tensor instead;
 * recompute: full repeats the forward (and its TP collectives), selective the attention core;
+* dropout (``dropout=True``, Megatron's GPT): the attention probabilities read and written with a
+  1-byte mask, and a 1-byte mask for each of the two hidden dropouts (Korthikanti et al. 2022, 4.1);
 * PP: one send/recv of the stage's activation forward and one of its gradient backward per
   micro-batch and virtual stage; bubble (p-1)/v micro-batch slots of the slowest stage, i.e. a
   fraction (p-1)/(m+p-1) of the iteration for 1F1B and GPipe (m = B / (b*d) micro-batches);
+  with ``scatter_gather`` (Narayanan et al. SC'21, 4.1) each tp rank sends 1/t of the boundary and
+  the receiving stage all-gathers it over tp; once per step the first and the last stage all-reduce
+  the tied word embedding's gradient (V*h/t elements);
 * DP per step, on the parameters Psi of one GPU: all-reduce of the gradients 2(d-1)/d*Psi
   bytes (ZeRO-1/2: reduce-scatter + all-gather, the same volume; ZeRO-3 adds one more all-gather:
-  1.5x). Collectives are not overlapped with compute (as in the solver's objective).
+  1.5x), on rings that leave a node over as many NICs as the group has GPUs there
+  (``ClusterProfile.dim_links``). Collectives are not overlapped with compute (as in the solver's
+  objective, and as Megatron-LM ran them in the published results benchmarks/published.py checks);
+* the AdamW step: one memory-bound pass over the GPU's (ZeRO-1: 1/d of its) parameters,
+  ``optimizer_step_time``.
 
 Memory per GPU: parameters and gradients in ``dtype``, AdamW states (8 bytes per element, plus a
 4-byte fp32 master copy when dtype is not fp32), sharded over dp by the ZeRO stage; activations per
@@ -63,6 +72,9 @@ class GPTPlan:
     zero: int = 0
     schedule: str = "1f1b"
     dtype: str = "bfloat16"
+    scatter_gather: bool = False
+    dropout: bool = False
+    grad_dtype: str | None = None   # gradients kept and data-parallel reduced in (default: dtype)
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "seq", "vocab", "global_batch", "micro_batch", "tp", "pp", "dp",
@@ -83,6 +95,9 @@ class GPTPlan:
                               f"{self.interleave} equal stages")
         if self.interleave > 1 and (self.pp == 1 or self.schedule != "1f1b"):
             raise ConfigError("--interleave > 1 needs --pp > 1 and the 1f1b schedule (interleaved 1F1B)")
+        if self.scatter_gather and (self.pp == 1 or self.tp == 1):
+            raise ConfigError("--scatter-gather splits a stage's output over the tp ranks it is sent from: it needs "
+                              "--pp > 1 and --tp > 1")
         if self.sequence_parallel and self.seq % self.tp:
             raise ConfigError(f"--sequence-parallel splits --seq {self.seq} over --tp {self.tp}: make it divisible")
         if self.recompute not in RECOMPUTE:
@@ -91,6 +106,8 @@ class GPTPlan:
             raise ConfigError(f"--schedule {self.schedule!r}: one of {SCHEDULES}")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero {self.zero!r}: a ZeRO stage 0, 1, 2 or 3")
+        if self.grad_dtype is not None and self.grad_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"--grad-dtype {self.grad_dtype!r}: one of {sorted(DTYPE_BYTES)}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"--dtype {self.dtype!r}: one of {sorted(DTYPE_BYTES)}")
 
@@ -152,16 +169,19 @@ def _layer_ops(c: GPTPlan, e: int) -> tuple[list[tuple[float, float]], list[tupl
     core = [(2.0 * b * s * s * h / t, (2 * bsh / t + b * a_t * s * s) * e),     # Q K^T
             (0.0, 2.0 * b * a_t * s * s * e),                                   # softmax
             (2.0 * b * s * s * h / t, (b * a_t * s * s + 2 * bsh / t) * e)]      # P V
+    if c.dropout:   # on the attention probabilities: read P, write P and its 1-byte mask (Korthikanti et al. 4.1)
+        core.insert(2, (0.0, b * a_t * s * s * (2 * e + 1)))
+    drop = (0.0, bsh / sp) if c.dropout else (0.0, 0.0)  # + the 1-byte mask of each hidden dropout
     ops = [(0.0, 2.0 * bsh / sp * e),                                           # layer norm 1
            (2.0 * bsh * 3 * h / t, (bsh + 3 * h * h / t + 3 * bsh / t) * e),   # QKV
            *core,
            (2.0 * bsh * h / t, (bsh / t + h * h / t + bsh) * e),               # attention projection
-           (0.0, 3.0 * bsh / sp * e),                                           # residual add
+           (0.0, 3.0 * bsh / sp * e + drop[1]),                                 # (dropout +) residual add
            (0.0, 2.0 * bsh / sp * e),                                           # layer norm 2
            (2.0 * bsh * 4 * h / t, (bsh + 4 * h * h / t + 4 * bsh / t) * e),   # MLP up
            (0.0, 2.0 * 4 * bsh / t * e),                                        # GELU
            (2.0 * bsh * 4 * h / t, (4 * bsh / t + 4 * h * h / t + bsh) * e),   # MLP down
-           (0.0, 3.0 * bsh / sp * e)]                                           # residual add
+           (0.0, 3.0 * bsh / sp * e + drop[1])]                                 # (dropout +) residual add
     return ops, core
 
 
@@ -208,6 +228,19 @@ def _in_flight_layers(c: GPTPlan) -> float:
     return inflight * (1 + (c.pp - 1) / (c.pp * c.interleave)) if c.interleave > 1 else inflight
 
 
+def optimizer_step_time(elements: float, e: int, cluster: ClusterProfile) -> float:
+    """Seconds of one AdamW step over ``elements`` parameters on one GPU: a memory-bound pass (a fused
+    multi-tensor Adam, as Megatron's and torch's ``fused=True``) that reads the gradient (``e`` bytes), the
+    fp32 master weight (absent when ``e`` is 4: the parameter is the master), exp_avg and exp_avg_sq and
+    writes them back with the ``e``-byte parameter: ``elements * (2e + 24)`` bytes at the achieved memory
+    bandwidth (fp32: ``28`` bytes, the 7 fp32 tensor passes of Adam; Kingma & Ba 2015, Algorithm 1)."""
+    if elements <= 0:
+        return 0.0
+    dev = cluster.device
+    nbytes = elements * (2 * e + 24) if e != 4 else elements * 28
+    return dev.op_overhead_s + nbytes / (dev.memory_bandwidth * dev.max_memory_efficiency)
+
+
 # --- the prediction ---------------------------------------------------------------------------------
 def _collective(kind: str, count: int, nbytes: float, n: int, link: LinkSpec | None) -> Collective:
     if n <= 1 or count == 0 or link is None:
@@ -251,27 +284,36 @@ def predict(c: GPTPlan, cluster: ClusterProfile, *, nodes: int | None = None, gp
         comm["tp_reduce_scatter"] = _collective("reduce_scatter", count, bsh_bytes, t, links.get("tp"))
     else:
         comm["tp_all_reduce"] = _collective("all_reduce", count, bsh_bytes, t, links.get("tp"))
-    # pipeline: activations forward and gradients backward across each virtual stage boundary
-    pp_bytes = bsh_bytes / (t if c.sequence_parallel else 1)
+    # pipeline: activations forward and gradients backward across each virtual stage boundary. With scatter/gather
+    # (Narayanan et al. SC'21 sec. 4.1) each tp rank sends 1/t of it and the receiving stage all-gathers it over tp
+    split_send = c.sequence_parallel or c.scatter_gather
+    pp_bytes = bsh_bytes / (t if split_send else 1)
     comm["pp_send_recv"] = _collective("send_recv", 2 * m * c.interleave, pp_bytes, c.pp, links.get("pp"))
+    if c.scatter_gather and not c.sequence_parallel:
+        comm["pp_gather"] = _collective("all_gather", 2 * m * c.interleave, bsh_bytes, t, links.get("tp"))
     # data parallel, once per step, on the gradients of the biggest stage's GPU
     psi = params_per_gpu(c)
     psi_max = max(psi.values())
     d = c.dp
+    eg = DTYPE_BYTES[c.grad_dtype or c.dtype]   # e.g. Megatron's --accumulate-allreduce-grads-in-fp32: 4
     if c.zero == 0:
-        comm["dp_all_reduce"] = _collective("all_reduce", 1, psi_max * e, d, links.get("dp"))
+        comm["dp_all_reduce"] = _collective("all_reduce", 1, psi_max * eg, d, links.get("dp"))
     else:
-        comm["dp_reduce_scatter"] = _collective("reduce_scatter", 1, psi_max * e, d, links.get("dp"))
+        comm["dp_reduce_scatter"] = _collective("reduce_scatter", 1, psi_max * eg, d, links.get("dp"))
         comm["dp_all_gather"] = _collective("all_gather", 2 if c.zero == 3 else 1, psi_max * e, d, links.get("dp"))
 
+    if c.pp > 1:   # the tied word embedding's gradient, summed once per step by the first and the last stage
+        comm["pp_embedding_grad"] = _collective("all_reduce", 1, c.vocab * h / t * e, 2, links.get("pp"))
     tp_s = sum(v.time_s for k, v in comm.items() if k.startswith("tp_"))
-    pp_s = comm["pp_send_recv"].time_s
+    pp_s = comm["pp_send_recv"].time_s + (comm["pp_gather"].time_s if "pp_gather" in comm else 0.0)
+    emb_s = comm["pp_embedding_grad"].time_s if c.pp > 1 else 0.0
     dp_s = sum(v.time_s for k, v in comm.items() if k.startswith("dp_"))
     recompute_s = recompute_layer * per_stage * m
     slot = compute_mb + recompute_layer * per_stage + (tp_s + pp_s) / m  # one micro-batch on the slowest stage
     bubble_s = (c.pp - 1) / c.interleave * slot
-    tb = {"compute_s": compute_mb * m, "comm_s": tp_s + pp_s + dp_s, "recompute_s": recompute_s,
-          "offload_s": 0.0, "bubble_s": bubble_s}
+    opt_s = optimizer_step_time(psi_max / (d if c.zero >= 1 else 1), e, cluster)
+    tb = {"compute_s": compute_mb * m, "comm_s": tp_s + pp_s + dp_s + emb_s, "recompute_s": recompute_s,
+          "offload_s": 0.0, "bubble_s": bubble_s, "optimizer_s": opt_s}
 
     # memory per GPU
     master = 0 if e == 4 else 4
@@ -286,7 +328,7 @@ def predict(c: GPTPlan, cluster: ClusterProfile, *, nodes: int | None = None, gp
     best = None
     for stage, acts in (("first", acts_first), ("last", acts_last)):
         p = psi[stage]
-        mb = {"params": p * e / zero_div(3), "grads": p * e / zero_div(2),
+        mb = {"params": p * e / zero_div(3), "grads": p * eg / zero_div(2),
               "optimizer": p * (8 + master) / zero_div(1), "activations": acts}
         if best is None or sum(mb.values()) > sum(best.values()):
             best = mb
@@ -300,3 +342,47 @@ def predict(c: GPTPlan, cluster: ClusterProfile, *, nodes: int | None = None, gp
                       extras={"tp_comm_s": tp_s, "pp_comm_s": pp_s, "dp_comm_s": dp_s,
                               "model_flops_per_gpu": model_flops / c.gpus,
                               "achieved_flops_per_gpu": model_flops / c.gpus / step if step else 0.0})
+
+
+# --- a configuration search over the same model ------------------------------------------------------
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def search_plans(model: GPTPlan, cluster: ClusterProfile, gpus: int, *, memory: float | None = None,
+                 max_micro_batch: int = 8, max_interleave: int = 4, top: int = 1) -> list[tuple[GPTPlan, Prediction]]:
+    """The ``top`` fastest Megatron-style plans of ``model``'s GPT (its layers, hidden, heads, seq, vocab,
+    global batch and dtype; its parallel fields are ignored) on ``gpus`` GPUs of ``cluster`` whose predicted
+    memory per GPU fits ``memory`` (default: the device's capacity), by exhaustive enumeration: tp a divisor
+    of the heads within one node, pp a divisor of the layers, dp the rest; micro-batch up to
+    ``max_micro_batch``; 1F1B, interleaved up to ``max_interleave`` virtual stages; recompute none / selective
+    / full; sequence parallel or scatter/gather where tp > 1. Every candidate is priced by ``predict``; raises
+    ConfigError when none fits."""
+    cap = float(cluster.device.memory_capacity if memory is None else memory)
+    base = {k: getattr(model, k) for k in ("layers", "hidden", "heads", "seq", "vocab", "global_batch", "dtype",
+                                           "dropout")}
+    found: list[tuple[float, GPTPlan, Prediction]] = []
+    for tp in (k for k in _divisors(model.heads) if k <= cluster.gpus_per_node and gpus % k == 0):
+        for pp in (k for k in _divisors(model.layers) if (gpus // tp) % k == 0):
+            dp = gpus // (tp * pp)
+            if model.global_batch % dp:
+                continue
+            for mb in (k for k in _divisors(model.global_batch // dp) if k <= max_micro_batch):
+                if pp > 1 and model.global_batch // (dp * mb) < pp:
+                    continue
+                vs = [v for v in range(1, max_interleave + 1) if (model.layers // pp) % v == 0] if pp > 1 else [1]
+                comms = [(False, False)] + ([(True, False)] + ([(False, True)] if pp > 1 else []) if tp > 1 else [])
+                for v in vs:
+                    for rc in RECOMPUTE:
+                        for sp, sg in comms:
+                            if sp and model.seq % tp:
+                                continue
+                            c = GPTPlan(**base, micro_batch=mb, tp=tp, pp=pp, dp=dp, interleave=v, recompute=rc,
+                                        sequence_parallel=sp, scatter_gather=sg)
+                            p = predict(c, cluster, gpus=gpus)
+                            if p.peak_memory_bytes <= cap:
+                                found.append((p.step_time_s, c, p))
+    if not found:
+        raise ConfigError(f"no Megatron-style plan of this GPT fits {cap / 2**30:.1f} GiB per GPU on {gpus} GPUs")
+    found.sort(key=lambda x: x[0])
+    return [(c, p) for _, c, p in found[:top]]

@@ -261,7 +261,9 @@ class ClusterProfile:
         """The link each mesh dim communicates over (measured per dim when the profile has them).
 
         Without measurements the innermost dims fill a node first; a dim whose span (its size
-        times the sizes of the dims inside it) exceeds ``gpus_per_node`` crosses nodes.
+        times the sizes of the dims inside it) exceeds ``gpus_per_node`` crosses nodes. Where such a
+        group has ``g > 1`` members in each node, its ring collectives run over ``g`` NICs at once
+        (``rail_parallel``).
         """
         if self.mesh_dim_links is not None:
             if tuple(mesh.shape) != tuple(self.mesh_shape or ()):
@@ -282,8 +284,12 @@ class ClusterProfile:
         links: list[LinkSpec] = []
         span = 1
         for size in reversed(mesh.shape):
-            span *= size
-            links.append(self.intra_node if span <= per_node else self.inter_node)
+            inner, span = span, span * size
+            if span <= per_node:
+                links.append(self.intra_node)
+            else:
+                members = per_node // inner if per_node % inner == 0 else 1
+                links.append(rail_parallel(self.inter_node, self.intra_node, min(members, size)))
         return tuple(reversed(links))
 
     # --- JSON -------------------------------------------------------------------------------
@@ -319,6 +325,28 @@ class ClusterProfile:
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+RING_KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def rail_parallel(inter: LinkSpec, intra: LinkSpec, members: int) -> LinkSpec:
+    """The inter-node link of a collective group with ``members`` ranks in each node (one NIC per GPU).
+
+    NCCL splits a ring collective over several channels, each a ring that leaves a node through a
+    different NIC, so a group with g members per node moves its inter-node ring traffic over g NICs in
+    parallel; each rank still sends its whole ring traffic over its own NVLink, which caps the gain:
+    beta = max(beta_inter / g, beta_intra) for all-reduce, all-gather and reduce-scatter, alpha that of
+    the inter-node link (Jeaugey, "Massively Scale Your Deep Learning Training with NCCL 2.4", NVIDIA
+    technical blog 2019; nccl-tests doc/PERFORMANCE.md: bus bandwidth of multi-node DGX all-reduces is
+    the nodes' aggregate NIC bandwidth per GPU). send/recv and all-to-all keep one NIC per rank."""
+    if members <= 1:
+        return inter
+    coll = dict(inter.collectives)
+    for k in RING_KINDS:
+        ab = inter.collectives[k]
+        coll[k] = AlphaBeta(alpha=ab.alpha, beta=max(ab.beta / members, intra.collectives[k].beta))
+    return LinkSpec(name=inter.name, collectives=coll, sync_s=inter.sync_s)
 
 
 def _req(d: dict, key: str, where: str):

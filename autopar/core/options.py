@@ -212,9 +212,9 @@ class PlanOptions:
         if self.fuse:
             raise ConfigError("fuse=True is not supported with pipeline stages yet (stages are costed unfused); "
                               "drop it or pass pipeline=False")
-        if self.precision is not None and self.precision["compute_dtype"] != "float32":
-            raise ConfigError("precision= is not supported with pipeline stages yet (stages run in fp32); "
-                              "drop it or pass pipeline=False")
+        if self.precision is not None and self.precision.get("loss_scaling") == "dynamic":
+            raise ConfigError("precision with float16 compute needs dynamic loss scaling, which pipeline stages do "
+                              "not apply yet; use precision='bf16' or pass pipeline=False")
         for name, ok in (("recompute", (None, "none")), ("zero", (None, 0)), ("offload", (None, False))):
             if getattr(self, name) not in ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not supported with pipeline stages yet (each "

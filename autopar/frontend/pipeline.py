@@ -25,7 +25,7 @@ from autopar.core.graph import index_graph
 from autopar.core.mesh import PP_DIM, MeshSpec
 from autopar.core.options import PipelineOptions
 from autopar.core.placement import Replicate, parse_sharding
-from autopar.core.plan import ModelInfo, Plan, Predicted, SolverStats
+from autopar.core.plan import ModelInfo, Plan, Predicted, SolverStats, check_precision
 from autopar.runtime.pipeline import batch_size
 from autopar.solver import plan_graph
 from autopar.solver.pipeline import TIGHTEN_FACTOR, matching_patterns, search, unit_costs
@@ -97,9 +97,10 @@ def _as_inputs(args: tuple, kwargs: dict) -> ExampleInputs:
 def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                      budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
                      time_limit: float = 60.0, fold_layers: bool = True, fix: dict | None = None,
-                     prefer: dict | None = None):
+                     prefer: dict | None = None, precision: dict | None = None):
     """The inter-op decision alone: (Partition, layer list, UnitCosts per micro-batch count). ``fix`` /
-    ``prefer`` are sub-mesh placements (``sub_mesh_patterns``)."""
+    ``prefer`` are sub-mesh placements (``sub_mesh_patterns``); ``precision`` (plan.precision): the units are
+    costed at the dtypes autocast gives their ops."""
     cfg = PipelineOptions.parse(pipeline)
     p, sub, sub_profile, pp_link = split_mesh(mesh, profile, nodes)
     if p < 2:
@@ -149,7 +150,8 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
             cache[(m, tighten)] = unit_costs(caps[m], layer_list, cost_mesh, cost_profile, cost_links, budget=bound,
                                              backend=backend, time_limit=time_limit,
                                              fix=fix if sub is not None else None,
-                                             prefer=prefer if sub is not None else None)
+                                             prefer=prefer if sub is not None else None,
+                                             compute_dtype=_compute_dtype(precision))
         return cache[(m, tighten)]
 
     part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link)
@@ -159,19 +161,20 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
 def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                   budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
                   time_limit: float = 60.0, fold_layers: bool = True, phase_times: dict | None = None,
-                  fix: dict | None = None, prefer: dict | None = None) -> Plan:
+                  fix: dict | None = None, prefer: dict | None = None, precision: dict | None = None) -> Plan:
     """A Plan with stages: the partition, then each stage's intra-op plan on the sub-mesh.
 
     ``fix`` / ``prefer`` (placements for the whole mesh, ``R`` on ``pp``) apply to every stage and to the
     unit costs the partition is chosen from; keys are shared by identical stages (``blocks.*/...``), a
     stage's inputs are ``input:<name>`` with the names of ``pipeline.stages[i].inputs``. A pattern that
-    matches nothing in any stage is an error."""
+    matches nothing in any stage is an error. ``precision`` (plan.precision, bf16 only: the pipeline runtime has no
+    loss scaling) is written into the plan, and the partition's unit costs follow it."""
     split_mesh(mesh, profile, nodes)   # a mesh without a pp dim fails here, before the patterns are read
     fix, prefer = sub_mesh_patterns(fix, mesh, "fix"), sub_mesh_patterns(prefer, mesh, "prefer")
     t0 = time.perf_counter()
     part, layer_list, _ = choose_partition(model, example_inputs, mesh, profile, budget, pipeline, nodes=nodes,
                                            backend=backend, time_limit=time_limit, fold_layers=fold_layers,
-                                           fix=fix, prefer=prefer)
+                                           fix=fix, prefer=prefer, precision=precision)
     t1 = time.perf_counter()
     p, sub, sub_profile, _ = split_mesh(mesh, profile, nodes)
     a, k = microbatch_inputs(example_inputs, part.microbatches)
@@ -203,7 +206,18 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
-    return _assemble(cap, mesh, profile, part, layer_list, stages, stage_plans, phases, example_inputs)
+    out = _assemble(cap, mesh, profile, part, layer_list, stages, stage_plans, phases, example_inputs)
+    return out if precision is None else dataclasses.replace(out, precision=dict(precision))
+
+
+def _compute_dtype(precision: dict | None) -> torch.dtype:
+    if precision is None:
+        return torch.float32
+    p = check_precision(precision)
+    if p["loss_scaling"] == "dynamic":
+        raise ConfigError("precision with float16 compute needs dynamic loss scaling, which pipeline stages do not "
+                          "apply yet; use precision='bf16' or pipeline=False")
+    return getattr(torch, p["compute_dtype"])
 
 
 def stage_example_inputs(st) -> tuple:

@@ -79,7 +79,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         opts.check_pipeline()
         return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=opts.nodes,
                              backend=opts.backend, time_limit=opts.time_limit, fold_layers=opts.fold_layers,
-                             fix=opts.fix_dict(), prefer=opts.prefer_dict())
+                             fix=opts.fix_dict(), prefer=opts.prefer_dict(), precision=opts.precision)
     t0 = time.perf_counter()
     cap = capture_exact(model, example_inputs, fold_layers=opts.fold_layers)
     return solve_captured(cap, mesh, profile, opts, budget=budget, phase_times={"capture": time.perf_counter() - t0})

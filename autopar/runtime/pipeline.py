@@ -18,6 +18,7 @@ from autopar.core.errors import ConfigError, PlanMismatchError
 from autopar.core.mesh import PP_DIM
 from autopar.core.plan import Plan
 from autopar.ops.parallel_ops import local_chunk
+from autopar.runtime.precision import check_precision, compute_dtype, precision_context
 
 __all__ = ["PipelineModule", "batch_size", "forward_backward", "stage_io"]
 
@@ -78,6 +79,40 @@ class PipelineModule(nn.Module):
                 f"microbatches={self.microbatches}")
 
 
+class _MixedPrecisionStage(nn.Module):
+    """A stage run under the plan's autocast (``plan.precision``; parameters stay float32), its outputs cast
+    back to the dtypes the plan's stage boundaries carry (``stage_io``): torch's PipelineStage checks what a
+    stage sends against those, and the next stage then reads what one device under autocast reads there (a
+    residual stream autocast keeps in float32 is sent as float32; the cast is a no-op then)."""
+
+    def __init__(self, stage: nn.Module, plan: Plan, device_type: str, out_dtypes: list[torch.dtype]):
+        super().__init__()
+        self.stage = stage
+        self.plan, self.device_type, self.out_dtypes = plan, device_type, out_dtypes
+
+    def forward(self, *args, **kwargs):
+        with precision_context(self.plan, self.device_type):
+            out = self.stage(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return _cast(out, self.out_dtypes[0]) if self.out_dtypes else out
+        return type(out)(_cast(o, d) for o, d in zip(out, self.out_dtypes)) if isinstance(out, (tuple, list)) \
+            else out
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _stage_module(pm: PipelineModule, s: int, mod: nn.Module) -> nn.Module:
+    """The module torch's PipelineStage runs for stage ``s``: ``mod``, under autocast for a lower-precision plan."""
+    if compute_dtype(pm.plan) == torch.float32:
+        return mod
+    if check_precision(pm.plan.precision)["loss_scaling"] == "dynamic":
+        raise ConfigError("a pipelined plan with float16 compute needs dynamic loss scaling, which the pipeline "
+                          "schedules do not apply yet; use precision='bf16' (no loss scaling) or pipeline=False")
+    return _MixedPrecisionStage(mod, pm.plan, pm.mesh.device_type, [dt for _, dt in pm.stage_io[s][1]])
+
+
 def batch_size(args: tuple, kwargs: dict) -> int:
     sizes = {t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0}
     if len(sizes) != 1:
@@ -136,7 +171,7 @@ def _pipeline_step(pm: PipelineModule, args: tuple, kwargs: dict, target, loss_f
         device = torch.device("cpu") if pm.mesh.device_type == "cpu" else \
             torch.device("cuda", torch.cuda.current_device())
         # static metadata: the shapes are the plan's (inferring them would run stages on uninitialized data)
-        stages = [pipelining.PipelineStage(mod, s, pm.num_stages, device, group=pm.pp_group,
+        stages = [pipelining.PipelineStage(_stage_module(pm, s, mod), s, pm.num_stages, device, group=pm.pp_group,
                                            input_args=_examples(pm.stage_io[s][0], device, s > 0),
                                            output_args=_examples(pm.stage_io[s][1], device, True))
                   for s, mod in sorted(pm.stage_modules.items())]
