@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-# this folder goes last on the path: its kernels.py must not shadow the `kernels` package transformers imports
+# this folder goes last on the path, so that no script here shadows a package of the same name
 HERE = Path(__file__).resolve().parent
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 from _common import machine

@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ (sys.path[0] when run as a script) comes off sys.path: its kernels.py would shadow the
-# `kernels` package transformers looks for; tests/ goes on it for the zoo's LossOf wrapper
+# benchmarks/ (sys.path[0] when run as a script) comes off sys.path, so that no script here shadows a package
+# of the same name; tests/ goes on it for the zoo's LossOf wrapper
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent / "tests"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # tests/ for the zoo and the gloo pool; benchmarks/ itself (sys.path[0] when run as a script) comes off
-# sys.path: its kernels.py would shadow the `kernels` package transformers looks for
+# sys.path, so that no script here shadows a package of the same name
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent / "tests"))
 from dist_utils import DistPool  # noqa: E402

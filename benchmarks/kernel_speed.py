@@ -1,6 +1,6 @@
 """Fused kernels vs eager PyTorch and torch.compile on one GPU: GB/s, fraction of HBM peak, speed ratios.
 
-    python benchmarks/kernels.py [--hbm-gbs 4800] [--dtype bf16] [--rows 16384] [--hidden 4096]
+    python benchmarks/kernel_speed.py [--hbm-gbs 4800] [--dtype bf16] [--rows 16384] [--hidden 4096]
 
 For each runtime kernel, forward and forward+backward (only the inputs that train get gradients:
 not rotary's cos/sin; fixed upstream gradients), times the fused kernel, the eager expression it
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                     help="time eager launches only (default: GPU time inside a CUDA graph, see above)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("no CUDA: skipped (benchmarks/kernels.py needs a GPU)")
+        print("no CUDA: skipped (benchmarks/kernel_speed.py needs a GPU)")
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     rows = []
