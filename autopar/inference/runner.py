@@ -12,7 +12,8 @@ Why this and not swapping ``aten.scaled_dot_product_attention`` on a ``torch.exp
 graph is specialised to one token count per step (a continuous batch changes it every step) and HF's
 exported attention carries its mask construction and DynamicCache handling, which a pass would have to
 undo; the attention interface is the model family's own, stable hook at exactly the point where q, k, v
-are ready. Models outside that interface (autopar's built-in ones) are refused with a clear error.
+are ready. autopar's built-in models, which have no such interface, run module by module on the same
+paged attention (autopar.inference.builtin); other models are refused with a clear error.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from autopar.core.errors import AutoparError, ConfigError
+from autopar.inference.builtin import builtin_dims, builtin_forward, is_builtin
 from autopar.inference.kv_cache import KVCache
 from autopar.inference.scheduler import Scheduled
 from autopar.runtime_kernels.paged_attention import paged_attention, write_kv
@@ -76,10 +78,14 @@ class ModelShape:
 
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
+    dims = builtin_dims(model)
+    if dims is not None:
+        return ModelShape(**dims)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "set_attn_implementation"):
-        raise ConfigError(f"autopar.inference serves HF causal LMs (transformers PreTrainedModel); got "
-                          f"{type(model).__name__}. Load or build it with transformers (e.g. LlamaForCausalLM).")
+        raise ConfigError(f"autopar.inference serves HF causal LMs (transformers PreTrainedModel) and autopar's "
+                          f"built-in GPT and Llama; got {type(model).__name__}. Load or build it with transformers "
+                          f"(e.g. LlamaForCausalLM).")
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -93,7 +99,9 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, *, num_splits: int = 1) -> None:
-        register_paged_attention()
+        self.builtin = is_builtin(model)   # autopar.models: run module by module (inference.builtin)
+        if not self.builtin:
+            register_paged_attention()
         self.model = model.eval()
         self.cache = cache
         self.num_splits = num_splits
@@ -121,6 +129,9 @@ class ModelRunner:
         ctx = PagedContext(cache=self.cache, slot_mapping=torch.tensor(slots, device=dev), block_tables=bt,
                            seq_lens=torch.tensor(lens, device=dev), query_lens=torch.tensor(qlens, device=dev),
                            num_splits=self.num_splits)
+        if self.builtin:
+            return builtin_forward(self.model, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
+                                   torch.tensor(keep, device=dev)).float()
         # the model attends over the paged cache for this call only (it stays usable on its own; ~0.1 ms)
         before = self.model.config._attn_implementation
         self.model.set_attn_implementation(PAGED)
