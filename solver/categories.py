@@ -33,6 +33,8 @@ class MemCategory(enum.StrEnum):
     RECOMPUTE = "recompute"                  # one block re-materialized in backward, T_g
     RECOMPUTE_HOLD = "recompute_hold"        # H >= kept blocks, H >= gradients
     HOST = "host"                            # offloaded bytes in host memory: in no device row
+    LIVE = "forward_live"                    # inference: activations live at the forward's peak (solver.live)
+    KV_CACHE = "kv_cache"                    # inference: this rank's part of the declared KV cache
 
     @classmethod
     def parse(cls, name: str) -> MemCategory:
@@ -66,8 +68,15 @@ ROWS: dict[MemCategory, tuple[MemRow, ...]] = {
     MemCategory.RECOMPUTE: (MemRow.RECOMPUTE,),
     MemCategory.RECOMPUTE_HOLD: (MemRow.RECOMPUTE,),
     MemCategory.HOST: (),
+    MemCategory.LIVE: (),        # inference only (INFERENCE_ROWS)
+    MemCategory.KV_CACHE: (),    # inference only (INFERENCE_ROWS)
 }
 OPTIONAL_ROWS = frozenset({MemRow.RECOMPUTE})   # built once a part opens them (ShardingModel.open_row)
+# An inference plan (autopar.plan(training=False)) has one peak, the forward's, and none of the rows above:
+# its ILP (solver.ilp.ShardingILP.memory_exprs) reads this table instead of ROWS.
+INFERENCE_ROWS: dict[str, tuple[MemCategory, ...]] = {
+    "forward": (MemCategory.PARAMS, MemCategory.LIVE, MemCategory.KV_CACHE),
+}
 # what a plan reports as activations (Plan.predicted.memory_breakdown)
 ACTIVATION_CATEGORIES = (MemCategory.ACTIVATIONS, MemCategory.ACTIVATIONS_AFTER, MemCategory.BLOCKS,
-                         MemCategory.BACKWARD_GRAD)
+                         MemCategory.BACKWARD_GRAD, MemCategory.LIVE)

@@ -9,7 +9,9 @@ follower's edge rides on the follower's own x. Each (p, q) carries the reshardin
 copy a consumer keeps for backward (MemCategory.ACTIVATIONS, or solver.remat's block records inside a
 repeated block), the backward collective of the loss's gradient (BACKWARD_GRAD) and what recompute
 needs to know (solver.remat's ``comm`` / ``grad_comm`` / ``kept_copy`` records).
-``add_backward_start_grad``: the loss's first gradient at the backward start. Uses the model's public
+``add_backward_start_grad``: the loss's first gradient at the backward start. An inference ILP
+(``live``, solver.forward_memory) prices the forward resharding alone, keeps nothing for backward and
+records each resharded copy with its consumer for the live-activation rows. Uses the model's public
 interface only; must not import codegen.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from autopar.core.graph import GNode, GraphIndex
 from autopar.core.placement import Placement, Replicate
 from autopar.core.runtime_rules import reducer_candidate
 from autopar.solver import cost as C
+from autopar.solver.forward_memory import ForwardMemory
 from autopar.solver.keys import OUTPUT, kept_copy
 from autopar.solver.model import MemCategory, ShardingModel, TimeCategory
 from autopar.solver.remat import Remat
@@ -45,7 +48,9 @@ def add_backward_start_grad(m: ShardingModel) -> None:
         info = m.keys[node.key]
         copies = BACKWARD_START_COPIES.get(node.target, 1)
         for j, s in enumerate(info.strategies):
-            b = copies * max((C.local_bytes(t, p, m.mesh.shape) for t, p in zip(info.in_metas, s.inputs)
+            # at the loss's dtype where autocast computes it above its input's (bf16 logits, fp32 cross-entropy)
+            b = copies * max((C.local_bytes(t, p, m.mesh.shape) * max(1.0, out.dtype.itemsize / t.dtype.itemsize)
+                              for t, p in zip(info.in_metas, s.inputs)
                               if t is not None and p is not None and t.dtype.is_floating_point), default=0.0)
             if b:
                 m.add_mem(MemCategory.BACKWARD_GRAD, [(b, m.x[node.key][j])])
@@ -91,8 +96,9 @@ def grad_priced_bucketed(gi: GraphIndex, producer: GNode, src: tuple[Placement, 
     return src == dst and reducer_candidate(gi, producer, all(isinstance(x, Replicate) for x in src))
 
 
-def add_edge_vars(m: ShardingModel, remat: Remat) -> None:
-    loss_grad = _loss_grad_edges(m)
+def add_edge_vars(m: ShardingModel, remat: Remat, live: ForwardMemory | None = None) -> None:
+    """``live``: an inference ILP's forward memory (module docstring); None: a training step."""
+    loss_grad = _loss_grad_edges(m) if live is None else set()
     cost_cache: dict[tuple, C.OpCost] = {}
     for ei, (ku, o, kv, a, mult) in enumerate(_edge_list(m)):
         u = m.keys[ku]
@@ -109,7 +115,7 @@ def add_edge_vars(m: ShardingModel, remat: Remat) -> None:
             for j, s in enumerate(m.keys[kv].strategies):
                 inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
                 qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
-        keeps = kept_copy(u, o, kv, a, m.keys.get(kv))
+        keeps = kept_copy(u, o, kv, a, m.keys.get(kv)) if live is None else None
         # a copy kept inside a repeated block that recompute may drop is charged through Remat.build
         group = m.block_list(u) if keeps and u.node.kind != "param" else None
         bgroup = m.block_list(m.keys[kv]) if kv in m.keys else None
@@ -128,6 +134,8 @@ def add_edge_vars(m: ShardingModel, remat: Remat) -> None:
             c = cost_cache.get(ck)
             if c is None:
                 c = cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], m.mesh.shape, m.links, param=is_param)
+            if live is not None:   # inference: the forward resharding alone, nothing kept for backward
+                return mult * c.fwd_s, 0.0, mult * c.fwd_s
             mem = 0.0
             if keeps and p != q[0]:   # the consumer keeps the resharded copy (in its placement)
                 mem = local(q[0])
@@ -136,6 +144,8 @@ def add_edge_vars(m: ShardingModel, remat: Remat) -> None:
             return mult * c.total, mult * mem, mult * c.fwd_s
 
         def add(t, mem, var, fwd, p=None, q=None):
+            if live is not None and p is not None and p != q[0] and kv in m.keys:
+                live.add_copy(kv, local(q[0]), var)   # one occurrence's copy, live while its consumer runs
             if bgroup is not None and p is not None and p != q[0] and var is not None:
                 # the block's backward runs this resharding's collective on the gradient: its result in
                 # the producer's placement and a staging buffer as large as the larger side

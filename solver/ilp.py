@@ -79,6 +79,16 @@ its time limit with a plan worse than stage one's. Staged, the plan is never slo
 without recompute, stage one's plan is proven optimal where the full model finds nothing below it, and
 where the full model finds nothing within the limit the plan is stage one's, the same in any process.
 
+Inference (``training=False``, autopar.plan's inference mode): the same one-hots and edges, with
+  min  sum_k m_k sum_s x_{k,s} C^fwd_{k,s} + sum_e m_e sum_{p,q} y_{e,p,q} T^fwd(p->q)
+  one memory row (categories.INFERENCE_ROWS):  P + L + KV <= budget
+     P: parameter bytes alone (no gradient, no optimizer state; keys.collect_keys(training=False));
+     L: the activations live at the forward's peak, KV: this rank's part of the declared KV cache by the
+       attention ops' head split (both solver.forward_memory.ForwardMemory);
+  and no loss gradient, kept copy, gradient bucket, recompute, ZeRO or offload term or variable. A second
+  solve (_least_memory) keeps the step time within 1e-6 of the first's and minimizes P + L + KV: without
+  gradients, plans that place a weight replicated or sharded often tie on time.
+
 When the memory row makes the problem infeasible, a second solve minimizes the left-hand side to
 report the smallest feasible budget (_min_memory, InfeasiblePlanError). Every solve goes through
 backend.solve_problem (HiGHS, CBC where HiGHS is missing or, for this ILP, where it answers wrongly).
@@ -99,9 +109,12 @@ from autopar.core.errors import ConfigError, InfeasiblePlanError, ShardingError
 from autopar.core.graph import GraphIndex
 from autopar.core.mesh import MeshSpec
 from autopar.solver import backend as B
+from autopar.solver import cost as C
 from autopar.solver import edges as E
 from autopar.solver import offload as O
 from autopar.solver.buckets import GradBuckets
+from autopar.solver.categories import INFERENCE_ROWS
+from autopar.solver.forward_memory import ForwardMemory
 from autopar.solver.keys import OUTPUT, KeyInfo, collect_keys
 from autopar.solver.model import ACTIVATION_CATEGORIES, UNIT, MemCategory, ShardingModel, TimeCategory, value
 from autopar.solver.remat import Remat
@@ -140,7 +153,8 @@ class ShardingILP(ShardingModel):
 
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
                  budget: float | None, remat: bool = False, recompute: str | None = None,
-                 zero: int | None = None, host: O.HostLink | None = None) -> None:
+                 zero: int | None = None, host: O.HostLink | None = None, training: bool = True,
+                 kv_cache_bytes: int | None = None) -> None:
         if recompute not in (None, "none", "selective", "full", "offload"):
             raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective', 'full' or 'offload' (every repeated "
                               f"block), or None to let the solver decide")
@@ -151,6 +165,12 @@ class ShardingILP(ShardingModel):
         if zero not in (None, 0, 1, 2):
             raise ConfigError(f"zero={zero!r}: give 0, 1 (optimizer states sharded) or 2 (gradients too), or None "
                               f"to let the solver decide (ZeRO-3 is parameters sharded: fix={{'param:*': ...}})")
+        if not training and (recompute not in (None, "none") or zero not in (None, 0) or host is not None):
+            raise ConfigError("an inference ILP (training=False) takes no recompute, ZeRO or offload decision")
+        if training and kv_cache_bytes is not None:
+            raise ConfigError("kv_cache_bytes is for an inference ILP (training=False)")
+        self.training = training
+        remat = remat and training
         # recompute decisions only where memory is constrained (with memory to spare they cost time only),
         # or where they are told
         super().__init__(gi, keys, mesh, links, remat=bool(gi.shared_lists) and recompute != "none" and (
@@ -163,6 +183,7 @@ class ShardingILP(ShardingModel):
         self.buckets = GradBuckets(self)
         self.zero_rows = ZeroRows(self, self.buckets, zero=zero)
         self.opt_offload = O.OptimizerOffload(self, self.host) if self.host is not None else None
+        self.forward_memory = None if training else ForwardMemory(self, kv_cache_bytes=kv_cache_bytes)
 
     def build(self) -> None:
         self.build_rows()
@@ -172,6 +193,10 @@ class ShardingILP(ShardingModel):
     def build_rows(self) -> None:
         """Every variable and row but the memory budget and the objective (shared with _min_memory)."""
         self.add_node_vars()
+        if not self.training:   # the forward alone: no backward, gradients, optimizer or memory decisions
+            E.add_edge_vars(self, self.remat_rows, live=self.forward_memory)
+            self.forward_memory.build()
+            return
         E.add_edge_vars(self, self.remat_rows)
         E.add_backward_start_grad(self)
         self.buckets.collect()
@@ -201,8 +226,9 @@ class ShardingILP(ShardingModel):
             if group is not None:
                 self.remat_rows.record_key(group, info, xs)
             for j, (c, mem) in enumerate(zip(info.compute, info.memory)):
-                if c.total:
-                    self.add_time(TimeCategory.COMPUTE, [(info.mult * c.total, xs[j])])
+                t = c.total if self.training else c.fwd_s
+                if t:
+                    self.add_time(TimeCategory.COMPUTE, [(info.mult * t, xs[j])])
                 for cat, b in mem.items():
                     if not b or (group is not None and cat is MemCategory.ACTIVATIONS):
                         continue   # a block's activations are charged by Remat.build
@@ -232,6 +258,13 @@ class ShardingILP(ShardingModel):
             exprs[j].append(self.x[ku][i])
         return [pulp.lpSum(e) if e else pulp.LpAffineExpression() for e in exprs]
 
+    def memory_exprs(self) -> dict[str, pulp.LpAffineExpression]:
+        """The training step's rows (ShardingModel.memory_exprs), or an inference plan's one forward row
+        (categories.INFERENCE_ROWS)."""
+        if self.training:
+            return super().memory_exprs()
+        return {row: self.mem(cats) for row, cats in INFERENCE_ROWS.items()}
+
     def add_memory_row(self) -> None:
         if self.budget is not None:
             for name, expr in self.memory_exprs().items():   # in MiB (see UNIT)
@@ -241,20 +274,24 @@ class ShardingILP(ShardingModel):
 def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tuple[LinkSpec, ...],
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
           time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True,
-          offload: bool = True, recompute: str | None = None, zero: int | None = None) -> Solution:
+          offload: bool = True, recompute: str | None = None, zero: int | None = None, training: bool = True,
+          kv_cache_bytes: int | None = None) -> Solution:
     """``offload``: offer activation and optimizer offload (solver.offload; never where the host is the
-    device); ``recompute`` / ``zero``: pin those memory decisions (see autopar.plan)."""
+    device); ``recompute`` / ``zero``: pin those memory decisions (see autopar.plan). ``training=False``:
+    the inference ILP (the forward alone, solver.forward_memory; ``kv_cache_bytes`` its declared KV cache),
+    which takes none of those decisions; ``keys`` must then come from collect_keys(training=False)."""
     t0 = time.perf_counter()
-    keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix)
-    host = O.host_link(profile) if offload else None
-    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, recompute=recompute, zero=zero, host=host)
+    keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix, training=training)
+    host = O.host_link(profile) if offload and training else None
+    mode = {} if training else {"training": False, "kv_cache_bytes": kv_cache_bytes}   # training: as before
+    ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, recompute=recompute, zero=zero, host=host, **mode)
     ilp.build()
     t1 = time.perf_counter()
     need: list[float] = []   # the smallest feasible peak, solved for once where needed
 
     def min_memory() -> float:
         if not need:
-            need.append(_min_memory(gi, keys, mesh, links, backend, time_limit, remat, host, recompute, zero))
+            need.append(_min_memory(gi, keys, mesh, links, backend, time_limit, remat, host, recompute, zero, mode))
         return need[0]
 
     def distrust(res: B.SolveResult) -> str | None:
@@ -277,6 +314,8 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
         res = B.solve_problem(ilp.prob, backend=backend, time_limit=time_limit, distrust=distrust)
     else:
         res = _solve_below(ilp, stage0, backend, max(1.0, time_limit - stage0[0].seconds), distrust)
+    if not training and res.has_plan and not res.timed_out:
+        res = _least_memory(ilp, res, backend, time_limit)
     t2 = time.perf_counter()
     if res.timed_out:   # e.g. the time limit ran out before any plan: not infeasible
         raise ShardingError(f"the sharding ILP found no plan within its time limit of {time_limit:g} s (status "
@@ -289,10 +328,12 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
                                 f"{_fmt_bytes(need[0])} exists (status {res.status}); try a longer time limit or "
                                 f"backend='cbc' / --backend cbc")
         considered = "recompute, ZeRO and offload are" if host is not None else "recompute and ZeRO are"
+        advice = f"{considered} already considered" if training else \
+            "an inference plan holds parameters, live activations and the declared KV cache: lower kv_cache_bytes"
         raise InfeasiblePlanError(
             f"no plan fits {_fmt_bytes(budget)} per device on mesh {mesh.shape}; the smallest feasible budget is "
-            f"about {_fmt_bytes(need[0])} (raise memory_budget / --memory or use a larger mesh; {considered} "
-            f"already considered)", min_feasible_bytes=int(math.ceil(need[0])))
+            f"about {_fmt_bytes(need[0])} (raise memory_budget / --memory or use a larger mesh; {advice})",
+            min_feasible_bytes=int(math.ceil(need[0])))
     ilp.settle()
     over = _over_budget(ilp, budget)
     if over:
@@ -322,6 +363,8 @@ def _solve_keeping_blocks(ilp: ShardingILP, backend: str, time_limit: float
     finally:
         for var, low in keep:
             var.lowBound = low
+    log.info("stage one (no recompute): %s, %s, %.1f s", res.status, "optimal" if res.optimal else "not proven",
+             res.seconds)
     if not (res.has_plan and res.optimal):
         return None
     return res, float(pulp.value(ilp.prob.objective) or 0.0), {v.name: v.varValue for v in ilp.prob.variables()}
@@ -341,6 +384,7 @@ def _solve_below(ilp: ShardingILP, stage0: tuple[B.SolveResult, float, dict[str,
         return None if not res.has_plan else distrust(res)   # "Infeasible" here means: nothing below T0
 
     res = B.solve_problem(ilp.prob, backend=backend, time_limit=time_limit, distrust=no_cutoff_doubt, cutoff=cut)
+    log.info("full model below stage one's %.6g s: %s, %.1f s", t0, res.status, res.seconds)
     seconds = res0.seconds + res.seconds
     if res.has_plan and float(pulp.value(ilp.prob.objective) or 0.0) < t0:
         return dataclasses.replace(res, seconds=seconds)
@@ -348,6 +392,27 @@ def _solve_below(ilp: ShardingILP, stage0: tuple[B.SolveResult, float, dict[str,
         v.varValue = values[v.name]
     proven = res.status == "Infeasible" or (res.has_plan and res.optimal)
     return dataclasses.replace(res0, optimal=proven, seconds=seconds)
+
+
+def _least_memory(ilp: ShardingILP, res: B.SolveResult, backend: str, time_limit: float) -> B.SolveResult:
+    """An inference solve's second stage: among the plans within 1e-6 of the fastest one's step time, the one
+    with the smallest forward peak. Without backward there is no gradient reduction to price a parameter's
+    placement: a rank holding a whole weight computes its slice of a sharded matmul as fast as one holding the
+    slice (the R -> S(d) reshard is a local view), so plans tie on time and only memory tells them apart (the
+    memory the engine then has for its KV cache). The objective stays the step time; where this stage finds
+    nothing within the time limit, the first plan stands."""
+    values = {v.name: v.varValue for v in ilp.prob.variables()}
+    best = float(pulp.value(ilp.prob.objective) or 0.0)
+    time_expr = ilp.objective()
+    ilp.add_row(time_expr <= best * (1 + 1e-6) + 1e-12, "time_at_best")
+    ilp.prob.setObjective(pulp.lpSum(ilp.memory_exprs().values()) * (1 / UNIT))   # one row: the forward peak
+    second = B.solve_problem(ilp.prob, backend=backend, time_limit=time_limit)
+    ilp.prob.setObjective(time_expr)
+    if second.has_plan:
+        return dataclasses.replace(res, seconds=res.seconds + second.seconds)
+    for v in ilp.prob.variables():
+        v.varValue = values[v.name]
+    return res
 
 
 def _solution(ilp: ShardingILP, res: B.SolveResult, build_s: float, solve_s: float) -> Solution:
@@ -361,6 +426,7 @@ def _solution(ilp: ShardingILP, res: B.SolveResult, build_s: float, solve_s: flo
     et = {k: sum(c * value(v) for c, v in terms) for k, terms in ilp.edge_terms.items()}
     peak = max(float(pulp.value(e) or 0.0) for e in ilp.memory_exprs().values())
     opt_off = ilp.opt_offload
+    kv = {} if ilp.training else {"kv_cache": mb[MemCategory.KV_CACHE]}   # inference: the declared cache's part
     return Solution(chosen=chosen, keys=ilp.keys, status=res.status, optimal=res.optimal,
                     objective=float(pulp.value(ilp.prob.objective) or 0.0), backend=res.backend,
                     num_variables=ilp.prob.numVariables(), num_constraints=ilp.prob.numConstraints(),
@@ -368,7 +434,7 @@ def _solution(ilp: ShardingILP, res: B.SolveResult, build_s: float, solve_s: flo
                     time_breakdown={f"{cat.value}_s": tb[cat] for cat in TimeCategory},
                     memory_breakdown={"params": mb[MemCategory.PARAMS], "grads": mb[MemCategory.GRADS],
                                       "optimizer": mb[MemCategory.OPTIMIZER],
-                                      "activations": sum(mb[c] for c in ACTIVATION_CATEGORIES)},
+                                      "activations": sum(mb[c] for c in ACTIVATION_CATEGORIES), **kv},
                     edge_time=et, peak_bytes=peak, remat=ilp.remat_rows.counts(),
                     offload=ilp.remat_rows.offload_counts(),
                     optimizer_offload=opt_off is not None and opt_off.offloaded(),
@@ -388,9 +454,12 @@ def _over_budget(ilp: ShardingModel, budget: float | None) -> tuple[str, float] 
 
 
 def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
-                host: O.HostLink | None = None, recompute: str | None = None, zero: int | None = None) -> float:
-    """The smallest peak (max over the memory rows) any plan reaches, recompute, ZeRO and offload included."""
-    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero, host=host)
+                host: O.HostLink | None = None, recompute: str | None = None, zero: int | None = None,
+                mode: dict | None = None) -> float:
+    """The smallest peak (max over the memory rows) any plan reaches, recompute, ZeRO and offload included
+    (``mode``: ShardingILP's training / kv_cache_bytes arguments of an inference ILP)."""
+    ilp = ShardingILP(gi, keys, mesh, links, math.inf, remat=remat, recompute=recompute, zero=zero, host=host,
+                      **(mode or {}))
     ilp.build_rows()
     peak = ilp.var("peak", lowBound=0)   # MiB (see UNIT)
     for name, expr in ilp.memory_exprs().items():
@@ -400,6 +469,17 @@ def _min_memory(gi, keys, mesh, links, backend, time_limit, remat: bool = True,
     if not res.has_plan:
         raise ShardingError(f"the minimum-memory ILP ended with status {res.status}; try a longer time limit")
     return float(pulp.value(ilp.prob.objective) or 0.0) * UNIT
+
+
+def forward_only(sol: Solution) -> float:
+    """After an inference solve (and fusion.unfuse_broken, whose fused costs count backward too): every key's
+    compute made the forward's alone, for the plan's tables; returns the chosen strategies' forward compute
+    seconds less the solve's ``compute_s`` (the change unfusing broken groups made)."""
+    now = 0.0
+    for key, info in sol.keys.items():
+        info.compute = [C.OpCost(c.fwd_s, 0.0) for c in info.compute]
+        now += info.mult * info.compute[info.strategies.index(sol.chosen[key])].fwd_s
+    return now - sol.time_breakdown["compute_s"]
 
 
 def _fmt_bytes(b: float) -> str:

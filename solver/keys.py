@@ -40,6 +40,9 @@ class KeyInfo:
     # autograd keeps left it: solver.saved's kept_by); None where not traced
     kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
     remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
+    # per strategy: the part of the activation bytes that is autocast's kept copies of float32 arguments
+    # (cost.cast_bytes; mixed precision), which selective recompute recomputes; empty: none
+    cast_bytes: list[float] = field(default_factory=list)
 
 
 
@@ -76,9 +79,12 @@ def match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] |
 
 def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                  fix: dict[str, list[str]] | None = None, prefer: dict[str, list[str]] | None = None,
-                 saved: dict[str, Saved] | None = None) -> dict[str, KeyInfo]:
+                 saved: dict[str, Saved] | None = None, training: bool = True) -> dict[str, KeyInfo]:
     """Candidate strategies with their compute and memory per graph key. ``saved``: what autograd
-    keeps per node (solver.saved.saved_tensors); without it every op is assumed to keep its outputs."""
+    keeps per node (solver.saved.saved_tensors); without it every op is assumed to keep its outputs.
+    ``training=False`` (an inference plan): a parameter's memory is its own bytes alone (no gradient, no
+    optimizer state) and no op keeps anything for backward (the forward's live activations are the ILP's
+    solver.forward_memory); compute keeps both directions, the ILP reads the forward's."""
     keys: dict[str, KeyInfo] = {}
     used: set[str] = set()
     for key, members in gi.by_key().items():
@@ -110,15 +116,21 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 strategies = kept or strategies  # a preference the op cannot take is ignored
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
                        fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
-        if saved is not None:
+        if saved is not None and training:
             info.kept_by = _kept_by(saved.get(node.name), gi)
         for s in strategies:
             info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
-            if node.kind == "param":
+            if not training:
+                info.memory.append({MemCategory.PARAMS: C.local_bytes(node.outputs[0], s.outputs[0], mesh.shape)}
+                                   if node.kind == "param" else {})
+            elif node.kind == "param":
                 info.memory.append({MemCategory.parse(cat): b for cat, b in
                                     C.param_state_bytes(node.outputs[0], s.outputs[0], mesh.shape).items()})
             elif saved is not None and node.kind in ("op", "input"):
                 info.memory.append({MemCategory.ACTIVATIONS: C.saved_bytes(node, s, saved.get(node.name), mesh.shape)})
+                rec = saved.get(node.name)
+                if rec is not None and rec.casts:
+                    info.cast_bytes.append(C.cast_bytes(s, rec, mesh.shape))
             elif node.kind == "op":
                 info.memory.append({MemCategory.ACTIVATIONS: C.activation_bytes(node, s, mesh.shape)})
             else:

@@ -45,6 +45,12 @@ memory decisions ``StepPrice.total_s`` equals ``plan.solver.objective`` (and ``p
 where no fused group was costed unfused again). ``price_collectives`` prices a listed step with the same
 alpha-beta collective times, for comparing what the runtime runs with what the ILP charged.
 
+An inference plan (``plan.mode == "inference"``, autopar.plan(training=False)) runs the forward alone:
+``planned_collectives`` lists the forward reshards (no gradient flows, and apply builds it without the
+reducer: no deferred parameters, no buckets), ``price_plan`` prices forward compute and forward resharding
+(``KeyInfo.compute``'s ``fwd_s``, ``edge_seconds``' ``fwd_s``), as the inference ILP's objective does; its keys
+come from collect_keys(training=False).
+
 Imports autopar's core and the solver only (never codegen or ops).
 """
 from __future__ import annotations
@@ -220,8 +226,11 @@ def planned_collectives(plan: Plan, gi: GraphIndex) -> list[Collective]:
         raise ConfigError("planned_collectives needs a capture without folded blocks (every block in the graph)")
     mesh_shape = tuple(plan.mesh.shape)
     pl = _Placements(plan, gi)
-    deferred, passthrough = RR.deferred_grads(gi, pl.output_sharding, pl.input_sharding, pl.split_dims)
-    requires, reached = _grad_flow(gi)
+    if plan.training:
+        deferred, passthrough = RR.deferred_grads(gi, pl.output_sharding, pl.input_sharding, pl.split_dims)
+        requires, reached = _grad_flow(gi)
+    else:   # inference: no gradient flows, nothing is deferred to a reducer (autopar.apply)
+        deferred, passthrough, requires, reached = {}, set(), set(), set()
     out: list[Collective] = []
     shared: dict[tuple, list] = {}       # (value, src, dst, grad) -> [meta, backward?, index in out]
     order: list[tuple] = []
@@ -390,7 +399,8 @@ def price_plan(plan: Plan, gi: GraphIndex, keys: dict[str, KeyInfo], links: tupl
                           "price a plan without optimizer_sharding / gradient_sharding")
     chosen = chosen if chosen is not None else chosen_strategies(plan, keys)
     mesh_shape = tuple(plan.mesh.shape)
-    compute = {k: info.mult * info.compute[info.strategies.index(chosen[k])].total if chosen[k] in info.strategies
+    seconds = (lambda c: c.total) if plan.training else (lambda c: c.fwd_s)   # inference: the forward alone
+    compute = {k: info.mult * seconds(info.compute[info.strategies.index(chosen[k])]) if chosen[k] in info.strategies
                else _missing(k) for k, info in keys.items()}
     comm: dict[str, float] = defaultdict(float)
     replicated = tuple(Replicate() for _ in mesh_shape)
@@ -404,7 +414,7 @@ def price_plan(plan: Plan, gi: GraphIndex, keys: dict[str, KeyInfo], links: tupl
             dst, split, charged = replicated, tuple(False for _ in mesh_shape), ku
         else:
             dst, split, charged = chosen[kv].inputs[a], consumer_split(chosen[kv], a), kv
-        comm[charged] += mult * edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links).total
+        comm[charged] += mult * seconds(edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links))
     tb = plan.predicted.time_breakdown
     memory = tb.get("recompute_s", 0.0) + tb.get("offload_s", 0.0)
     return StepPrice(nodes={k: NodePrice(compute[k], comm.get(k, 0.0)) for k in keys}, memory_s=memory)

@@ -4,7 +4,8 @@ gradients) sharded over a parameter's replicated mesh dims, per parameter key an
 ``ZeroRows.build`` requires the node variables (solver.ilp's add_node_vars: the optimizer and gradient
 terms of MemCategory.OPTIMIZER / GRADS) and the data-parallel gradients of solver.buckets (collected,
 not yet capped: GradBuckets.build runs after it). Ensures: binaries w1, w2 per (key, placement) with
-their rows; negative memory terms (the shares ZeRO takes off) in OPTIMIZER, GRADS and the buckets; the
+their rows; negative memory terms (the shares ZeRO takes off) in OPTIMIZER and GRADS, ZeRO-2 gradients
+excluded from the buckets (GradBuckets.exclude); the
 all-gather / reduce-scatter time in TimeCategory.COMM; ``choice`` reads the decision after solving.
 ZeRO-3 is not here: it is a sharded parameter placement, priced on the edges. Uses the model's public
 interface only; must not import codegen.
@@ -63,7 +64,7 @@ class ZeroRows:
                 opt, grads = mem[MemCategory.OPTIMIZER], mem[MemCategory.GRADS]
                 m.add_mem(MemCategory.OPTIMIZER, [(-info.mult * keep * opt, w1), (-info.mult * keep * opt, w2)])
                 m.add_mem(MemCategory.GRADS, [(-info.mult * keep * grads, w2)])
-                self.buckets.add([(-info.mult * grads, w2)])
+                self.buckets.exclude(key, j, w2)
                 m.add_time(TimeCategory.COMM, [(info.mult * ag, w1), (info.mult * (ag + rs), w2)])
                 rows.append((j, zs, w1, w2))
             if rows:

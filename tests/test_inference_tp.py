@@ -1,10 +1,12 @@
-"""Tensor-parallel decoding on a (2,) gloo mesh with an autopar plan: greedy outputs equal one device token for
-token, the KV cache holds half the kv heads per rank; plans it cannot run are refused naming the parameter.
+"""Tensor-parallel decoding on a (2,) gloo mesh with an autopar inference plan: greedy outputs equal one device
+token for token, the KV cache holds half the kv heads per rank; plans it cannot run are refused naming why.
 
-The plans come from ``autopar.plan`` on the model's forward over a decode-sized batch. On a model this small the
-cost model replicates everything (correct, and nothing to test), so the sharded paths are exercised by pinning
-some placements with ``fix=`` and letting the planner choose the rest; the placements the planner chose are
-asserted, so a change in its choice shows here.
+The plans come from ``autopar.plan`` in inference mode (``training=False``) on the model's decode step (4
+sequences, one token) on the cpu-gloo profile, with the KV cache the engine will hold declared
+(``kv_cache_bytes``) and nothing pinned. On a model this small a collective costs more than the compute it
+saves, so without memory pressure the planner replicates everything; a budget that cannot hold the whole cache
+makes it shard the attention heads (and, tighter, every projection, embedding and LM head), each the
+planner's own choice. The placements it chose are asserted, so a change in its choice shows here.
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ import torch
 
 import autopar
 from autopar.core.errors import ConfigError
+from autopar.inference.tensor_parallel import decode_styles
 
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[5, 9, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [20] * 6]
 QKV = {f"model.layers.*.self_attn.{n}_proj.weight": ["S(0)"] for n in "qkv"}
-GATE_UP = {f"model.layers.*.mlp.{n}_proj.weight": ["S(0)"] for n in ("gate", "up")}
-OUT_ROWS = {"model.layers.*.self_attn.o_proj.weight": ["S(1)"], "model.layers.*.mlp.down_proj.weight": ["S(1)"],
-            "lm_head.weight": ["S(0)"], "model.embed_tokens.weight": ["S(0)"]}
+KV_CACHE = "4MiB"   # 4x the model's parameters: a budget of 2-3 MiB holds it only sharded by kv heads
 
 
 def tiny_llama():
@@ -31,9 +32,14 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _plan(fix):
-    return autopar.plan(tiny_llama(), {"input_ids": torch.zeros(1, 16, dtype=torch.long)}, mesh_shape=(2,),
-                        cluster="h100-sxm", fix=fix)
+def _plan(budget=None, fix=None):
+    from autopar.inference.tensor_parallel import decode_inputs, decode_plan_options
+    return autopar.plan(tiny_llama(), decode_inputs(4), mesh_shape=(2,), cluster="cpu-gloo",
+                        options=decode_plan_options(kv_cache_bytes=KV_CACHE, memory_budget=budget, fix=fix))
+
+
+def _layer(plan, i=1):
+    return {k.split(".")[-2]: v[0] for k, v in plan.param_placements.items() if f"layers.{i}." in k}
 
 
 def one_device(max_new):
@@ -55,15 +61,33 @@ def tp_decode(rank: int, world: int, plan_json: str, max_new: int) -> dict:
             "free": llm.engine.blocks.num_free}
 
 
-@pytest.mark.parametrize("fix,expect", [
-    (QKV | GATE_UP, {"o_proj": "R", "down_proj": "R"}),                        # the planner's choice after them
-    (QKV | GATE_UP | OUT_ROWS, {"o_proj": "S(1)", "down_proj": "S(1)"}),       # Megatron, vocab-sharded ends
-], ids=["planner-rest", "megatron"])
-def test_tp_decoding_equals_one_device(dist2, fix, expect):
-    plan = _plan(fix)
-    pl = plan.param_placements
-    assert pl["model.layers.1.self_attn.o_proj.weight"] == (expect["o_proj"],)
-    assert pl["model.layers.1.mlp.down_proj.weight"] == (expect["down_proj"],)
+def test_without_memory_pressure_the_planner_replicates_a_tiny_model():
+    plan = _plan()   # the whole cache fits: a gloo collective (~100 us) costs more than a 64-wide matmul
+    assert plan.mode == "inference" and set(_layer(plan).values()) == {"R"}
+    assert plan.predicted.memory_breakdown["kv_cache"] == 4 << 20
+
+
+@pytest.mark.parametrize("budget,fix,expect", [
+    # the cache must be halved: the attention runs on local heads, o_proj gathers its input, the MLP stays
+    # replicated
+    ("3MiB", None, {"q_proj": "S(0)", "k_proj": "S(0)", "v_proj": "S(0)", "o_proj": "R", "gate_proj": "R",
+                    "down_proj": "R", "embed": "R"}),
+    # v_proj pinned replicated: it slices its output to the local heads (the rest the planner's)
+    ("3MiB", {"model.layers.*.self_attn.v_proj.weight": ["R"]}, {"q_proj": "S(0)", "v_proj": "R"}),
+    # tighter: Megatron heads/MLP sharding, with the embedding (hidden) and LM head (vocab) sharded too
+    ("2.18MiB", None, {"q_proj": "S(0)", "k_proj": "S(0)", "v_proj": "S(0)", "o_proj": "S(1)", "gate_proj": "S(0)",
+                       "down_proj": "S(1)", "embed": "S(1)"}),
+], ids=["heads-only", "v-replicated", "megatron"])
+def test_tp_decoding_equals_one_device(dist2, budget, fix, expect):
+    plan = _plan(budget, fix)
+    got = _layer(plan) | {"embed": plan.param_placements["model.embed_tokens.weight"][0]}
+    assert {k: got[k] for k in expect} == expect, got
+    assert plan.predicted.memory_breakdown["kv_cache"] == 2 << 20   # sharded by heads: half per rank
+    _, names, kv_heads = decode_styles(tiny_llama(), plan, 2)
+    assert kv_heads == 1
+    attn = "model.layers.0.self_attn"
+    assert names[f"{attn}.v_proj"] == ("slice-output" if fix else "colwise")
+    assert names[f"{attn}.o_proj"] == {"R": "gather-input", "S(1)": "rowwise"}[expect.get("o_proj", got["o_proj"])]
     ref = one_device(10)
     results = dist2.run(tp_decode, plan.to_json(), 10, timeout=180)
     for r in results:
@@ -73,10 +97,13 @@ def test_tp_decoding_equals_one_device(dist2, fix, expect):
 
 
 def test_plans_tp_cannot_run_are_refused():
-    from autopar.inference.tensor_parallel import decode_styles
-    plan = _plan(QKV | {"model.norm.weight": ["S(0)"]})
+    plan = _plan(fix=QKV | {"model.norm.weight": ["S(0)"]})
     with pytest.raises(ConfigError, match=r"model\.norm\.weight"):
         decode_styles(tiny_llama(), plan, 2)
+    training = autopar.plan(tiny_llama(), {"input_ids": torch.zeros(4, 1, dtype=torch.long)}, mesh_shape=(2,),
+                            cluster="cpu-gloo")
+    with pytest.raises(ConfigError, match="training=False|inference plan"):
+        decode_styles(tiny_llama(), training, 2)
     with pytest.raises(autopar.MeshError, match="1-D mesh"):
         decode_styles(tiny_llama(), plan, 4)
     with pytest.raises(autopar.MeshError, match="needs the plan"):

@@ -155,6 +155,15 @@ class PlanOptions:
     pipeline: PipelineOptions | bool | None = None
     """On a mesh with a ``pp`` dim: None / True / ``"auto"`` plans stages, a PipelineOptions (or dict) fixes
     some of their choices, False plans without stages."""
+    training: bool = True
+    """True: plan a training step (forward, backward, gradient reduction, optimizer states; recompute, ZeRO and
+    offload decisions). False: plan inference, the forward alone: forward compute and forward collectives are
+    priced, memory is the parameters in their placements, the activations live at the forward's peak and the
+    declared ``kv_cache_bytes``; no gradients, optimizer states, recompute, ZeRO or offload."""
+    kv_cache_bytes: int | None = None
+    """Inference only: the KV cache the engine will hold, in bytes as one device would hold it (every layer's K
+    and V, every kv head). Each attention op's share is charged per rank divided by how many ways the plan
+    splits that op's heads, so where memory binds the planner can shard the cache by heads."""
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -185,6 +194,23 @@ class PlanOptions:
             set_("pipeline", PipelineOptions.parse(self.pipeline))
         elif self.pipeline is True:
             set_("pipeline", PipelineOptions())
+        set_("kv_cache_bytes", parse_bytes(self.kv_cache_bytes, "kv_cache_bytes"))
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        """``training=False`` (inference) takes no training-only decision; ``kv_cache_bytes`` needs it."""
+        if not isinstance(self.training, bool):
+            raise ConfigError(f"training must be True or False, got {self.training!r}")
+        if self.training:
+            if self.kv_cache_bytes is not None:
+                raise ConfigError("kv_cache_bytes is the KV cache of an inference plan: pass training=False with it "
+                                  "(--inference on the command line; a training step holds no KV cache)")
+            return
+        for name, ok in (("recompute", (None, "none")), ("zero", (None, 0)), ("offload", (None, False))):
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is a training decision; an inference plan "
+                                  f"(training=False) keeps no activations for backward, no gradients and no "
+                                  f"optimizer states: drop it")
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> PlanOptions:
@@ -209,17 +235,20 @@ class PlanOptions:
 
     def check_pipeline(self) -> None:
         """The options a pipelined plan cannot honour yet, each a ConfigError naming it."""
+        if not self.training:
+            raise ConfigError("training=False (an inference plan) is not supported with pipeline stages; plan "
+                              "inference without stages (pipeline=False, or a mesh without a 'pp' dim)")
         if self.fuse:
             raise ConfigError("fuse=True is not supported with pipeline stages yet (stages are costed unfused); "
                               "drop it or pass pipeline=False")
         if self.precision is not None and self.precision.get("loss_scaling") == "dynamic":
             raise ConfigError("precision with float16 compute needs dynamic loss scaling, which pipeline stages do "
                               "not apply yet; use precision='bf16' or pass pipeline=False")
-        for name, ok in (("recompute", (None, "none")), ("zero", (None, 0)), ("offload", (None, False))):
+        for name, ok in (("recompute", (None, "none", "full")), ("zero", (None, 0)), ("offload", (None, False))):
             if getattr(self, name) not in ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported with pipeline stages yet (each "
-                                  f"stage's memory decisions are the solver's, without ZeRO or offload); drop it "
-                                  f"or pass pipeline=False")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported with pipeline stages yet (a "
+                                  f"stage recomputes all its blocks or none, without ZeRO or offload); drop it, "
+                                  f"use recompute='full' / 'none', or pass pipeline=False")
 
 
 @dataclass(frozen=True, kw_only=True)

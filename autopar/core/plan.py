@@ -20,6 +20,7 @@ PLAN_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("plan_schema.json")
 
 
+PLAN_MODES = ("training", "inference")   # what a plan was solved for (Plan.mode)
 PRECISION_DTYPES = ("float32", "bfloat16", "float16")   # compute dtypes a plan may run in
 LOSS_SCALING = ("none", "dynamic")
 
@@ -136,12 +137,20 @@ class Plan:
     precision: dict[str, str] = field(default_factory=lambda: {"param_dtype": "float32", "compute_dtype": "float32"})
     nodes_fallback: tuple[str, ...] = ()              # ops planned by the replicate fallback
     fusions: tuple[FusedKernel, ...] = ()             # fused kernels the costs assume (empty: unfused)
+    # "training": a training step (forward + backward + optimizer); "inference": the forward alone, as
+    # autopar.plan(training=False) prices it; apply() then builds a module without gradient synchronization
+    mode: str = "training"
     version: int = PLAN_VERSION
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "training"
 
     # --- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "mode": self.mode,
             "mesh": {"shape": list(self.mesh.shape), "dim_names": list(self.mesh.dim_names)},
             "cluster": self.cluster.to_dict(),
             "model": {"fingerprint": self.model.fingerprint, "inputs": [dict(i) for i in self.model.inputs],
@@ -200,6 +209,9 @@ class Plan:
         if version != PLAN_VERSION:
             raise PlanFormatError(f"plan.version: unknown plan version {version!r}; this autopar reads version "
                                   f"{PLAN_VERSION} (re-plan with `autopar plan`)")
+        mode = d.get("mode", "training")   # optional: plans written before inference plans are training plans
+        if mode not in PLAN_MODES:
+            raise PlanFormatError(f"plan.mode: {mode!r:.60} is not one of {list(PLAN_MODES)}")
         mesh_d = _field(d, "mesh", dict, "plan")
         shape = _field(mesh_d, "shape", list, "plan.mesh")
         names = _field(mesh_d, "dim_names", list, "plan.mesh")
@@ -270,6 +282,10 @@ class Plan:
             if opt.get(k) != v:
                 raise PlanFormatError(f"plan.gradient_sharding[{k!r}]: a sharded gradient (ZeRO-2) needs the same "
                                       f"placements in plan.optimizer_sharding, which has {opt.get(k)!r}")
+        if mode == "inference" and (d.get("pipeline") or opt or d.get("checkpoint") or d.get("offload") or
+                                    d.get("optimizer_offload")):
+            raise PlanFormatError("plan.mode: an inference plan has no pipeline stages, ZeRO, recompute or offload "
+                                  "fields (they are training decisions); re-plan with autopar.plan(training=False)")
         opt_offload = d.get("optimizer_offload", False)
         if not isinstance(opt_offload, bool):
             raise PlanFormatError(f"plan.optimizer_offload: expected true or false, got {opt_offload!r:.60}")
@@ -282,7 +298,7 @@ class Plan:
                     {"param_dtype": "float32", "compute_dtype": "float32"},
                     nodes_fallback=tuple(_list(d, "nodes_fallback", "plan", str)),
                     fusions=tuple(_fusion(f, f"plan.fusions[{i}]") for i, f in enumerate(_list(d, "fusions", "plan"))),
-                    version=version)
+                    mode=mode, version=version)
 
 
 def _zero_field(d: dict, name: str, mesh: MeshSpec) -> dict[str, list[str]]:

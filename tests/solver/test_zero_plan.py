@@ -87,7 +87,9 @@ def test_free_placements_shard_optimizer_states_before_parameters(gpt):
     free = _plan(gpt, **fsdp).predicted.peak_memory_bytes
     assert _stages(_plan(gpt, **fsdp)) == (0, 0, 0)
     z1, z2, z3 = _stages(_plan(gpt, int(0.95 * free), **fsdp))
-    assert z1 > 0 and z2 == 0 and z3 == 0, (z1, z2, z3)
+    # states (and gradients) are sharded, parameters not; ZeRO-1 or ZeRO-2 may come first: here they tie in
+    # time (ZeRO-2 of the tied embedding and ZeRO-1 of both blocks' fc weight are two 64 KiB collectives each)
+    assert z1 + z2 > 0 and z3 == 0, (z1, z2, z3)
     p = _plan(gpt, int(0.6 * free), **fsdp)
     assert _stages(p)[2] > 0 and p.predicted.peak_memory_bytes <= 0.6 * free   # ZeRO-3 is needed there
     _check_recorded(p)
