@@ -14,6 +14,10 @@
    slowest rank counts. Each rank's CPU time of forward + backward is recorded beside the wall time
    (``score_cpu_time``, not the target): it leaves out time a rank waits for a core other processes hold.
 
+``--precision bf16``: every candidate is planned with ``precision="bf16"`` (priced at autocast's dtypes, the
+profile's measured bfloat16 peak) and runs under CPU autocast; with ``--no-calibrate-ops`` (the per-op
+calibration times the captured float32 ops) it writes results/cost_fidelity_bf16.json.
+
 Reports per mesh and over both: Spearman rank correlation of predicted vs measured (target >= 0.9),
 mean absolute error and mean relative error, and whether the solver's plan is within 10 % of the
 measured best. Writes benchmarks/results/cost_fidelity.json with every prediction and measurement
@@ -147,7 +151,7 @@ def _time(module, inputs, opt, steps: int) -> tuple[float, float, float]:
 
 
 def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: int, rounds: int, calibrate: bool,
-            out_q) -> None:
+            out_q, precision: str = "fp32") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -163,6 +167,8 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
         names = ("dp",) if len(mesh_shape) == 1 else ("dp", "tp")
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
         cands = candidates(mesh_shape)
+        if precision != "fp32":   # every candidate planned (priced, budgeted) and run in that precision
+            cands = {n: {**(o or {}), "precision": precision} for n, o in cands.items()}
         uncal = load_cluster(profile)
         cluster, cal_info = uncal, None
         if calibrate:   # every rank times the model's ops at once, as a step runs them (calibrate_ops)
@@ -239,14 +245,15 @@ def _worker(rank: int, world: int, port: int, mesh_shape, profile: str, steps: i
     exit_worker(out_q)
 
 
-def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int, calibrate: bool) -> dict:
+def _run_mesh(mesh_shape, profile: str, steps: int, rounds: int, calibrate: bool, precision: str = "fp32") -> dict:
     world = 1
     for s in mesh_shape:
         world *= s
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, mesh_shape, profile, steps, rounds, calibrate, q))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, mesh_shape, profile, steps, rounds, calibrate, q,
+                                               precision))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -347,7 +354,14 @@ def main(argv=None) -> int:
                          "timed on the mesh's ranks at once; the roofline's predictions are reported beside)")
     ap.add_argument("--gpu", action="store_true",
                     help="instead: on one CUDA GPU, profiled and preset roofline vs measured op times")
-    ap.add_argument("--out", default=None, help="result JSON (default results/cost_fidelity[_gpu].json)")
+    ap.add_argument("--out", default=None, help="result JSON (default results/cost_fidelity[_gpu|_bf16].json)")
+    ap.add_argument("--profiles-from", default=None, metavar="STEM",
+                    help="plan against the profiles an earlier run kept (results/<STEM>_profile_<mesh>.json, e.g. "
+                         "cost_fidelity) instead of measuring new ones (a profile taken while other jobs load the "
+                         "cores is off by several times)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="plan and run every candidate in this precision (bf16: CPU autocast, fp32 master weights; "
+                         "use with --no-calibrate-ops: the op calibration times the captured float32 ops)")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.gpu:
@@ -360,7 +374,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     res = {"config": {"gpt": GPT, "batch": BATCH, "seq": SEQ, "steps": args.steps, "rounds": args.rounds,
-                      "calibrate_ops": not args.no_calibrate_ops},
+                      "calibrate_ops": not args.no_calibrate_ops, "precision": args.precision,
+                      "profiles_from": args.profiles_from},
            "load_average_start": list(os.getloadavg()), "meshes": {}}
     all_rows = {}
     for mesh in args.meshes.split(","):
@@ -368,10 +383,15 @@ def main(argv=None) -> int:
         nproc = 1
         for s in shape:
             nproc *= s
-        out_path = Path(args.out) if args.out else RESULTS / "cost_fidelity.json"
+        out_path = Path(args.out) if args.out else RESULTS / ("cost_fidelity.json" if args.precision == "fp32"
+                                                              else f"cost_fidelity_{args.precision}.json")
         prof = out_path.with_name(f"{out_path.stem}_profile_{mesh}.json")   # beside the results
-        prof_s = _profile(nproc, mesh, prof)
-        rows, same, cal = _mesh_result(_run_mesh(shape, str(prof), args.steps, args.rounds, not args.no_calibrate_ops))
+        if args.profiles_from:
+            prof, prof_s = RESULTS / f"{args.profiles_from}_profile_{mesh}.json", 0.0
+        else:
+            prof_s = _profile(nproc, mesh, prof)
+        rows, same, cal = _mesh_result(_run_mesh(shape, str(prof), args.steps, args.rounds, not args.no_calibrate_ops,
+                                                 args.precision))
         for name, info in same.items():
             print(f"mesh {mesh}: candidate {name!r} solves to the same plan as {info['same_plan_as']!r}: scored once")
         solver = same.get("solver", {}).get("same_plan_as", "solver")   # the row with the solver's plan
@@ -417,7 +437,8 @@ def main(argv=None) -> int:
     o = res["overall"]
     print(f"overall: spearman {o['spearman']:.3f}  MAE {o['mae_s'] * 1e3:.2f} ms  targets {res['targets_met']}  "
           f"load avg {res['load_average_start'][0]:.1f} -> {res['load_average_end'][0]:.1f}  ({res['seconds']:.0f} s)")
-    out = Path(args.out) if args.out else RESULTS / "cost_fidelity.json"
+    out = Path(args.out) if args.out else RESULTS / ("cost_fidelity.json" if args.precision == "fp32"
+                                                     else f"cost_fidelity_{args.precision}.json")
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -17,6 +17,10 @@ category (params, grads, optimizer, activations, other, host) for these plans:
   zero3      parameters S(0) on dp (ZeRO-3 through placements), solved
   budget40   the solver's own choice under 40 % of none's predicted peak (recompute, ZeRO, placements)
 
+Every row runs in each of ``--precisions`` (default fp32 and bf16): a bf16 row is solved with
+``precision="bf16"`` and runs under CPU autocast with float32 parameters, gradients and AdamW states; its
+prediction counts activations at autocast's dtypes and the bf16 copies of weights the matmuls keep.
+
 Every row is solved with its decisions, so its prediction is the planner's own. On ``cpu-gloo`` the
 device is the host and the planner offers no offload (it frees nothing there); the offload row is
 solved against the same profile with its CPU taken for a device that has a host beside it
@@ -59,8 +63,9 @@ def _host_beside():
     return dataclasses.replace(prof, device=dataclasses.replace(prof.device, name="cpu-as-device"))
 
 
-def _plans(model, inputs, world: int) -> list[tuple[str, object, bool]]:
-    """(name, plan) per row; solved on rank 0 and shared as JSON."""
+def _plans(model, inputs, world: int, precision: str = "fp32") -> list[tuple[str, object, bool]]:
+    """(name, plan) per row; solved on rank 0 and shared as JSON. ``precision``: every row solved with
+    ``precision=`` (bf16: autocast compute, float32 parameters, gradients and AdamW states)."""
     import autopar
     from autopar.core.plan import Plan
 
@@ -69,6 +74,8 @@ def _plans(model, inputs, world: int) -> list[tuple[str, object, bool]]:
         if dist.get_rank() == 0:
             try:
                 kw.setdefault("cluster", "cpu-gloo")
+                if precision != "fp32":
+                    kw["precision"] = precision
                 text = [autopar.plan(model, inputs, mesh_shape=(world,), mesh_dim_names=("dp",), **kw).to_json()]
             except Exception as e:   # e.g. an infeasible budget: reported, not fatal
                 text = [json.dumps({"error": f"{type(e).__name__}: {e}"})]
@@ -102,7 +109,7 @@ def _measure(pm, inputs) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, layers: int, batch: int, seq: int, out_q,
-            only: tuple[str, ...] = ()) -> None:
+            only: tuple[str, ...] = (), precisions: tuple[str, ...] = ("fp32",)) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -112,13 +119,13 @@ def _worker(rank: int, world: int, port: int, layers: int, batch: int, seq: int,
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
         rows = []
-        for spec in MODELS:
+        for spec, prec in [(m, p) for p in precisions for m in MODELS]:
             torch.manual_seed(0)
             model, inputs = build_model(spec, batch=batch, seq=seq, device="cpu", n_layer=layers)
-            for name, plan in _plans(model, inputs, world):
+            for name, plan in _plans(model, inputs, world, prec):
                 if only and name not in only:
                     continue
-                row = {"model": spec, "world": world, "plan": name}
+                row = {"model": spec, "world": world, "plan": name, "precision": prec}
                 if isinstance(plan, dict):
                     rows.append({**row, "error": plan["error"]})
                     continue
@@ -142,14 +149,15 @@ def _worker(rank: int, world: int, port: int, layers: int, batch: int, seq: int,
     exit_worker(out_q)
 
 
-def run_world(world: int, layers: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = ()
-              ) -> list[dict]:
+def run_world(world: int, layers: int, batch: int, seq: int, timeout: float, only: tuple[str, ...] = (),
+              precisions: tuple[str, ...] = ("fp32",)) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, layers, batch, seq, q, only)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, layers, batch, seq, q, only,
+                                                                    precisions)) for r in range(world)]
     for p in procs:
         p.start()
     res = q.get(timeout=timeout)
@@ -186,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated plan precisions (default fp32,bf16; "
+                                                             "bf16: autocast on the CPU, fp32 master weights)")
     ap.add_argument("--rows", default="", help="comma-separated rows to measure (default all; a partial run "
                                                  "does not write the results file)")
     args = ap.parse_args(argv)
@@ -193,13 +203,13 @@ def main(argv=None) -> int:
     rows = []
     for world in (int(w) for w in args.worlds.split(",")):
         rows += run_world(world, args.layers, args.batch, args.seq, args.timeout,
-                          tuple(r for r in args.rows.split(",") if r))
+                          tuple(r for r in args.rows.split(",") if r), tuple(args.precisions.split(",")))
     rows = [_summarize(r) if "measured" in r else r for r in rows]
-    print(f"{'model':10s} {'ranks':>5s} {'plan':9s} {'pred MiB':>8s} {'meas MiB':>8s} {'err':>7s}  "
+    print(f"{'model':10s} {'ranks':>5s} {'prec':4s} {'plan':9s} {'pred MiB':>8s} {'meas MiB':>8s} {'err':>7s}  "
           f"{'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'other':>7s} {'host':>7s}  decisions")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:10s} {r['world']:5d} {r['plan']:9s} error: {r['error'][:80]}")
+            print(f"{r['model']:10s} {r['world']:5d} {r['precision']:4s} {r['plan']:9s} error: {r['error'][:80]}")
             continue
         m = max(r["measured"], key=lambda x: x["peak_bytes"])     # the worst rank
         b = m["breakdown"]
@@ -207,7 +217,7 @@ def main(argv=None) -> int:
         zdec = [f"zero1/2:{z['optimizer']}/{z['gradients']}"] if z["optimizer"] else []
         zdec += [f"sharded:{z['sharded_params']}"] if z["sharded_params"] else []
         dec = ",".join(_short(r["checkpoint"]) + [f"offload:{o}" for o in r["offload"]] + zdec) or "-"
-        print(f"{r['model']:10s} {r['world']:5d} {r['plan']:9s} {_mib(r['predicted_peak_bytes'])} "
+        print(f"{r['model']:10s} {r['world']:5d} {r['precision']:4s} {r['plan']:9s} {_mib(r['predicted_peak_bytes'])} "
               f"{_mib(m['peak_bytes'])} {r['worst_relative_error']:+7.1%}  {_mib(b['params'])} {_mib(b['grads'])} "
               f"{_mib(b['optimizer'])} {_mib(b['activations'])} {_mib(b['other'])} {_mib(m['host_peak_bytes'])}  "
               f"{dec}")
@@ -215,9 +225,14 @@ def main(argv=None) -> int:
     scored = [r for r in rows if "measured" in r]
     within = [r for r in scored if abs(r["worst_relative_error"]) <= 0.10]
     print(f"solved plans predicted within +-10% on every rank: {len(within)}/{len(scored)}")
+    by_prec = {p: [sum(abs(r["worst_relative_error"]) <= 0.10 for r in scored if r["precision"] == p),
+                   sum(r["precision"] == p for r in scored)] for p in args.precisions.split(",")}
+    for p, (k, n) in by_prec.items():
+        print(f"  {p}: {k}/{n}")
     out = {"rows": rows, "target": 0.10, "solved_within_target": len(within), "solved_rows": len(scored),
+           "within_target_by_precision": by_prec,
            "config": {"models": list(MODELS), "n_layer": args.layers, "batch": args.batch, "seq": args.seq,
-                      "worlds": args.worlds,
+                      "worlds": args.worlds, "precisions": args.precisions,
                       "cluster": "cpu-gloo", "optimizer": "AdamW(lr=1e-4)", "step": "forward+backward+step"},
            "wall_s": time.time() - t0, "machine": machine()}
     if args.rows:

@@ -21,7 +21,10 @@ parameters an op keeps). Must not import codegen.
 
 Mixed precision (plan.precision): ``autocast_graph`` rewrites a float32 capture's metas to the dtypes autocast
 gives each value (``autocast_dtypes``), so the functions above charge compute at that dtype's peak and bytes
-at their real size, with parameters, gradients and AdamW states float32.
+at their real size, with parameters, gradients and AdamW states float32 (``precision_graph``: the graph a plan of
+a given plan.precision is costed on). Memory adds the lower-precision copies autocast makes of float32 arguments
+(a weight's, an activation's) that an op keeps for backward (``cast_bytes``, traced by solver.saved), split
+like the argument where the op reads it.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import torch.fx as fx
 from autopar.cluster.profile import ClusterProfile, DeviceSpec, LinkSpec, OpKey
 from autopar.core.graph import GNode, TensorMeta
 from autopar.core.placement import Partial, Placement, Replicate, Shard, redistribute_steps
+from autopar.core.plan import check_precision
 from autopar.core.runtime_rules import GRAD_BUCKET_BYTES, ring_traffic
 from autopar.solver.strategies.base import Strategy
 
@@ -385,6 +389,20 @@ def autocast_graph(gi, compute_dtype: torch.dtype, device_type: str = "cuda"):
                     shared_lists=set(gi.shared_lists), output_refs=gi.output_refs)
 
 
+def compute_dtype(precision: dict | None) -> torch.dtype:
+    """plan.precision's autocast dtype (None: float32)."""
+    if not precision:
+        return torch.float32
+    return getattr(torch, check_precision(precision)["compute_dtype"])
+
+
+def precision_graph(gi, precision: dict | None, profile: ClusterProfile):
+    """``gi`` at the dtypes a plan of ``precision`` (plan.precision) runs in: autocast_graph with the device's
+    autocast rules (CPU's where the host is the device, else CUDA's lists); ``gi`` itself for float32. The
+    planner costs a plan on this graph, so price_plan / explain must too."""
+    return autocast_graph(gi, compute_dtype(precision), "cpu" if profile.host_is_device else "cuda")
+
+
 # --- memory -------------------------------------------------------------------------------
 def param_state_bytes(meta: TensorMeta, placements: tuple[Placement, ...], mesh_shape: tuple[int, ...]
                       ) -> dict[str, float]:
@@ -400,12 +418,24 @@ def saved_bytes(node: GNode, strategy: Strategy, saved, mesh_shape: tuple[int, .
         return 0.0
     total = sum(local_bytes(node.outputs[i], strategy.outputs[i], mesh_shape) for i in saved.outputs
                 if i < len(node.outputs) and node.outputs[i] is not None and strategy.outputs[i] is not None)
+    total += cast_bytes(strategy, saved, mesh_shape)
     if saved.extra_bytes:
         # an op's internal results (norm statistics, cross-entropy's log-softmax) are split like its
         # first input (a reduction's output, e.g. the loss, is not)
         first = next((p for p in (*strategy.inputs[:1], *strategy.outputs[:1]) if p is not None), ())
         total += saved.extra_bytes / shard_factor(first, mesh_shape)
     return total
+
+
+def cast_bytes(strategy: Strategy, saved, mesh_shape: tuple[int, ...]) -> float:
+    """Local bytes of the copies autocast made of an op's float32 arguments (a weight's, an activation's) and the
+    op keeps for backward (``saved.casts``): each split like its argument where this op reads it (a gathered
+    ZeRO-3 weight is cast whole, a tensor-parallel weight's shard is). Part of saved_bytes; selective recompute
+    does not keep them (the casts are recomputed, solver.remat)."""
+    if saved is None:
+        return 0.0
+    return sum(b / shard_factor(strategy.inputs[a], mesh_shape) if a < len(strategy.inputs) else b
+               for a, b in saved.casts)
 
 
 def activation_bytes(node: GNode, strategy: Strategy, mesh_shape: tuple[int, ...]) -> float:

@@ -12,6 +12,7 @@ from autopar.core.graph import GraphIndex, index_graph
 from autopar.core.mesh import MeshSpec
 from autopar.core.placement import format_sharding
 from autopar.core.plan import FusedKernel, LayerCost, ModelInfo, NodeSharding, Plan, Predicted, SolverStats
+from autopar.solver import cost as C
 from autopar.solver import fusion as F
 from autopar.solver import ilp
 from autopar.solver.saved import saved_tensors
@@ -44,36 +45,43 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                prefer: dict[str, list[str]] | None = None, backend: str = "auto",
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
                force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None,
-               offload: bool = True, recompute: str | None = None, zero: int | None = None) -> Plan:
+               offload: bool = True, recompute: str | None = None, zero: int | None = None,
+               precision: dict | None = None, training: bool = True, kv_cache_bytes: int | None = None) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
     tools); ``fix``/``prefer`` pin placements by glob, ``recompute`` / ``zero`` the memory decisions
     (see autopar.plan). ``fusions``: groups of captured nodes that will run as one fused kernel,
     ``[{"kind", "nodes": [fx node names, root last]}]`` (the front end finds them with codegen's
     find_fusions), costed as the fused kernels' traffic (solver.fusion) and listed in the plan; None or
     empty: every op is costed on its own. ``offload=False`` keeps activations and optimizer states on
-    the device (pipeline stages)."""
+    the device (pipeline stages). ``precision`` (plan.precision): the plan is costed at the dtypes autocast gives
+    each op (solver.cost.precision_graph: compute at that dtype's peak, activations and their reshardings at
+    their size) and the tensors kept for backward are traced under autocast (solver.saved: lower-precision
+    copies of weights and activations the matmuls keep); parameters, gradients and AdamW states stay float32."""
     t0 = time.perf_counter()
-    gi = index_graph(cap)
+    gi = C.precision_graph(index_graph(cap), precision, profile)
     links = profile.dim_links(mesh, nodes)
     t1 = time.perf_counter()
     try:
-        saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters))
+        saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters),
+                              autocast_dtype=C.compute_dtype(precision))
     except Exception as e:  # an op the meta device cannot run: fall back to "every op keeps its outputs"
         log.warning("could not trace the tensors kept for backward (%s: %s); assuming every op keeps its outputs",
                     type(e).__name__, e)
         saved = None
-    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer, saved=saved)
+    keys = ilp.collect_keys(gi, mesh, profile, fix, prefer, saved=saved, training=training)
     shares = F.shares(gi, F.check_fusions(fusions or []))
     unfused = F.fuse_costs(gi, keys, shares, profile, mesh.shape)
     for key, strat in (force or {}).items():
         info = keys[key]
         j = info.strategies.index(strat)
         info.strategies, info.compute, info.memory = [strat], [info.compute[j]], [info.memory[j]]
+        info.cast_bytes = info.cast_bytes[j:j + 1]
         if key in unfused:
             unfused[key] = [unfused[key][j]]
     t2 = time.perf_counter()
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys, offload=offload, recompute=recompute, zero=zero)
+                    time_limit=time_limit, keys=keys, offload=offload, recompute=recompute, zero=zero,
+                    **({} if training else {"training": False, "kv_cache_bytes": kv_cache_bytes}))  # see ilp.solve
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()
@@ -102,6 +110,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     # a group the chosen placements reshard inside is not fused by codegen: cost it unfused again
     shares, unfused, d_compute, d_recompute = F.unfuse_broken(gi, sol.keys, shares, unfused, sol.chosen, sol.remat,
                                                               profile, mesh.shape)
+    if not training:   # the forward's compute alone
+        d_compute = ilp.forward_only(sol)
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
@@ -152,7 +162,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         layers=tuple(sorted(layers, key=lambda r: -r.time_s)),
         checkpoint=tuple(checkpoint), offload=tuple(offload), optimizer_offload=sol.optimizer_offload,
         optimizer_sharding=optimizer_sharding, gradient_sharding=gradient_sharding, fusions=tuple(fused),
-        nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback))
+        nodes_fallback=tuple(k for k, i in sol.keys.items() if i.fallback),
+        mode="training" if training else "inference")
 
 
 def _numel(shape) -> int:

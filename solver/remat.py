@@ -67,13 +67,16 @@ class Remat:
         fwd = [per_block * c.fwd_s for c in info.compute]
         bwd = [per_block * c.bwd_s for c in info.compute]
         # selective recompute keeps a matmul's or attention's outputs whether or not autograd would keep
-        # them (codegen.checkpoint_regions: MUST_SAVE), at least what it keeps: bytes per strategy
+        # them (codegen.checkpoint_regions: MUST_SAVE), at least what it keeps but autocast's casts of its inputs
+        # (recomputed: KeyInfo.cast_bytes): bytes per strategy
         sel: list[float] = []
         if C.contraction_flops(info.node, info.in_metas) > 0:
-            sel = [max(a, per_block * sum(C.local_bytes(o, p, m.mesh.shape)
-                                          for o, p in zip(info.node.outputs, s.outputs)
-                                          if o is not None and p is not None and o.dtype.is_floating_point))
-                   for a, s in zip(act, info.strategies)]
+            casts = info.cast_bytes or [0.0] * len(act)
+            sel = [max(a - per_block * c, per_block * sum(C.local_bytes(o, p, m.mesh.shape)
+                                                          for o, p in zip(info.node.outputs, s.outputs)
+                                                          if o is not None and p is not None
+                                                          and o.dtype.is_floating_point))
+                   for a, c, s in zip(act, casts, info.strategies)]
         terms = self.blocks[group]
         terms.extra.append((per_block * info.remat_extra.fwd_s, per_block * info.remat_extra.bwd_s))
         if any(act) or any(fwd) or any(sel):

@@ -24,22 +24,33 @@ Scaled dot-product attention may take its math fallback under fake tensors (whic
 attention matrix); on CPU and CUDA the fused kernels keep q, k, v, the output and the log-sum-exp,
 so for that op the fused kernels' set is recorded.
 
-Result per node: ``Saved(outputs, extra_bytes, kept_by)``; a strategy's local bytes are the kept outputs'
-local sizes plus ``extra_bytes`` divided by the shard factor of the node's first input
-(solver.cost.saved_bytes).
+Mixed precision (``autocast_dtype``): the run is under CPU ``torch.autocast`` with float32 parameters, as the
+runtime runs a lower-precision plan. A lower-precision op then keeps copies of its float32 inputs cast to the
+compute dtype (autocast casts each input; the matmul saves the cast copy, not the input): a parameter's copy
+(autocast's weight cast) and an activation's (a layer-norm output read by three linears is cast, and kept,
+three times). Those copies are no node's output; each is recorded as a cast of the argument it was made from
+(``casts``: argument index, global bytes), so it is charged at the consumer's placement of that argument
+(a ZeRO-3 parameter's gathered copy, a tensor-parallel weight's shard), not split like the first input.
+
+Result per node: ``Saved(outputs, extra_bytes, kept_by, casts)``; a strategy's local bytes are the kept
+outputs' local sizes, each cast copy's bytes divided by the shard factor of its argument's placement, plus
+``extra_bytes`` divided by the shard factor of the node's first input (solver.cost.saved_bytes).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopar.core.graph import tensor_inputs
 
 SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
+ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 _getitem = __import__("operator").getitem
 
 
@@ -50,6 +61,8 @@ class Saved:
     # (output index, consumer node, argument index) through which a kept output (or a view of it) reached
     # the op that saved it; consumer None: the producer itself keeps it (its own placement)
     kept_by: frozenset[tuple[int, str | None, int]] = field(default=frozenset())
+    # (argument index, global bytes) per kept copy of an argument cast to autocast's dtype (mixed precision)
+    casts: frozenset[tuple[int, float]] = field(default=frozenset())
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
@@ -62,9 +75,28 @@ def _nbytes(t: torch.Tensor) -> float:
     return float(t.numel() * t.element_size())
 
 
-def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> dict[str, Saved]:
+class _Casts(TorchDispatchMode):
+    """Remembers, for each ``_to_copy`` (autocast's cast), which tensor the copy was made from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: dict[int, torch.Tensor] = {}   # id(copy) -> the tensor it was cast from
+        self.alive: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and args \
+                and isinstance(args[0], torch.Tensor):
+            self.source[id(out)] = args[0]
+            self.alive.append(out)
+        return out
+
+
+def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
+                  autocast_dtype: torch.dtype | None = None) -> dict[str, Saved]:
     """Node name -> what autograd keeps of it (nodes that keep nothing are absent). ``grad_inputs``: the
-    placeholders that require grad (the parameters; None: every floating-point placeholder)."""
+    placeholders that require grad (the parameters; None: every floating-point placeholder).
+    ``autocast_dtype``: run under CPU autocast to that dtype (mixed precision; float32 or None: no autocast)."""
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args = []
@@ -90,6 +122,8 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> di
     extra: dict[str, float] = {}
     hop: dict[int, tuple[str, int]] = {}        # id(view) -> (consumer of its root's producer, argument index)
     kept_by: dict[tuple[str, int], set[tuple[str | None, int]]] = {}
+    cast_bytes: dict[str, dict[int, float]] = {}
+    casts = _Casts() if autocast_dtype not in (None, torch.float32) else None
     state = {"node": None, "mute": False, "args": ()}
 
     def first_hop(t: torch.Tensor, r: torch.Tensor, node: fx.Node, args) -> tuple[str | None, int] | None:
@@ -116,7 +150,25 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> di
         alive.append(r)
         kept[id(r)] = src
         if src is None:
-            extra[current.name] = extra.get(current.name, 0.0) + _nbytes(r)
+            arg = cast_of(r, state["args"])
+            if arg is not None:
+                per = cast_bytes.setdefault(current.name, {})
+                per[arg] = per.get(arg, 0.0) + _nbytes(r)
+            else:
+                extra[current.name] = extra.get(current.name, 0.0) + _nbytes(r)
+
+    def cast_of(r: torch.Tensor, args) -> int | None:
+        """The argument of the running node that ``r`` is autocast's cast copy of (None: not a cast)."""
+        src = casts.source.get(id(r)) if casts is not None else None
+        if src is None:
+            return None
+        for ai, a in enumerate(args):
+            if a is src:
+                return ai
+        for ai, a in enumerate(args):   # a cast of a view the op made of its input
+            if isinstance(a, torch.Tensor) and _root(a) is _root(src):
+                return ai
+        return None
 
     def pack(t):
         if not state["mute"] and state["node"] is not None and isinstance(t, torch.Tensor):
@@ -136,6 +188,8 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> di
 
     class _Run(fx.Interpreter):
         def call_function(self, target, args, kwargs):
+            if casts is not None and target in ASSERTS:   # export's dtype checks hold for the float32 run only
+                return None
             if on_meta:
                 args, kwargs = pytree.tree_map(off_meta, (args, kwargs))
             return super().call_function(target, args, kwargs)
@@ -160,21 +214,34 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None) -> di
                             hop[id(t)] = where
                             alive.append(t)
             if n.target in SDPA and isinstance(out, torch.Tensor) and out.requires_grad:
-                for a in n.args[:3]:
-                    if isinstance(a, fx.Node):
-                        note(self.env[a], n)
+                for ai, a in enumerate(n.args[:3]):
+                    if not isinstance(a, fx.Node):
+                        continue
+                    t = self.env[a]
+                    if casts is not None and t.is_floating_point() and t.dtype != autocast_dtype:
+                        # autocast casts q, k, v for the fused kernel, which keeps the copies
+                        per = cast_bytes.setdefault(n.name, {})
+                        per[ai] = per.get(ai, 0.0) + t.numel() * autocast_dtype.itemsize
+                    else:
+                        note(t, n)
                 note(out, n)
                 q = self.env[n.args[0]]
                 extra[n.name] = extra.get(n.name, 0.0) + q.numel() / q.shape[-1] * 4.0   # fp32 log-sum-exp
             return out
 
-    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mode)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        if casts is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=autocast_dtype))
+            stack.enter_context(casts)
         _Run(gm).run(*args)
 
     outputs: dict[str, set[int]] = {}
     for src in kept.values():
         if src is not None:
             outputs.setdefault(src[0], set()).add(src[1])
-    names = set(outputs) | set(extra)
+    names = set(outputs) | set(extra) | set(cast_bytes)
     return {n: Saved(frozenset(outputs.get(n, ())), extra.get(n, 0.0),
-                     frozenset((i, *w) for (m, i), ws in kept_by.items() if m == n for w in ws)) for n in names}
+                     frozenset((i, *w) for (m, i), ws in kept_by.items() if m == n for w in ws),
+                     frozenset(cast_bytes.get(n, {}).items())) for n in names}

@@ -61,6 +61,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
     ``schedule`` ("gpipe" | "1f1b" | "interleaved"), ``microbatches``, ``virtual_stages``; ``False``
     plans without stages (see autopar.frontend.pipeline). An option pipeline stages cannot honour
     (fuse, lower precision, recompute, zero, offload) is a ConfigError there.
+    ``training=False`` plans inference, the forward alone (no gradients, optimizer states or memory
+    decisions; ``kv_cache_bytes`` the KV cache the engine holds, charged by the attention's head split; see
+    solver.forward_memory); the plan's ``mode`` is then ``"inference"``.
     """
     if options is not None and kwargs:
         raise ConfigError(f"give the plan options either as options=PlanOptions(...) or as keywords, not both "
@@ -79,7 +82,8 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
         opts.check_pipeline()
         return plan_pipeline(model, example_inputs, mesh, profile, budget, pipeline, nodes=opts.nodes,
                              backend=opts.backend, time_limit=opts.time_limit, fold_layers=opts.fold_layers,
-                             fix=opts.fix_dict(), prefer=opts.prefer_dict(), precision=opts.precision)
+                             fix=opts.fix_dict(), prefer=opts.prefer_dict(), precision=opts.precision,
+                             recompute=opts.recompute)
     t0 = time.perf_counter()
     cap = capture_exact(model, example_inputs, fold_layers=opts.fold_layers)
     return solve_captured(cap, mesh, profile, opts, budget=budget, phase_times={"capture": time.perf_counter() - t0})
@@ -126,7 +130,8 @@ def solve_captured(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, 
     out = plan_graph(cap, mesh, profile, nodes=opts.nodes, budget=budget, fix=opts.fix_dict(),
                      prefer=opts.prefer_dict(), fusions=fusions, backend=opts.backend, time_limit=opts.time_limit,
                      phase_times=phase_times, offload=opts.offload is not False, recompute=opts.recompute,
-                     zero=opts.zero)
+                     zero=opts.zero, precision=opts.precision, training=opts.training,
+                     kv_cache_bytes=opts.kv_cache_bytes)
     check_coverage(out, cap)
     return out if opts.precision is None else dataclasses.replace(out, precision=dict(opts.precision))
 
