@@ -171,3 +171,13 @@ def test_a_resharded_parameter_pays_its_inline_gradient_all_reduce(seed):
         assert mult * priced.total == pytest.approx(RM.price_collectives(mine, plan.mesh.shape, links), rel=1e-12), ku
         checked += 1
     assert checked >= 2
+
+
+def test_explain_prices_a_bf16_plan_at_its_dtypes(gpt_meta):
+    """explain costs a plan on the graph the planner priced (cost.precision_graph): a bf16 plan's shares sum to
+    its objective; on the float32 graph they did not (compute at fp32 throughput, activations at 4 bytes)."""
+    model, inputs, _, _ = gpt_meta
+    plan = autopar.plan(model, inputs, mesh_shape=(2,), cluster="h100-sxm", precision="bf16", fix=DP,
+                        recompute="none", zero=0, offload=False)
+    nodes = explain(plan, "gpt-tiny", every_node=True)
+    assert sum(n.share.total_s for n in nodes) == pytest.approx(plan.solver.objective, rel=1e-9)

@@ -28,6 +28,7 @@ from autopar.core.placement import Replicate, parse_sharding
 from autopar.core.plan import Plan
 from autopar.frontend.planning import fusible_groups  # cost fused ops as the planner did
 from autopar.models import build_model
+from autopar.solver import cost as C
 from autopar.solver import fusion as F
 from autopar.solver import runtime_model as RM
 from autopar.solver.ilp import OUTPUT, collect_keys
@@ -86,10 +87,10 @@ def explain(plan: Plan, model_spec: str, *, top: int = 2, every_node: bool = Fal
     if cap.fingerprint() != plan.model.fingerprint:
         raise PlanMismatchError(f"{model_spec} with inputs {shapes} is not the model the plan was made for; give "
                                 f"the --model the plan was made with")
-    gi = index_graph(cap)
     mesh, profile = plan.mesh, plan.cluster
+    gi = C.precision_graph(index_graph(cap), plan.precision, profile)   # the dtypes the planner priced
     links = profile.dim_links(mesh)
-    keys = collect_keys(gi, mesh, profile)
+    keys = collect_keys(gi, mesh, profile, training=plan.mode == "training")
     missing = [k for k in keys if k not in plan.node_shardings]
     if missing:
         raise PlanMismatchError(f"the plan has no sharding for {missing[:3]}: it was made by another autopar or "
