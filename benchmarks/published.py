@@ -220,8 +220,11 @@ def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...],
     """autopar's own pipeline planner (autopar.frontend.pipeline.plan_pipeline: the inter-op DP over the intra-op
     ILP's unit costs) on the row's model (autopar's example GPT at the row's size, dropout 0.1, tied head, on the
     meta device), mesh pp x dp x tp and 80 GB per GPU, with bf16 autocast: free choice of schedule and micro-batches,
-    and 1F1B forced to the published micro-batch count. Its prices are autopar's runtime's (e.g. its pipeline
-    stages all-reduce data-parallel gradients in every micro-batch's backward), not Megatron-LM's."""
+    and 1F1B forced to the published micro-batch count; stages recompute their blocks where keeping the activations
+    does not fit (the partition decides). Its prices are autopar's runtime's, not Megatron-LM's: data-parallel
+    gradients summed once per step after the schedule (not overlapped), and every rank of a stage sends the whole
+    micro-batch's boundary activation (gathered over dp and tp) to its peer, where Megatron-LM sends its dp
+    replica's share (and with scatter/gather a 1/t slice of it): ``comm_s`` in the time breakdown."""
     import time
 
     import torch
@@ -256,6 +259,10 @@ def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...],
                 continue
             row[label] = {"predicted_step_s": round(plan.predicted.step_time_s, 4),
                           "schedule": plan.pipeline["schedule"], "microbatches": plan.pipeline["microbatches"],
+                          "virtual_stages": plan.pipeline["virtual_stages"],
+                          "time_breakdown_s": {k: round(v, 4) for k, v in plan.predicted.time_breakdown.items()},
+                          "recomputing_stages": sum(1 for st in plan.pipeline["stages"]
+                                                    if st["plan"] is not None and st["plan"].get("checkpoint")),
                           "memory_gib": round(plan.predicted.peak_memory_bytes / 2**30, 2),
                           "bubble_fraction": round(plan.pipeline["predicted_bubble_fraction"], 4),
                           "planning_s": round(time.perf_counter() - t0, 1)}

@@ -9,10 +9,13 @@ activation bytes saved per micro-batch. Stage ``s`` holding blocks ``[j, i)`` (t
 the first stage, the suffix the last) has
 
     T_s = sum_{u in s} t_u + c_s                c_s = 2 (alpha + beta * bytes of the boundary
-                                                      activation) when s is not the last stage
+                                                      activation) + g when s is not the last stage
     M_s = sum_{u in s} w_u + f_s * sum_{u in s} a_u
 
-with ``f_s`` the micro-batches in flight on that stage: GPipe ``m``; 1F1B ``min(m, p - s)``;
+with ``g`` the boundary's gathers on the sub-mesh: a stage's output is made whole (replicated) before it is
+sent, and the next stage's input gradient is gathered whole in backward (``ops.collectives.to_local_input``),
+each a reshard from the boundary's placement in the unit solve to replicated (``cost.transition_time``);
+and ``f_s`` the micro-batches in flight on that stage: GPipe ``m``; 1F1B ``min(m, p - s)``;
 interleaved 1F1B (``v`` chunks per rank, stage ``s`` on rank ``s mod p``) the Megatron warm-up
 count ``min(m v, (v - 1) p + 2 (p - r - 1) + 1)`` divided over the rank's ``v`` chunks.
 
@@ -21,10 +24,27 @@ accumulates into ``.grad``): ``g_u`` seconds per micro-batch, a memory-bound add
 gradient bytes (read two, write one) at the profile's bandwidth, plus one op overhead per parameter.
 It grows with ``m`` while the bubble shrinks, so at small micro-batches it sets how many pay off.
 
+Data-parallel gradient sums run once per step (``autopar.runtime.pipeline.StepReducer``: the micro-batches
+accumulate local gradients, the bucketed all-reduces run after the schedule): ``y_u`` seconds, the
+gradient (backward) part of the unit's edges the intra-op ILP prices as bucketed
+(``solver.edges.grad_priced_bucketed``), taken out of ``t_u``. A rank's reduction starts when its schedule
+ends; we charge the largest, ``Y = max_r sum_{s on r} y_s``, after the pipeline (no overlap).
+
+Activation recompute (full, per stage: every block of a stage is run under ``torch.utils.checkpoint``, as
+``codegen.checkpoint_regions`` does for ``"<block>:full"`` entries of the stage's plan): a recomputed
+block costs ``t_u + r_u`` (``r_u`` its forward again: compute, forward collectives and the checkpoint
+surcharge ``cost.checkpoint_overhead``) and keeps ``k_u`` bytes per micro-batch (its input, in its chosen
+placement) instead of ``a_u``; while one block is recomputed in backward its ``a_u`` is live once more:
+
+    T_s^rc = T_s + sum_{blocks} r_u          M_s^rc = sum w_u + f_s (A_s - sum_{blocks} (a_u - k_u)) + a_block
+
+A stage recomputes only where keeping its activations does not fit (or always / never when
+``recompute="full"`` / ``"none"`` is told).
+
 Step time for ``S = p v`` stages on ``p`` ranks and ``m`` micro-batches (``R_r = sum`` of the
 stage times on rank ``r``, ``G_r`` of their accumulation times):
 
-    T = max_r (m R_r + (m - 1) G_r) + (p - 1) * max_r R_r / v            (GPipe, 1F1B: v = 1)
+    T = max_r (m R_r + (m - 1) G_r) + (p - 1) * max_r R_r / v + Y        (GPipe, 1F1B: v = 1)
 
 so balanced stages of time ``t`` without accumulation give the bubble fraction ``(p-1) / (v m + p - 1)``;
 we report ``bubble = (p - 1) max_r R_r / v`` and ``bubble / T``.
@@ -45,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,10 +77,14 @@ from autopar.core.errors import ConfigError, InfeasiblePlanError
 from autopar.core.graph import index_graph
 from autopar.core.mesh import MeshSpec
 from autopar.core.options import PIPELINE_SCHEDULES, PipelineOptions
+from autopar.core.placement import Replicate
+from autopar.solver import cost as C
 from autopar.solver import ilp
 from autopar.solver.categories import MemCategory
 from autopar.solver.cost import autocast_graph
-from autopar.solver.keys import match_fix
+from autopar.solver.edges import grad_priced_bucketed
+from autopar.solver.keys import OUTPUT, match_fix
+from autopar.solver.runtime_model import consumer_split, edge_seconds
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +99,9 @@ class UnitCost:
     static_bytes: float      # params + grads + optimizer state per rank
     act_bytes: float         # activations saved for backward, per micro-batch per rank
     accum_s: float = 0.0     # adding one micro-batch's parameter gradients into the accumulated ones
+    sync_s: float = 0.0      # its data-parallel gradient sum (bucketed all-reduces), once per step
+    recompute_s: float = 0.0  # a fully recomputed unit's forward again, per micro-batch (blocks only)
+    kept_bytes: float = 0.0  # activations a fully recomputed unit keeps per micro-batch (its input)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +111,7 @@ class UnitCosts:
     suffix: UnitCost
     num_blocks: int
     boundary_bytes: float    # one block's output (what a stage sends), per micro-batch
+    boundary_gather_s: float = 0.0   # gathering it whole before the send, and its gradient in backward
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +130,9 @@ class Partition:
     bubble_s: float
     comm_s: float
     accum_s: float = 0.0     # gradient accumulation over the micro-batches, on the critical rank
+    sync_s: float = 0.0      # data-parallel gradient sums after the schedule (the slowest rank's), once per step
+    stage_recompute: tuple[bool, ...] = ()   # per stage: its blocks recompute their activations in backward
+    recompute_s: float = 0.0  # the recomputed forwards on the critical rank, over the step
 
     @property
     def bubble_fraction(self) -> float:
@@ -157,15 +189,20 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)
-    acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0, "g": 0.0} for u in ("prefix", "block", "suffix")}
-    boundary = 0.0
+    acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0, "g": 0.0, "y": 0.0, "r": 0.0, "k": 0.0}
+           for u in ("prefix", "block", "suffix")}
+    boundary = gather = 0.0
+    sync, fwd_edges = step_edge_seconds(gi, sol.keys, sol.chosen, mesh, links)
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
         node = info.node
         j = info.strategies.index(strat)
         unit = _unit_of(node, gi, layer_list, order, first_block)
         mem = info.memory[j]
-        acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0)
+        # the data-parallel gradient sums the edges into this key carry run once per step, not per micro-batch
+        acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0) - sync.get(key, 0.0)
+        acc[unit]["y"] += sync.get(key, 0.0)
+        acc[unit]["r"] += info.mult * (info.compute[j].fwd_s + info.remat_extra.bwd_s) + fwd_edges.get(key, 0.0)
         acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != MemCategory.ACTIVATIONS)
         acc[unit]["a"] += info.mult * mem.get(MemCategory.ACTIVATIONS, 0.0)
         if MemCategory.GRADS in mem:
@@ -174,12 +211,51 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
         if g.layer is not None and g.layer[0] == layer_list and g.outputs and g.outputs[0] is not None:
             users = [u for u in g.fx_node.users] if g.fx_node is not None else []
             if any(layer_of_gnode(gi, u.name, layer_list) != g.layer for u in users):
-                boundary = max(boundary, float(gi32.nodes[g.name].outputs[0].nbytes))
+                meta = gi32.nodes[g.name].outputs[0]
+                boundary = max(boundary, float(meta.nbytes))
+                gather = max(gather, 2 * C.transition_time(meta, sol.chosen[g.key].outputs[0],
+                                                           tuple(Replicate() for _ in mesh.shape), tuple(mesh.shape),
+                                                           links))
+                # what a checkpointed block keeps: its input, the previous block's output, as placed
+                acc["block"]["k"] = max(acc["block"]["k"], n * C.local_bytes(
+                    meta, sol.chosen[g.key].outputs[0], tuple(mesh.shape)))
     per = {u: UnitCost(time_s=v["t"] / (n if u == "block" else 1), static_bytes=v["w"] / (n if u == "block" else 1),
-                       act_bytes=v["a"] / (n if u == "block" else 1), accum_s=v["g"] / (n if u == "block" else 1))
+                       act_bytes=v["a"] / (n if u == "block" else 1), accum_s=v["g"] / (n if u == "block" else 1),
+                       sync_s=v["y"] / (n if u == "block" else 1),
+                       recompute_s=v["r"] / n if u == "block" else 0.0,
+                       kept_bytes=min(v["k"], v["a"]) / n if u == "block" else v["a"])
            for u, v in acc.items()}
     return UnitCosts(prefix=per["prefix"], block=per["block"], suffix=per["suffix"], num_blocks=n,
-                     boundary_bytes=boundary)
+                     boundary_bytes=boundary, boundary_gather_s=gather)
+
+
+def step_edge_seconds(gi, keys: dict, chosen: dict, mesh: MeshSpec, links: tuple[LinkSpec, ...]
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per key charged (an edge's consumer; its producer for a graph output, as the ILP charges edges): (the
+    gradient seconds of the edges the ILP prices as a bucketed data-parallel sum, the forward resharding
+    seconds of every edge), each times the edge class's multiplicity (solver.runtime_model.price_plan's
+    terms, split)."""
+    mesh_shape = tuple(mesh.shape)
+    replicated = tuple(Replicate() for _ in mesh_shape)
+    sync: dict[str, float] = defaultdict(float)
+    fwd: dict[str, float] = defaultdict(float)
+    edges = [(*k, mult) for k, mult in gi.edge_classes().items()]
+    edges += [(gi.nodes[ref.src].key, ref.out, OUTPUT, 0, 1.0) for ref in gi.output_refs]
+    for ku, o, kv, a, mult in edges:
+        u = keys[ku]
+        meta = u.node.outputs[o]
+        if meta is None:
+            continue
+        src = chosen[ku].outputs[o]
+        if kv == OUTPUT:
+            dst, split, charged = replicated, tuple(False for _ in mesh_shape), ku
+        else:
+            dst, split, charged = chosen[kv].inputs[a], consumer_split(chosen[kv], a), kv
+        c = edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links)
+        fwd[charged] += mult * c.fwd_s
+        if grad_priced_bucketed(gi, u.node, src, dst):
+            sync[charged] += mult * c.bwd_s
+    return sync, fwd
 
 
 def accumulate_time(grad_bytes: float, profile: ClusterProfile) -> float:
@@ -225,7 +301,7 @@ def inflight(schedule: str, stage: int, p: int, m: int, v: int) -> float:
 
 
 def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool) -> tuple[float, float, float]:
-    """(time, static bytes, activation bytes) of a stage holding blocks [j, i)."""
+    """(time, static bytes, activation bytes) of a stage holding blocks [j, i), keeping its activations."""
     k = i - j
     t = k * u.block.time_s
     w = k * u.block.static_bytes
@@ -237,8 +313,15 @@ def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool
     comm = 0.0
     if not last and link is not None:
         ab = link.collectives["send_recv"]
-        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes)
+        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes) + u.boundary_gather_s
     return t + comm, w, a
+
+
+def _recomputed(u: UnitCosts, j: int, i: int) -> tuple[float, float, float]:
+    """A stage of blocks [j, i) recomputing them: (seconds added per micro-batch, activation bytes saved per
+    micro-batch, bytes live once while one block is recomputed)."""
+    k = i - j
+    return k * u.block.recompute_s, k * max(0.0, u.block.act_bytes - u.block.kept_bytes), u.block.act_bytes
 
 
 def _stage_accum(u: UnitCosts, j: int, i: int) -> float:
@@ -247,37 +330,63 @@ def _stage_accum(u: UnitCosts, j: int, i: int) -> float:
             + (u.suffix.accum_s if i == u.num_blocks else 0.0))
 
 
-def step_time(stage_times: list[float], p: int, m: int, v: int, stage_accum: list[float] | None = None
-              ) -> tuple[float, float, float]:
-    """(step time, bubble, accumulation) of a pipeline with these stage times and per-micro-batch gradient
-    accumulation times (stage s on rank s mod p); see the module docstring."""
-    per_rank, acc_rank = [0.0] * p, [0.0] * p
+def _stage_sync(u: UnitCosts, j: int, i: int) -> float:
+    """Data-parallel gradient sum seconds (once per step) of a stage holding blocks [j, i)."""
+    return ((i - j) * u.block.sync_s + (u.prefix.sync_s if j == 0 else 0.0)
+            + (u.suffix.sync_s if i == u.num_blocks else 0.0))
+
+
+def step_time(stage_times: list[float], p: int, m: int, v: int, stage_accum: list[float] | None = None,
+              stage_sync: list[float] | None = None) -> tuple[float, float, float, float]:
+    """(step time, bubble, accumulation, gradient sync) of a pipeline with these stage times, per-micro-batch
+    gradient accumulation times and once-per-step data-parallel gradient sums (stage s on rank s mod p); see
+    the module docstring."""
+    per_rank, acc_rank, sync_rank = [0.0] * p, [0.0] * p, [0.0] * p
     for s, t in enumerate(stage_times):
         per_rank[s % p] += t
         acc_rank[s % p] += stage_accum[s] if stage_accum else 0.0
+        sync_rank[s % p] += stage_sync[s] if stage_sync else 0.0
     busy = [m * r + (m - 1) * g for r, g in zip(per_rank, acc_rank)]
     critical = max(range(p), key=lambda r: busy[r])
     bubble = (p - 1) * max(per_rank) / v
-    return busy[critical] + bubble, bubble, (m - 1) * acc_rank[critical]
+    sync = max(sync_rank)
+    return busy[critical] + bubble + sync, bubble, (m - 1) * acc_rank[critical], sync
 
 
 def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: float | None,
-              link: LinkSpec | None) -> Partition | None:
+              link: LinkSpec | None, recompute: str | None = None) -> Partition | None:
     """The fastest contiguous partition of the blocks into ``p * v`` stages that fits ``budget``
-    (None: no partition fits). See the module docstring for the recurrence."""
+    (None: no partition fits). See the module docstring for the recurrence. ``recompute``: None decides per
+    stage (recompute only where keeping the activations does not fit), ``"full"`` recomputes every stage,
+    ``"none"`` never."""
     S, n = p * v, u.num_blocks
     if S > n:
         raise ConfigError(f"{S} pipeline stages ({p} ranks x {v} virtual) but the model has only {n} layers; "
                           f"use at most {n} stages")
+    if recompute not in (None, "none", "full"):
+        raise ConfigError(f"pipeline stages recompute fully or not at all: recompute={recompute!r} is not "
+                          f"supported with pipeline stages; use 'full', 'none' or leave it to the planner (None)")
     cap = budget / v if budget is not None else math.inf
 
     def cost(j, i, s):
+        """(time, memory, recomputes) of stage s over blocks [j, i): keeping its activations where that fits."""
         t, w, a = _stage_costs(u, j, i, link, s == S - 1)
-        return t, w + inflight(schedule, s, p, m, v) * a
+        f = inflight(schedule, s, p, m, v)
+        keep = (t, w + f * a, False)
+        if recompute == "none" or (recompute is None and keep[1] <= cap) or u.block.recompute_s <= 0:
+            return keep
+        dt, saved, live = _recomputed(u, j, i)
+        return t + dt, w + f * (a - saved) + live, True
 
     table = {(j, i, s): cost(j, i, s) for s in range(S) for j in range(n) for i in range(j + 1, n + 1)}
-    candidates = sorted({t for (t, mem) in table.values() if mem <= cap})
+    candidates = sorted({t for (t, mem, _) in table.values() if mem <= cap})
     best: tuple[float, list[tuple[int, int]]] | None = None
+
+    def total_of(bounds):
+        times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
+        return step_time(times, p, m, v, [_stage_accum(u, j, i) for j, i in bounds],
+                         [_stage_sync(u, j, i) for j, i in bounds])
+
     for t_max in candidates:
         if best is not None and (m - 1) * t_max >= best[0]:
             break
@@ -290,7 +399,7 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
                 for j in range(k - 1, i):
                     if F[k - 1][j] == math.inf:
                         continue
-                    t, mem = table[(j, i, k - 1)]
+                    t, mem, _ = table[(j, i, k - 1)]
                     if t <= t_max and mem <= cap and F[k - 1][j] + t < F[k][i]:
                         F[k][i], arg[k][i] = F[k - 1][j] + t, j
         if F[S][n] == math.inf:
@@ -301,8 +410,7 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
             bounds.append((j, i))
             i = j
         bounds.reverse()
-        times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
-        total, _, _ = step_time(times, p, m, v, [_stage_accum(u, j, i) for j, i in bounds])
+        total = total_of(bounds)[0]
         if best is None or total < best[0] - 1e-15:
             best = (total, bounds)
     if best is None:
@@ -310,15 +418,23 @@ def partition(u: UnitCosts, *, p: int, v: int, m: int, schedule: str, budget: fl
     bounds = best[1]
     times = [table[(j, i, s)][0] for s, (j, i) in enumerate(bounds)]
     mems = [table[(j, i, s)][1] for s, (j, i) in enumerate(bounds)]
-    extra = [(inflight(schedule, s, p, m, v) - 1) * _stage_costs(u, j, i, None, True)[2]
+    rc = [table[(j, i, s)][2] for s, (j, i) in enumerate(bounds)]
+    extra = [(inflight(schedule, s, p, m, v) - 1)
+             * (_stage_costs(u, j, i, None, True)[2] - (_recomputed(u, j, i)[1] if rc[s] else 0.0))
              for s, (j, i) in enumerate(bounds)]
-    total, bubble, accum = step_time(times, p, m, v, [_stage_accum(u, j, i) for j, i in bounds])
-    comm = sum(_stage_costs(u, j, i, link, s == S - 1)[0] - _stage_costs(u, j, i, None, True)[0]
-               for s, (j, i) in enumerate(bounds))
+    total, bubble, accum, sync = total_of(bounds)
+    # the breakdown follows the critical rank (the one the step time's busy term takes)
+    busy, comm_rank, rc_rank = [0.0] * p, [0.0] * p, [0.0] * p
+    for s, (j, i) in enumerate(bounds):
+        busy[s % p] += m * times[s] + (m - 1) * _stage_accum(u, j, i)
+        comm_rank[s % p] += _stage_costs(u, j, i, link, s == S - 1)[0] - _stage_costs(u, j, i, None, True)[0]
+        rc_rank[s % p] += _recomputed(u, j, i)[0] if rc[s] else 0.0
+    critical = max(range(p), key=lambda r: busy[r])
     return Partition(stages=tuple(tuple(range(j, i)) for j, i in bounds), schedule=schedule, microbatches=m,
                      virtual_stages=v, pp=p, stage_time_s=tuple(times), stage_memory_bytes=tuple(mems),
                      stage_extra_inflight_bytes=tuple(max(0.0, e) for e in extra),
-                     step_time_s=total, bubble_s=bubble, comm_s=comm * m, accum_s=accum)
+                     step_time_s=total, bubble_s=bubble, comm_s=m * comm_rank[critical], accum_s=accum, sync_s=sync,
+                     stage_recompute=tuple(rc), recompute_s=m * rc_rank[critical])
 
 
 def microbatch_options(batch: int, dp: int, p: int, fixed: int | None) -> list[int]:
@@ -349,8 +465,9 @@ TIGHTEN_FACTOR = 0.75   # each bound is this fraction of the one before
 
 
 def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp: int, config: PipelineOptions,
-           budget: float | None, link: LinkSpec | None) -> Partition:
-    """The fastest (schedule, micro-batches, virtual stages, partition) that fits ``budget``.
+           budget: float | None, link: LinkSpec | None, recompute: str | None = None) -> Partition:
+    """The fastest (schedule, micro-batches, virtual stages, partition, recompute per stage) that fits ``budget``
+    (``recompute`` as for ``partition``).
 
     ``costs_for(m, k)`` gives the unit costs for ``m`` micro-batches with the intra-op ILP's memory bound
     scaled by ``TIGHTEN_FACTOR ** k`` (cached by the caller): when no partition fits with the fastest per-unit plans,
@@ -372,7 +489,7 @@ def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp
                     continue
                 if sched == "interleaved" and v < 2:
                     raise ConfigError("interleaved 1F1B needs virtual_stages >= 2")
-                part = partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link)
+                part = partition(u, p=p, v=v, m=m, schedule=sched, budget=budget, link=link, recompute=recompute)
                 tried.append((sched, m, v, k, part is not None))
                 if part is not None and (found is None or _better(part, found)):
                     found = part
@@ -381,7 +498,7 @@ def search(costs_for: Callable[[int, int], UnitCosts], *, batch: int, p: int, dp
                     best = found
                 break
     if best is None:
-        need = _min_stage_memory(costs_for(ms[-1], 0), p)
+        need = _min_stage_memory(costs_for(ms[-1], 0), p, recompute != "none")
         raise InfeasiblePlanError(
             f"no pipeline of {p} stages fits {budget:.4g} bytes per device (tried (schedule, micro-batches, virtual "
             f"stages, tightening, fits): {tried}); the smallest stage needs about {need:.4g} bytes with the "
@@ -397,8 +514,9 @@ def _better(a: Partition, b: Partition) -> bool:
     return max(a.rank_memory_bytes) < max(b.rank_memory_bytes)
 
 
-def _min_stage_memory(u: UnitCosts, p: int) -> float:
-    per_block = u.block.static_bytes + u.block.act_bytes
+def _min_stage_memory(u: UnitCosts, p: int, recompute: bool = False) -> float:
+    per_block = u.block.static_bytes + (min(u.block.act_bytes, u.block.kept_bytes) if recompute and
+                                        u.block.recompute_s > 0 else u.block.act_bytes)
     n = u.num_blocks
     return (math.ceil(n / p) * per_block + max(u.prefix.static_bytes + u.prefix.act_bytes,
                                                u.suffix.static_bytes + u.suffix.act_bytes))

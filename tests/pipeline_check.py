@@ -8,6 +8,7 @@ the single-device model, plus the parameters after one AdamW step.
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -87,6 +88,11 @@ def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
            "ref_fqns": list(ref_params), "sharded": [n for n, p in pm.named_parameters()
                                                      if any(type(x).__name__ == "Shard" for x in
                                                             getattr(p, "placements", ()))]}
+    # the blocks each stage runs under torch.utils.checkpoint (stage plans with recompute)
+    out["checkpointed"] = sorted(m.fqn for st in pm.stage_modules.values() if hasattr(st, "graph_module")
+                                 for m in st.graph_module.modules() if type(m).__name__ == "CheckpointedRegion")
+    out["stage_checkpoint"] = sorted(e for r in pm.plan.pipeline["stages"] if r["plan"] is not None
+                                     for e in r["plan"].get("checkpoint", []))
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     for step in range(steps):
@@ -104,3 +110,60 @@ def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
         for name, p in pm.named_parameters():
             out["errors"][f"param{step}:{name}"] = _err(_full(p.detach()), ref_params[name].detach())
     return out
+
+
+def fast_net_profile():
+    """cpu-gloo with a fast network (1 us, 1 TB/s): compute dominates, so the stage plans split the batch over
+    dp (data parallelism, gradients summed over dp) with the same placements for 2 and 4 micro-batches."""
+    import dataclasses
+
+    from autopar.cluster.profile import PRESETS, LinkSpec
+
+    fast = LinkSpec.uniform("fast", alpha=1e-6, bandwidth=1e12)
+    return dataclasses.replace(PRESETS["cpu-gloo"], name="cpu-fastnet", intra_node=fast, inter_node=fast)
+
+
+def count_grad_sync(rank: int, world: int, microbatches: tuple[int, ...], batch: int = 8) -> dict:
+    """Per micro-batch count: the all-reduce calls (and their elements) on this rank's dp group during one
+    ``forward_backward`` of the tiny GPT on a (pp=2, dp=2) mesh, the calls and elements the stages' reducer makes
+    once per step, and the errors against one device (loss, every gradient)."""
+    import torch.distributed as dist
+
+    out = {}
+    for m in microbatches:
+        torch.manual_seed(0)
+        model, inputs = build("gpt-tiny", batch, 8)
+        ref = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+        pm = autopar.parallelize(model, mesh, inputs, pipeline={"schedule": "1f1b", "microbatches": m},
+                                 cluster=fast_net_profile())
+        dp_group = mesh.get_group("dp")
+        calls: list[int] = []
+        real = dist.all_reduce
+
+        dist.all_reduce = _spy(real, dp_group, calls)
+        try:
+            loss = autopar.forward_backward(pm, inputs)
+        finally:
+            dist.all_reduce = real
+        ref_loss = ref(**inputs)
+        ref_loss.backward()
+        ref_params = dict(ref.named_parameters(remove_duplicate=False))
+        errors = {"loss": _err(loss, ref_loss)}
+        errors.update({f"grad:{n}": _err(_full(p.grad), ref_params[n].grad) for n, p in pm.named_parameters()})
+        reduced = [mod._leaf(f) for mod, _, buckets in pm.reducer.stages for fqns, _ in buckets for f in fqns]
+        out[m] = {"calls": len(calls), "elements": sum(calls), "reducer_calls": pm.reducer.calls(),
+                  "reducer_elements": sum(t.numel() for t in reduced), "errors": errors,
+                  "group_size": dist.get_world_size(dp_group),
+                  "stage_plans": [json.dumps(r["plan"]["node_shardings"], sort_keys=True)
+                                  for r in pm.plan.pipeline["stages"]]}
+    return out
+
+
+def _spy(real, group, calls: list[int]):
+    """``torch.distributed.all_reduce`` recording the element count of each call on ``group``."""
+    def all_reduce(t, *args, **kwargs):
+        if kwargs.get("group") is not None and kwargs["group"] == group:
+            calls.append(t.numel())
+        return real(t, *args, **kwargs)
+    return all_reduce

@@ -51,7 +51,9 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     plan's placements, and ``.plan``. The model's parameters are replaced in place (each rank keeps
     only its shards). A plan with pipeline stages gives an ``autopar.runtime.pipeline.PipelineModule`` (run it
     with ``autopar.forward_backward``). ``defer_param_grads=False`` reduces data-parallel gradients
-    inside each backward instead of in overlapped buckets (pipeline stages: several backwards per step).
+    inside each backward instead of in overlapped buckets. An inference plan (``plan.mode == "inference"``,
+    ``autopar.plan(training=False)``) gives a module for inference: its parameters do not require grad and no
+    gradient is synchronized (no reducer, no hooks).
     """
     ApplyOptions(input_mode=input_mode, defer_param_grads=defer_param_grads)   # validated before any work
     if not isinstance(plan, Plan):
@@ -72,12 +74,14 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
         raise PlanMismatchError("this model (parameter names/shapes or input shapes) is not the one the plan was "
                                 "made for; re-plan it with autopar.plan")
     # fused Triton kernels where the module runs on CUDA; the torch reference path elsewhere
-    gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads,
+    gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads and plan.training,
                                    fuse=mesh_device(mesh).type == "cuda")
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
     buffers = {fqn: ctx.output_sharding(name) for name, fqn in (*cap.buffer_fqns.items(), *cap.constant_fqns.items())}
     shard_parameters(model, plan, mesh)
+    if not plan.training:   # inference: no gradients, so no reducer and no publishing hooks (ParallelModule)
+        model.requires_grad_(False)
     return ParallelModule(model, gm, cap, plan, mesh, inputs, buffers, input_mode=input_mode)
 
 
@@ -165,8 +169,9 @@ def apply_pipeline(model: nn.Module, plan: Plan, mesh) -> PipelineModule:
             continue
         io[st.index] = stage_io(st.module)
         if row["plan"] is not None:
-            # several backwards per step (one per micro-batch): reduce DP gradients inside each one
-            mine[st.index] = apply(st.module, Plan.from_dict(row["plan"]), submesh, defer_param_grads=False)
+            # the bucketed reducer's gradients: summed once per step after the schedule
+            # (autopar.runtime.pipeline.StepReducer takes the reducer over), not in each micro-batch's backward
+            mine[st.index] = apply(st.module, Plan.from_dict(row["plan"]), submesh)
         else:
             mine[st.index] = st.module
     holders: dict[str, set[int]] = {}

@@ -84,7 +84,7 @@ def microbatch_inputs(example_inputs: ExampleInputs, m: int) -> tuple[tuple, dic
     b = batch_size(args, kwargs)
     if b % m:
         raise ConfigError(f"{m} micro-batches do not divide the batch of {b}; choose a divisor of {b}")
-    cut = lambda t: t[: b // m] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    cut = lambda t: t[: b // m] if isinstance(t, torch.Tensor) else t
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
@@ -97,12 +97,21 @@ def _as_inputs(args: tuple, kwargs: dict) -> ExampleInputs:
 def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                      budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
                      time_limit: float = 60.0, fold_layers: bool = True, fix: dict | None = None,
-                     prefer: dict | None = None, precision: dict | None = None):
+                     prefer: dict | None = None, precision: dict | None = None, recompute: str | None = None):
     """The inter-op decision alone: (Partition, layer list, UnitCosts per micro-batch count). ``fix`` /
     ``prefer`` are sub-mesh placements (``sub_mesh_patterns``); ``precision`` (plan.precision): the units are
-    costed at the dtypes autocast gives their ops."""
+    costed at the dtypes autocast gives their ops; ``recompute``: None (the partition decides per stage),
+    ``"none"`` or ``"full"`` (every stage)."""
     cfg = PipelineOptions.parse(pipeline)
     p, sub, sub_profile, pp_link = split_mesh(mesh, profile, nodes)
+    if recompute not in (None, "none", "full"):
+        raise ConfigError(f"recompute={recompute!r} is not supported with pipeline stages (they recompute whole "
+                          f"blocks or nothing); use 'full', 'none' or leave it to the planner")
+    if sub is None:   # stage checkpointing is part of a stage's plan, which a pp-only mesh does not make
+        if recompute == "full":
+            raise ConfigError("recompute='full' in pipeline stages needs a mesh with a dim besides 'pp' (each "
+                              "stage's plan checkpoints its blocks); add a dp or tp dim, even of size 1")
+        recompute = "none"
     if p < 2:
         raise MeshError(f"the {PP_DIM!r} dim has size {p}; a pipeline needs at least 2 pp ranks")
     v = cfg.virtual_stages
@@ -154,29 +163,32 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
                                              compute_dtype=_compute_dtype(precision))
         return cache[(m, tighten)]
 
-    part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link)
+    part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link, recompute=recompute)
     return part, layer_list, cache
 
 
 def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpec, profile: ClusterProfile,
                   budget: float | None, pipeline, *, nodes: int | None = None, backend: str = "auto",
                   time_limit: float = 60.0, fold_layers: bool = True, phase_times: dict | None = None,
-                  fix: dict | None = None, prefer: dict | None = None, precision: dict | None = None) -> Plan:
+                  fix: dict | None = None, prefer: dict | None = None, precision: dict | None = None,
+                  recompute: str | None = None) -> Plan:
     """A Plan with stages: the partition, then each stage's intra-op plan on the sub-mesh.
 
     ``fix`` / ``prefer`` (placements for the whole mesh, ``R`` on ``pp``) apply to every stage and to the
     unit costs the partition is chosen from; keys are shared by identical stages (``blocks.*/...``), a
     stage's inputs are ``input:<name>`` with the names of ``pipeline.stages[i].inputs``. A pattern that
     matches nothing in any stage is an error. ``precision`` (plan.precision, bf16 only: the pipeline runtime has no
-    loss scaling) is written into the plan, and the partition's unit costs follow it."""
+    loss scaling) is written into the plan, and the partition's unit costs follow it. ``recompute``: None (a stage
+    recomputes its blocks where keeping their activations does not fit its device), ``"none"`` or ``"full"``; a
+    recomputing stage's plan is solved with ``recompute="full"`` (its plan's ``checkpoint`` lists its blocks)."""
     split_mesh(mesh, profile, nodes)   # a mesh without a pp dim fails here, before the patterns are read
     fix, prefer = sub_mesh_patterns(fix, mesh, "fix"), sub_mesh_patterns(prefer, mesh, "prefer")
     t0 = time.perf_counter()
     part, layer_list, _ = choose_partition(model, example_inputs, mesh, profile, budget, pipeline, nodes=nodes,
                                            backend=backend, time_limit=time_limit, fold_layers=fold_layers,
-                                           fix=fix, prefer=prefer, precision=precision)
+                                           fix=fix, prefer=prefer, precision=precision, recompute=recompute)
     t1 = time.perf_counter()
-    p, sub, sub_profile, _ = split_mesh(mesh, profile, nodes)
+    _, sub, sub_profile, _ = split_mesh(mesh, profile, nodes)
     a, k = microbatch_inputs(example_inputs, part.microbatches)
     cap = capture(model, _as_inputs(a, k), fold_layers=False)
     stages = split_stages(cap, layer_list, [list(s) for s in part.stages])
@@ -199,15 +211,30 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
             continue
         # the stage ILP sees one micro-batch's activations: leave room for the others in flight
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
-        # zero=0: pipeline stages step their parameters with a plain optimizer (no ZeRO shards at run time yet)
+        # zero=0: pipeline stages step their parameters with a plain optimizer (no ZeRO shards at run time yet);
+        # recompute as the partition priced it: every block of the stage; otherwise none where told, else the
+        # stage ILP's own decision (it recomputes only under memory pressure the partition did not foresee)
+        srecompute = "full" if part.stage_recompute[st.index] else "none" if recompute == "none" else None
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
                                       fix=sfix or None, prefer=sprefer or None, backend=backend,
-                                      time_limit=time_limit, offload=False, zero=0))
+                                      time_limit=time_limit, offload=False, zero=0, recompute=srecompute))
+        if stage_plans[-1].checkpoint:   # the solver counts a stage's blocks from 0: name the stage's own blocks
+            stage_plans[-1] = dataclasses.replace(stage_plans[-1], checkpoint=tuple(
+                _stage_block(entry, layer_list, st.layers) for entry in stage_plans[-1].checkpoint))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
     out = _assemble(cap, mesh, profile, part, layer_list, stages, stage_plans, phases, example_inputs)
     return out if precision is None else dataclasses.replace(out, precision=dict(precision))
+
+
+def _stage_block(entry: str, layer_list: str, layers: tuple[int, ...]) -> str:
+    """A stage plan's checkpoint entry ``"<list>.<i>:<mode>"`` (i-th block of the stage) -> the block's own FQN."""
+    fqn, mode = entry.rsplit(":", 1)
+    head, _, idx = fqn.rpartition(".")
+    if head != layer_list or not idx.isdigit() or int(idx) >= len(layers):
+        raise ConfigError(f"stage plan checkpoints {entry!r}, which is not one of its blocks of {layer_list!r}")
+    return f"{layer_list}.{layers[int(idx)]}:{mode}"
 
 
 def _compute_dtype(precision: dict | None) -> torch.dtype:
@@ -235,7 +262,6 @@ def stage_example_inputs(st) -> tuple:
 def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: str, stages, stage_plans, phases,
               example_inputs) -> Plan:
     k = mesh.dim_names.index(PP_DIM)
-    args, kwargs = normalize_inputs(example_inputs)
     full = {i.name: i for i in cap.user_inputs}
     inputs = tuple({"name": i.name, "shape": [part.microbatches * i.shape[0], *i.shape[1:]], "dtype": i.dtype,
                     "arg": i.arg} for i in full.values())
@@ -254,8 +280,9 @@ def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: st
              "schedule": part.schedule, "microbatches": part.microbatches, "virtual_stages": part.virtual_stages,
              "predicted_bubble_fraction": part.bubble_fraction, "predicted_accum_s": part.accum_s, "stages": rows}
     comm = part.comm_s
-    tb = {"compute_s": part.step_time_s - part.bubble_s - comm, "comm_s": comm, "recompute_s": 0.0,
-          "offload_s": 0.0, "bubble_s": part.bubble_s}
+    # grad_sync_s: the data-parallel gradient sums after the schedule, once per step (StepReducer)
+    tb = {"compute_s": part.step_time_s - part.bubble_s - comm - part.sync_s - part.recompute_s, "comm_s": comm,
+          "recompute_s": part.recompute_s, "offload_s": 0.0, "bubble_s": part.bubble_s, "grad_sync_s": part.sync_s}
     peak_rank = max(range(part.pp), key=lambda r: part.rank_memory_bytes[r])
     subs = [sp for sp in stage_plans if sp is not None]
     solver = SolverStats(backend=subs[0].solver.backend if subs else "none",

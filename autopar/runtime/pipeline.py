@@ -5,13 +5,21 @@ ParallelModule, the plan's schedule (torch's ``ScheduleGPipe`` / ``Schedule1F1B`
 ``ScheduleInterleaved1F1B``; no schedule is written here) over micro-batches for a pipelined one. Weights
 used by stages on several pp ranks (tied embedding and LM head) get their gradients summed over the pp
 group. Stages are built by ``autopar.frontend.applying.apply_pipeline``; this module never plans.
+
+Data-parallel gradients are summed once per step, not once per micro-batch: every stage is applied with
+the bucketed reducer (``defer_param_grads=True``: no gradient all-reduce inside the stage graphs), and
+``StepReducer`` takes that reducer's buckets (``autopar.core.runtime_rules.grad_buckets``, as the flat
+plans' ``autopar.runtime.grad_sync``) out of backward: the micro-batches accumulate their local
+gradients, and after the schedule each bucket is concatenated and all-reduced (one call per bucket and
+mesh dim, the last dim asynchronously, every bucket in flight before the first wait). The pipeline
+planner (``autopar.solver.pipeline``) charges this reduction once per step, after the schedule.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.pipelining as pipelining
 from torch import nn
+from torch.distributed import pipelining
 
 from autopar.core.capture import ExampleInputs, normalize_inputs
 from autopar.core.errors import ConfigError, PlanMismatchError
@@ -20,7 +28,7 @@ from autopar.core.plan import Plan
 from autopar.ops.parallel_ops import local_chunk
 from autopar.runtime.precision import check_precision, compute_dtype, precision_context
 
-__all__ = ["PipelineModule", "batch_size", "forward_backward", "stage_io"]
+__all__ = ["PipelineModule", "StepReducer", "batch_size", "forward_backward", "stage_io"]
 
 
 SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
@@ -48,6 +56,7 @@ class PipelineModule(nn.Module):
         self.pp = mesh.shape[mesh.mesh_dim_names.index(PP_DIM)] if mesh is not None else 1
         self.microbatches = pipe["microbatches"]
         self.schedule_name = pipe["schedule"]
+        self.__dict__["reducer"] = StepReducer(stage_modules)
         seen: dict[str, nn.Parameter] = {}
         for s in sorted(stage_modules):
             for fqn, prm in stage_modules[s].named_parameters(remove_duplicate=False):
@@ -183,8 +192,10 @@ def _pipeline_step(pm: PipelineModule, args: tuple, kwargs: dict, target, loss_f
     losses: list[torch.Tensor] = []
     is_first = 0 in pm.stage_modules
     base = _tied_grads(pm)
+    held = pm.reducer.held()
     sched.step(*(args if is_first else ()), target=target if holds_last else None, losses=losses,
                return_outputs=False)
+    pm.reducer.reduce(held)       # data-parallel sums first: the tied weights' parts are then whole per pp rank
     _sync_tied_grads(pm, base)
     loss = (torch.stack([x.detach().reshape(()) for x in losses]).mean() if holds_last
             else torch.zeros((), dtype=torch.float32))
@@ -242,3 +253,78 @@ def _sync_tied_grads(pm: PipelineModule, base: dict[str, torch.Tensor | None]) -
             g._local_tensor.copy_(local_chunk(total, tuple(g.placements), pm.submesh))
         else:
             g.copy_(total)
+
+
+class StepReducer:
+    """Data-parallel gradient sums of a rank's pipeline stages, once per step (module docstring).
+
+    Takes over each stage's ``GradReducer`` (built by ``autopar.apply`` from the plan's deferred gradients):
+    its hooks are removed, its buckets kept (by FQN: a parameter replaced later is looked up anew), and each
+    local leaf publishes its accumulated gradient to the DTensor parameter's ``.grad`` after every
+    micro-batch (as ParallelModule does for gradients the reducer does not take), so the schedule's
+    micro-batches accumulate unreduced local gradients. ``reduce`` then all-reduces them bucket by bucket."""
+
+    def __init__(self, stage_modules: dict[int, nn.Module]):
+        self.stages: list[tuple[nn.Module, object, list[tuple[list[str], tuple[int, ...]]]]] = []
+        for _, mod in sorted(stage_modules.items()):
+            red = mod.__dict__.get("grad_reducer")
+            if red is None:
+                continue
+            red.remove()
+            fqn_of = {id(local): fqn for fqn, (_, local) in mod._leaves.items()}
+            buckets = [([fqn_of[id(t)] for t in params], tuple(dims)) for params, dims in zip(red.buckets, red.dims)]
+            mod.__dict__["grad_reducer"] = None     # its forward no longer prepares a per-backward reduction
+            mod.__dict__["_reduced"] = set()        # a parameter replaced later publishes its own gradient
+            for fqns, _ in buckets:
+                for fqn in fqns:
+                    mod._leaf(fqn).register_post_accumulate_grad_hook(mod._publisher(fqn))
+            self.stages.append((mod, red.mesh, buckets))
+
+    def calls(self) -> int:
+        """All-reduce calls one ``reduce`` makes when every bucketed parameter has a gradient."""
+        return sum(len(dims) for _, _, buckets in self.stages for _, dims in buckets)
+
+    def held(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Before a step: the (already summed) gradients the bucketed parameters hold (accumulation over steps)."""
+        out = {}
+        for i, (mod, _, buckets) in enumerate(self.stages):
+            for fqns, _ in buckets:
+                for fqn in fqns:
+                    g = mod._leaf(fqn).grad
+                    if g is not None:
+                        out[(i, fqn)] = g.detach().clone()
+        return out
+
+    def reduce(self, held: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Sum this step's local gradients over their data-parallel mesh dims, bucket by bucket: every bucket's
+        calls are issued before the first wait; each gradient becomes a view of its bucket, published to the
+        parameter's ``.grad``."""
+        pending = []
+        for i, (mod, mesh, buckets) in enumerate(self.stages):
+            for fqns, dims in buckets:
+                have = [(fqn, leaf) for fqn in fqns for leaf in (mod._leaf(fqn),) if leaf.grad is not None]
+                if not have:
+                    continue
+                parts = [leaf.grad - held[(i, fqn)] if (i, fqn) in held else leaf.grad for fqn, leaf in have]
+                flat = torch.cat([g.reshape(-1) for g in parts]) if len(parts) > 1 or not parts[0].is_contiguous() \
+                    else parts[0].view(-1)
+                works = []
+                for k, d in enumerate(dims):
+                    last = k == len(dims) - 1
+                    w = dist.all_reduce(flat, group=mesh.get_group(d), async_op=last)
+                    if last:
+                        works.append(w)
+                pending.append((i, mod, have, flat, works))
+        for i, mod, have, flat, works in pending:
+            for w in works:
+                w.wait()
+            offset = 0
+            for fqn, leaf in have:
+                n = leaf.numel()
+                g = flat[offset:offset + n].view(leaf.shape)
+                offset += n
+                if (i, fqn) in held:
+                    g = g.add_(held[(i, fqn)])
+                if leaf.grad is not g:
+                    leaf.grad = g
+                mod._publisher(fqn)(leaf)
