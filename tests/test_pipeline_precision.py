@@ -87,3 +87,26 @@ def test_pipeline_planner_costs_units_at_the_compute_dtype():
     with pytest.raises(ConfigError, match="pipeline stages do not apply yet"):
         autopar.plan(model, inputs, mesh_shape=(2,), mesh_dim_names=("pp",), cluster="h100-sxm", precision="fp16",
                      pipeline=pipe)
+
+
+def test_stage_plans_are_solved_at_the_plan_precision(monkeypatch):
+    """Each stage's intra-op plan is priced as its units were (autocast's dtypes and kept copies), not at fp32."""
+    from pipeline_precision_check import BF16
+
+    import autopar.frontend.pipeline as FP
+    from autopar.cluster.profile import load_cluster
+    from autopar.core.mesh import MeshSpec
+    from autopar.models import build_model
+
+    seen = []
+    orig = FP.plan_graph
+
+    def spy(*a, **k):
+        seen.append(k.get("precision"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(FP, "plan_graph", spy)
+    model, inputs = build_model("gpt-tiny", batch=4, seq=8, device="cpu")
+    FP.plan_pipeline(model, inputs, MeshSpec.make((2, 2), ("pp", "dp")), load_cluster("h100-sxm"), None,
+                     {"schedule": "gpipe", "microbatches": 2}, precision=dict(BF16))
+    assert seen and all(p == BF16 for p in seen), seen

@@ -217,7 +217,8 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
         srecompute = "full" if part.stage_recompute[st.index] else "none" if recompute == "none" else None
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
                                       fix=sfix or None, prefer=sprefer or None, backend=backend,
-                                      time_limit=time_limit, offload=False, zero=0, recompute=srecompute))
+                                      time_limit=time_limit, offload=False, zero=0, recompute=srecompute,
+                                      precision=precision))   # priced at autocast's dtypes, its copies kept
         if stage_plans[-1].checkpoint:   # the solver counts a stage's blocks from 0: name the stage's own blocks
             stage_plans[-1] = dataclasses.replace(stage_plans[-1], checkpoint=tuple(
                 _stage_block(entry, layer_list, st.layers) for entry in stage_plans[-1].checkpoint))
