@@ -22,6 +22,7 @@ from autopar.core.errors import (
 from autopar.core.options import ApplyOptions, PipelineOptions, PlanOptions
 from autopar.core.plan import Plan
 from autopar.frontend.applying import apply, parallelize
+from autopar.frontend.explicit import DataParallel, PipelineParallel, TensorParallel, ZeroOptimizer, convert_to_amp
 from autopar.frontend.planning import plan
 from autopar.runtime import memory, precision, zero
 from autopar.runtime.checkpoint import load, save
@@ -30,7 +31,8 @@ from autopar.runtime.faults import guard_step
 from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
 from autopar.runtime.pipeline import forward_backward
 
-__all__ = ["ApplyOptions", "AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "HostOptimizer", "InfeasiblePlanError",
-           "MeshError", "PipelineOptions", "Plan", "PlanFormatError", "PlanMismatchError", "PlanOptions",
-           "RankFailureError", "ShardingError", "apply", "capture", "forward_backward", "guard_step", "init_distributed",
+__all__ = ["ApplyOptions", "AutoparError", "CaptureError", "ClusterProfileError", "ConfigError", "DataParallel",
+           "HostOptimizer", "InfeasiblePlanError", "MeshError", "PipelineOptions", "PipelineParallel", "Plan",
+           "PlanFormatError", "PlanMismatchError", "PlanOptions", "RankFailureError", "ShardingError", "TensorParallel",
+           "ZeroOptimizer", "apply", "capture", "convert_to_amp", "forward_backward", "guard_step", "init_distributed",
            "load", "make_optimizer", "memory", "parallelize", "plan", "precision", "save", "zero"]

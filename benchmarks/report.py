@@ -105,19 +105,81 @@ def kernels(d: dict) -> list[tuple[str, str, str, str]]:
 
 
 def zoo(d: dict) -> list[tuple[str, str, str, str]]:
-    rows = [("zoo (HF models on a (2, 2) gloo mesh vs one device)",
+    mesh = "x".join(str(n) for n in d.get("mesh", (2, 2)))
+    rows = [(f"zoo (HF models on a {mesh} gloo mesh vs one device)",
              f"{d['matched']} of {d['total']} rows match", "all", _yes(d["matched"] == d["total"]))]
     if d.get("memory_rows"):
         errs = [r["memory_relative_error"] for r in d["rows"] if r.get("memory_relative_error") is not None]
         worst = max(errs, key=abs)
-        rows.append(("zoo predicted vs measured peak", f"{d['memory_within_10pct']} of {d['memory_rows']} rows "
+        rows.append((f"zoo {mesh} predicted vs measured peak", f"{d['memory_within_10pct']} of {d['memory_rows']} rows "
                      f"within; worst {worst:+.1%}", "+-10%", _yes(d["memory_within_10pct"] == d["memory_rows"])))
+    return rows
+
+
+def inference(d: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for r in d["results"]:
+        same = f"{r['requests_equal_to_hf']} of {r['requests']} outputs equal HF's"
+        rows.append((f"inference engine vs HF generate, max batch {r['max_batch']} ({_machine(d)})",
+                     f"{r['speedup']:.2f}x generated tokens/s ({r['engine_tokens_per_s']:.0f} vs "
+                     f"{r['hf_tokens_per_s']:.0f}); KV slots wasted {r['kv_waste_mean_over_steps']:.1%} mean over "
+                     f"steps (worst step {r['kv_waste_max_over_steps']:.1%}); {same}", ">= 2x; waste < 4 %",
+                     _yes(r["speedup"] >= 2 and r["kv_waste_mean_over_steps"] < 0.04
+                          and r["requests_equal_to_hf"] == r["requests"])))
+    return rows
+
+
+def published(d: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for source, target in (("narayanan2021", (0.05, 0.10)), ("korthikanti2022", None)):
+        errs = [abs(r["error"]) for r in d["uncalibrated"]["rows"] if r["source"] == source]
+        if not errs:
+            continue
+        mean, worst = sum(errs) / len(errs), max(errs)
+        rows.append((f"published {source}: {len(errs)} rows, uncalibrated", f"mean abs error {mean:.1%}, max {worst:.1%}",
+                     f"mean < {target[0]:.0%}, max < {target[1]:.0%}" if target else "-",
+                     _yes(mean < target[0] and worst < target[1]) if target else "n/a"))
+    for r in d.get("autopar_plan", []):
+        free = r["free"]
+        figure = (f"autopar.plan {free['predicted_step_s']:.1f} s vs published configuration "
+                  f"{r['published_predicted_step_s']:.1f} s" if "error" not in free
+                  else f"autopar.plan: no plan ({free['error'].split(':')[0]})")
+        rows.append((f"published {r['row']} on {r['gpus']} GPUs: autopar's own plan", figure,
+                     "<= published", _yes("error" not in free
+                                          and free["predicted_step_s"] <= r["published_predicted_step_s"])))
+    return rows
+
+
+def train_overhead(d: dict) -> list[tuple[str, str, str, str]]:
+    return [("train_overhead: autopar train vs a plain loop, one process",
+             f"tokens/s ratio {d['ratio']:.3f} (per CPU-second {d['cpu_ratio']:.3f})", ">= 0.95",
+             _yes(d["ratio"] >= 0.95))]
+
+
+def tp_modes(d: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    best = total = 0
+    for p in d.get("planning", []):
+        for r in p["rows"]:
+            free = r.get("free_on_mesh_step_time_s")
+            if r["mode"] != "free" and r.get("step_time_s") is not None and free is not None:
+                total += 1
+                best += free <= r["step_time_s"] * (1 + 1e-9)
+    if total:
+        rows.append(("tp_modes: the solver's free plan vs each explicit mode on the mode's own mesh (predicted)",
+                     f"free plan at least as fast in {best} of {total} (model, devices, mode) rows", "all",
+                     _yes(best == total)))
+    for world, m in sorted(d.get("measured", {}).items()):
+        modes = [r["mode"] for r in m["rows"] if r.get("measured_s") is not None]
+        rows.append((f"tp_modes on {world} gloo ranks: measured vs predicted ranking of {', '.join(modes)}",
+                     f"Kendall tau {m['kendall_tau']:.2f}", "1.00 (same order)", _yes(m["kendall_tau"] >= 1 - 1e-9)))
     return rows
 
 
 SECTIONS = [("plan_speed", plan_speed), ("overhead", overhead), ("memory_fidelity", memory_fidelity),
             ("cost_fidelity", cost_fidelity), ("pipeline", pipeline), ("fuzz_plans", fuzz_plans),
-            ("kernels", kernels), ("zoo", zoo)]
+            ("kernels", kernels), ("zoo", zoo), ("zoo_mesh2", zoo), ("inference", inference),
+            ("published", published), ("train_overhead", train_overhead), ("tp_modes", tp_modes)]
 
 
 def table() -> str:

@@ -18,3 +18,11 @@ def dist4():
     pool = DistPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def dist8():
+    """An 8-rank gloo worker pool shared by the whole session (2.5D / 3D tensor parallelism on 2 x 2 x 2)."""
+    pool = DistPool(8)
+    yield pool
+    pool.close()

@@ -25,12 +25,16 @@ from autopar.core.errors import AutoparError, ConfigError, PlanMismatchError
 from autopar.core.mesh import PP_DIM, MeshSpec
 from autopar.core.options import PipelineOptions, PlanOptions, parse_bytes
 from autopar.core.plan import Plan
+from autopar.frontend.applying import apply, parallelize
+from autopar.frontend.explicit import compare_modes
 from autopar.frontend.planning import capture_exact
 from autopar.frontend.planning import plan as autopar_plan
+from autopar.inference.commands import add_inference_commands
 from autopar.models import build_model
 from autopar.tools.explain import explain, render_explanation
 from autopar.tools.report import fmt_bytes, fmt_time, render, summary
 from autopar.tools.sweep import plot, render_sweep, sweep_memory
+from autopar.train import load_train_config, train
 
 EPILOG = "Exit codes: 0 ok, 1 autopar error (message says what to fix), 2 bad usage."
 
@@ -85,7 +89,9 @@ def plan_options(args: argparse.Namespace) -> PlanOptions:
                        prefer=_placements_arg(args.prefer, "--prefer"), backend=args.backend,
                        time_limit=args.time_limit, nodes=args.nodes, fold_layers=not args.no_fold,
                        precision=args.precision, fuse=args.fuse, offload=False if args.no_offload else None,
-                       recompute=args.recompute, zero=args.zero, pipeline=pipeline)
+                       recompute=args.recompute, zero=args.zero, pipeline=pipeline,
+                       **({"training": False, "kv_cache_bytes": args.kv_cache} if getattr(args, "inference", False)
+                          else {"kv_cache_bytes": getattr(args, "kv_cache", None)}))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -96,6 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_sweep_args(args)
     with _Phase(f"build {args.model} on meta"):
         model, inputs = build_model(args.model, batch=args.batch, seq=args.seq, device="meta")
+    if not opts.training and isinstance(inputs, dict):
+        inputs.pop("labels", None)   # inference: the forward to the logits, no loss
     if args.sweep_memory:
         with _Phase("capture (torch.export)"):
             cap = capture_exact(model, inputs, fold_layers=opts.fold_layers)   # as autopar.plan captures
@@ -107,7 +115,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan.to_json(args.out)
     print(render(plan))
     _status(f"wrote {args.out}")
+    if args.compare:
+        _compare(args, model, inputs, plan, profile, opts)
     return 0
+
+
+def _compare(args: argparse.Namespace, model, inputs, free: Plan, profile, opts: PlanOptions) -> None:
+    """``plan --compare``: each explicit mode (DataParallel, TensorParallel 1D/2D/2.5D/3D) on the same devices
+    beside the solver's plan (autopar.frontend.explicit.compare_modes)."""
+    keep = ("memory_budget", "backend", "time_limit", "nodes", "fold_layers", "fuse", "offload", "recompute")
+    with _Phase("explicit modes"):
+        rows = compare_modes(model, inputs, MeshSpec.make(args.mesh).size, cluster=profile, free=free,
+                             **{k: getattr(opts, k) for k in keep})
+    base = free.predicted.step_time_s
+    table = [[r["mode"], r["mesh"] or "-", fmt_time(r["step_time_s"]), fmt_time(r["comm_s"] or 0.0),
+              fmt_bytes(r["peak_memory_bytes"]), f"{r['step_time_s'] / base:.2f}x"] if "error" not in r else
+             [r["mode"], "-", "-", "-", "-", "n/a"] for r in rows]
+    print("\nexplicit modes beside the solver's plan (predicted; time relative to the solver's)")
+    print(_table(["mode", "mesh", "step time", "comm", "peak memory", "vs free"], table))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']}: {r['error'].split(': ', 1)[1]}")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    def line(r):
+        return "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def _sweep(args: argparse.Namespace, cap, mesh, profile, opts: PlanOptions) -> int:
@@ -217,7 +252,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     plan = GPTPlan(layers=args.layers, hidden=args.hidden, heads=args.heads, seq=args.seq, vocab=args.vocab,
                    global_batch=args.global_batch, micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, dp=args.dp,
                    sequence_parallel=args.sequence_parallel, recompute=args.recompute, interleave=args.interleave,
-                   zero=args.zero, schedule=args.schedule, dtype=args.dtype)
+                   zero=args.zero, schedule=args.schedule, dtype=args.dtype, scatter_gather=args.scatter_gather,
+                   dropout=args.dropout, grad_dtype=args.grad_dtype)
     pred = predict(plan, load_cluster(args.cluster), nodes=args.nodes, gpus=args.gpus)
     if args.json:
         print(json.dumps(pred.to_dict()))
@@ -263,6 +299,29 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    cfg = load_train_config(args.config, args.set)
+    try:
+        result = train(cfg, parallelize=parallelize, apply=apply)
+    finally:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.losses and int(os.environ.get("RANK", "0")) == 0:
+        steps = sorted(result.losses)
+        _status(f"trained steps {steps[0]}..{steps[-1]} of {cfg.training.steps}: loss {result.losses[steps[0]]:.4f}"
+                f" -> {result.losses[steps[-1]]:.4f}")
+    if world > 1:   # gloo's destructors sometimes abort a finished run at interpreter exit: leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autopar", description="Compiler-style auto-parallelizer for PyTorch.",
                                 epilog=EPILOG)
@@ -296,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "host memory where the host is not the device)")
     pl.add_argument("--recompute", default=None, choices=["none", "selective", "full", "offload"],
                     help="recompute every repeated block this way, or offload its saved activations to host "
-                         "memory (a GPU profile; default: the solver decides)")
+                         "memory (a GPU profile; default: the solver decides; pipelined plans: none or full)")
     pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2],
                     help="ZeRO stage for every parameter that can shard its state (default: the solver decides)")
     pl.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -306,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "--fix 'input:*=S(0),R' (repeatable)")
     pl.add_argument("--prefer", action="append", metavar="PATTERN=PLACEMENTS",
                     help="like --fix, for op outputs where the op has such a strategy (repeatable)")
+    pl.add_argument("--inference", action="store_true",
+                    help="plan inference: the forward alone (a built-in model without labels; no gradients, "
+                         "optimizer states, recompute, ZeRO or offload); e.g. --batch 64 --seq 1 for a decode step")
+    pl.add_argument("--kv-cache", default=None, metavar="BYTES",
+                    help="with --inference: the KV cache the engine holds, as one device would (e.g. 32GiB); "
+                         "charged per device by how the plan splits the attention heads")
     pl.add_argument("--no-pipeline", action="store_true",
                     help="on a mesh with a pp dim, plan without pipeline stages (pp as an ordinary dim)")
     pl.add_argument("--stages", type=int, default=None, help="pipeline stages in all (default: the planner's)")
@@ -314,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches (default: the planner's)")
     pl.add_argument("--virtual-stages", type=int, default=None, help="stages per pp rank (interleaved schedule)")
     pl.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    pl.add_argument("--compare", action="store_true",
+                    help="also plan the explicit modes (DataParallel, TensorParallel 1D/2D/2.5D/3D) on the same "
+                         "devices and print their predicted step time and peak memory beside this plan's")
     pl.add_argument("--sweep-memory", action="store_true",
                     help="instead of one plan, solve at --sweep-points budgets from --memory (default: capacity) "
                          "down to the smallest feasible one and print the time-memory Pareto frontier (no plan "
@@ -369,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="activation recompute")
     pd.add_argument("--interleave", type=int, default=1, help="virtual stages per pipeline rank (interleaved 1F1B)")
     pd.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule")
+    pd.add_argument("--scatter-gather", action="store_true",
+                    help="pipeline sends split over the tp ranks, all-gathered by the receiver (Megatron-LM)")
+    pd.add_argument("--dropout", action="store_true", help="the model has attention and hidden dropout")
+    pd.add_argument("--grad-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="dtype gradients are kept and data-parallel reduced in (default --dtype)")
     pd.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over dp")
     pd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="parameter and compute dtype (AdamW states fp32)")
@@ -389,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="substitute the fused kernels (calls to autopar.runtime_kernels) as apply does on a "
                          "CUDA mesh (default: on when --device is cuda)")
     em.set_defaults(func=cmd_emit)
+
+    tr = sub.add_parser("train", help="train a model from a TOML job file (one process, or under torchrun)",
+                        epilog="Sections and every key's default: autopar/train/config.py. " + EPILOG)
+    tr.add_argument("--config", required=True, help="the job's TOML file (e.g. examples/llama/tiny.toml)")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one key (repeatable), e.g. --set training.steps=10 --set parallel.mesh=[2,2]")
+    tr.set_defaults(func=cmd_train)
+    add_inference_commands(sub)   # generate, serve (autopar/inference/commands.py)
     return p
 
 
