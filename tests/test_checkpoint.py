@@ -120,3 +120,25 @@ def test_extras_must_be_json(tmp_path):
 def test_checkpoint_of_another_model(plain_ckpt):
     with pytest.raises(PlanMismatchError, match=r"'weight' has shape \[3, 4\] there but \[5, 4\]"):
         autopar.load(plain_ckpt[0], nn.Linear(4, 5))
+
+
+def test_asynchronous_save_writes_the_state_of_the_moment_it_was_called(tmp_path):
+    """autopar.save(asynchronous=True) copies the state before returning: a step taken while the background
+    writer runs does not reach the checkpoint; before wait() the checkpoint is not complete (load refuses it)."""
+    torch.manual_seed(0)
+    m = nn.Linear(8, 8)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    pending = autopar.save(tmp_path / "ck", m, opt, asynchronous=True, step=7)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(100.0)                       # the next step, while the state is written
+    assert pending is not None and not (tmp_path / "ck" / "autopar.json").exists()
+    pending.wait()
+    m2 = nn.Linear(8, 8)
+    opt2 = torch.optim.AdamW(m2.parameters())
+    assert autopar.load(tmp_path / "ck", m2, opt2) == {"step": 7}
+    assert all(torch.equal(want[k], v) for k, v in m2.state_dict().items())
+    assert opt2.state_dict()["state"][0]["step"] == 1

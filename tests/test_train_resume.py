@@ -36,8 +36,10 @@ progress = false
 """
 
 
-def _cmd(job, ranks: int) -> list[str]:
+def _cmd(job, ranks: int, async_save: bool = False) -> list[str]:
     cli = ["-m", "autopar.tools.cli", "train", "--config", str(job)]
+    if async_save:
+        cli += ["--set", "checkpoint.async_save=true"]
     if ranks == 1:
         return [sys.executable, *cli]
     return [*torchrun(), "--standalone", "--nproc-per-node", str(ranks), *cli, "--set", f"parallel.mesh=[{ranks}]"]
@@ -78,19 +80,20 @@ def _losses(ck) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "torchrun-2-gloo"])
-def test_sigkill_then_same_command_resumes_identically(tmp_path, ranks):
+@pytest.mark.parametrize("ranks, async_save", [(1, False), (2, False), (2, True)],
+                         ids=["one-process", "torchrun-2-gloo", "torchrun-2-gloo-async-save"])
+def test_sigkill_then_same_command_resumes_identically(tmp_path, ranks, async_save):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     for d in (ref_dir, run_dir):
         d.mkdir()
         (d / "job.toml").write_text(JOB)
-    res = run_command(_cmd(ref_dir / "job.toml", ranks), tmpdir=tmp_path, timeout=300)
+    res = run_command(_cmd(ref_dir / "job.toml", ranks, async_save), tmpdir=tmp_path, timeout=300)
     assert res.returncode == 0, describe(res)
     ref = _losses(ref_dir / "ck")
     assert sorted(ref) == list(range(1, 41))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(_cmd(run_dir / "job.toml", ranks), cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(run_dir / "job.toml", ranks, async_save), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     metrics = run_dir / "ck" / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -106,7 +109,7 @@ def test_sigkill_then_same_command_resumes_identically(tmp_path, ranks):
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run was killed mid-way"
     assert killed_at < 40
     saved = (run_dir / "ck" / "latest").read_text()
-    res = run_command(_cmd(run_dir / "job.toml", ranks), tmpdir=tmp_path, timeout=300)
+    res = run_command(_cmd(run_dir / "job.toml", ranks, async_save), tmpdir=tmp_path, timeout=300)
     assert res.returncode == 0, describe(res)
     resumed_from = int(saved.removeprefix("step_"))
     assert resumed_from < 40 and f"trained steps {resumed_from + 1}..40 of 40" in res.stderr, describe(res)

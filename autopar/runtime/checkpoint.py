@@ -46,7 +46,7 @@ from autopar.core.plan import Plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "read_meta", "read_plan", "save"]
+__all__ = ["PendingSave", "load", "read_meta", "read_plan", "save"]
 
 FORMAT = "autopar-checkpoint"
 VERSION = 1
@@ -184,12 +184,44 @@ def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
 # -------------------------------------------------------------------------------------- public API
 
+class PendingSave:
+    """An asynchronous ``save`` in flight: ``wait()`` (a collective call, on every rank) returns once the
+    checkpoint is complete on every rank; a checkpoint not waited for is incomplete (no ``autopar.json``)."""
+
+    def __init__(self, path: Path, future, finish) -> None:
+        self.path, self._future, self._finish = path, future, finish
+
+    def wait(self) -> None:
+        if self._future is None:
+            return
+        self._future.result()   # this rank's files written (raises what the writer raised)
+        self._future = None
+        self._finish()          # autopar.json (rank 0), then a barrier: complete everywhere
+
+
+_CHECKPOINT_GROUP: list = []
+
+
+def _checkpoint_group():
+    """A gloo process group of its own for asynchronous saves (made once, collectively): DCP's background thread
+    coordinates the ranks over it while training runs its own collectives on the default group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if not _CHECKPOINT_GROUP:
+        _CHECKPOINT_GROUP.append(dist.new_group(backend="gloo"))
+    return _CHECKPOINT_GROUP[0]
+
+
 def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         **extra: Any) -> None:
+         *, asynchronous: bool = False, **extra: Any) -> PendingSave | None:
     """Save ``module`` (and ``optimizer``) to the directory ``path`` on every rank (a collective call).
 
     ``extra`` (e.g. ``step=100``) must be JSON data; ``load`` returns it. The module's plan (``.plan``
-    of an applied module), each rank's RNG state and every parameter's global shape are saved too."""
+    of an applied module), each rank's RNG state and every parameter's global shape are saved too.
+    ``asynchronous=True``: the state is copied (DCP's stager, into host memory: one more copy of the model and
+    optimizer state while it is written) and written by a background thread (``dcp.async_save``) while the
+    caller goes on, even changing the parameters; returns a :class:`PendingSave` to ``wait()`` on before
+    the checkpoint counts (``autopar.json``, which ``load`` requires, is written then)."""
     try:
         extra_json = json.loads(json.dumps(extra))
     except (TypeError, ValueError) as e:
@@ -198,16 +230,27 @@ def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
 
     path = Path(path)
     rank, world = _rank_world()
-    dcp.save(_state_dicts(module, optimizer), checkpoint_id=path)
-    (path / "rng").mkdir(parents=True, exist_ok=True)
-    _write_json(path / "rng" / f"rank{rank}.json", _rng_state())
-    if rank == 0:
-        plan = getattr(module, "plan", None)
-        _write_json(path / META_FILE, {
-            "format": FORMAT, "version": VERSION, "world_size": world,
+    plan = getattr(module, "plan", None)
+    meta = {"format": FORMAT, "version": VERSION, "world_size": world,
             "plan": plan.to_dict() if plan is not None else None,
-            "param_shapes": _param_shapes(module), "optimizer": optimizer is not None, "extra": extra_json})
-    _barrier()  # nobody returns before the checkpoint is complete
+            "param_shapes": _param_shapes(module), "optimizer": optimizer is not None, "extra": extra_json}
+    rng = _rng_state()
+
+    def finish() -> None:
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        _write_json(path / "rng" / f"rank{rank}.json", rng)
+        if rank == 0:
+            _write_json(path / META_FILE, meta)
+        _barrier()  # nobody returns before the checkpoint is complete
+
+    if asynchronous:
+        group = _checkpoint_group()
+        future = dcp.async_save(_state_dicts(module, optimizer), checkpoint_id=path, process_group=group,
+                                no_dist=group is None)
+        return PendingSave(path, getattr(future, "upload_completion", future), finish)
+    dcp.save(_state_dicts(module, optimizer), checkpoint_id=path)
+    finish()
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -169,6 +169,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the newest complete checkpoint in ``dir`` when there is one (model, optimizer, RNG, data
     position and step)."""
+    async_save: bool = False
+    """Write checkpoints in the background (``autopar.save(asynchronous=True)``: the state is copied to host
+    memory first, then written while training goes on); ``latest`` moves once a save is complete."""
 
 
 @dataclass(frozen=True, kw_only=True)

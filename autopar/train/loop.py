@@ -32,7 +32,7 @@ from autopar.runtime.distributed import Config as RunConfig
 from autopar.runtime.distributed import init_distributed
 from autopar.runtime.host_optimizer import HostOptimizer, make_optimizer
 from autopar.train.accumulate import Accumulator
-from autopar.train.checkpoints import latest_checkpoint, restore, save_step
+from autopar.train.checkpoints import CheckpointWriter, latest_checkpoint, restore
 from autopar.train.config import TrainConfig, mesh_for, resolve_batch
 from autopar.train.data import Loader, Source, build_source
 from autopar.train.hf_io import load_hf_weights
@@ -219,6 +219,7 @@ def train(cfg: TrainConfig, *, parallelize: Callable | None = None, apply: Calla
     n_params = sum(p.numel() for p in module.parameters())
     tokens_per_sample = getattr(source, "tokens_per_sample", 1)
     peak = _peak_flops(cfg, device, world)
+    writer = CheckpointWriter(ck_dir, ck.keep_last, asynchronous=ck.async_save) if ck_dir is not None else None
     acc = Accumulator(module)
     result = TrainResult(start_step=start, module=module, optimizer=opt)
     t_start = time.perf_counter()
@@ -254,8 +255,10 @@ def train(cfg: TrainConfig, *, parallelize: Callable | None = None, apply: Calla
                        "mfu": 6 * n_params * tokens / dt / peak, "peak_memory_bytes": peak_memory_bytes(device)}
                 result.records.append(rec)
                 logger.log(rec)
-            if ck_dir is not None and ((ck.interval and done % ck.interval == 0) or done == cfg.training.steps):
-                save_step(ck_dir, done, module, opt, loader.state_dict(), ck.keep_last)
+            if writer is not None and ((ck.interval and done % ck.interval == 0) or done == cfg.training.steps):
+                writer.save(done, module, opt, loader.state_dict())
+        if writer is not None:
+            writer.finish()   # the last checkpoint complete before returning
     finally:
         logger.close()
     return result
