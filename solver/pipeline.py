@@ -83,8 +83,8 @@ from autopar.solver import ilp
 from autopar.solver.categories import MemCategory
 from autopar.solver.cost import autocast_graph
 from autopar.solver.edges import grad_priced_bucketed
-from autopar.solver.keys import OUTPUT, match_fix
-from autopar.solver.runtime_model import consumer_split, edge_seconds
+from autopar.solver.keys import match_fix
+from autopar.solver.runtime_model import priced_edges
 
 log = logging.getLogger(__name__)
 
@@ -235,25 +235,11 @@ def step_edge_seconds(gi, keys: dict, chosen: dict, mesh: MeshSpec, links: tuple
     gradient seconds of the edges the ILP prices as a bucketed data-parallel sum, the forward resharding
     seconds of every edge), each times the edge class's multiplicity (solver.runtime_model.price_plan's
     terms, split)."""
-    mesh_shape = tuple(mesh.shape)
-    replicated = tuple(Replicate() for _ in mesh_shape)
     sync: dict[str, float] = defaultdict(float)
     fwd: dict[str, float] = defaultdict(float)
-    edges = [(*k, mult) for k, mult in gi.edge_classes().items()]
-    edges += [(gi.nodes[ref.src].key, ref.out, OUTPUT, 0, 1.0) for ref in gi.output_refs]
-    for ku, o, kv, a, mult in edges:
-        u = keys[ku]
-        meta = u.node.outputs[o]
-        if meta is None:
-            continue
-        src = chosen[ku].outputs[o]
-        if kv == OUTPUT:
-            dst, split, charged = replicated, tuple(False for _ in mesh_shape), ku
-        else:
-            dst, split, charged = chosen[kv].inputs[a], consumer_split(chosen[kv], a), kv
-        c = edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links)
+    for charged, producer, src, dst, mult, c in priced_edges(gi, keys, chosen, tuple(mesh.shape), links):
         fwd[charged] += mult * c.fwd_s
-        if grad_priced_bucketed(gi, u.node, src, dst):
+        if grad_priced_bucketed(gi, producer, src, dst):
             sync[charged] += mult * c.bwd_s
     return sync, fwd
 

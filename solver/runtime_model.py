@@ -389,6 +389,25 @@ def _edges(gi: GraphIndex):
         yield gi.nodes[ref.src].key, ref.out, OUTPUT, 0, 1.0
 
 
+def priced_edges(gi: GraphIndex, keys: dict[str, KeyInfo], chosen: dict, mesh_shape: tuple[int, ...],
+                 links: tuple[LinkSpec, ...]):
+    """Every edge class carrying a tensor under the chosen strategies, as the ILP charges it: (key charged, the
+    edge's consumer, or its producer for a graph output; producer node; source and destination placements;
+    multiplicity; edge_seconds). The one walk price_plan and the pipeline's unit costs share."""
+    replicated = tuple(Replicate() for _ in mesh_shape)
+    for ku, o, kv, a, mult in _edges(gi):
+        u = keys[ku]
+        meta = u.node.outputs[o]
+        if meta is None:
+            continue
+        src = chosen[ku].outputs[o]
+        if kv == OUTPUT:
+            dst, split, charged = replicated, tuple(False for _ in mesh_shape), ku
+        else:
+            dst, split, charged = chosen[kv].inputs[a], consumer_split(chosen[kv], a), kv
+        yield charged, u.node, src, dst, mult, edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links)
+
+
 def price_plan(plan: Plan, gi: GraphIndex, keys: dict[str, KeyInfo], links: tuple[LinkSpec, ...],
                chosen: dict[str, Strategy] | None = None) -> StepPrice:
     """The ILP's objective for ``plan``'s strategies, term by term (module docstring). ``keys``: the
@@ -403,18 +422,8 @@ def price_plan(plan: Plan, gi: GraphIndex, keys: dict[str, KeyInfo], links: tupl
     compute = {k: info.mult * seconds(info.compute[info.strategies.index(chosen[k])]) if chosen[k] in info.strategies
                else _missing(k) for k, info in keys.items()}
     comm: dict[str, float] = defaultdict(float)
-    replicated = tuple(Replicate() for _ in mesh_shape)
-    for ku, o, kv, a, mult in _edges(gi):
-        u = keys[ku]
-        meta = u.node.outputs[o]
-        if meta is None:
-            continue
-        src = chosen[ku].outputs[o]
-        if kv == OUTPUT:
-            dst, split, charged = replicated, tuple(False for _ in mesh_shape), ku
-        else:
-            dst, split, charged = chosen[kv].inputs[a], consumer_split(chosen[kv], a), kv
-        comm[charged] += mult * seconds(edge_seconds(gi, u.node, meta, src, dst, split, mesh_shape, links))
+    for charged, _, _, _, mult, cost in priced_edges(gi, keys, chosen, mesh_shape, links):
+        comm[charged] += mult * seconds(cost)
     tb = plan.predicted.time_breakdown
     memory = tb.get("recompute_s", 0.0) + tb.get("offload_s", 0.0)
     return StepPrice(nodes={k: NodePrice(compute[k], comm.get(k, 0.0)) for k in keys}, memory_s=memory)
