@@ -145,10 +145,12 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
 
 
 def _kept_by(rec: Saved | None, gi: GraphIndex) -> dict[int, tuple[bool, frozenset[tuple[str, int]]]]:
-    """solver.saved's kept_by of one node in graph keys: output -> (kept by the producer, consumer edges)."""
+    """solver.saved's kept_by of one node in graph keys: output -> (a copy comes on top of the producer's
+    tensor: the producer keeps it too, or it is a view whose bytes are another node's and no copy replaces
+    them; the consumer edges that keep it)."""
     out: dict[int, tuple[bool, set]] = {}
     for i, consumer, arg in (rec.kept_by if rec is not None else ()):
-        own, via = out.setdefault(i, (False, set()))
+        _, via = out.setdefault(i, (i not in rec.outputs, set()))
         if consumer is None:
             out[i] = (True, via)
         elif consumer in gi.nodes:

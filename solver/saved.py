@@ -12,7 +12,8 @@ its root storage (``_base`` of a view) and attributed:
 
 Each saved root also records where it is kept: through which consumer (node, argument index, the
 argument numbering of ``autopar.core.graph.tensor_inputs``) the saved tensor or view left its producer,
-or by the producer itself. A consumer whose input the plan reshards keeps the resharded copy in its
+or by the producer itself; a view that reaches the op saving it (a weight's transpose read by a matmul) also
+records that last edge, under the node that made the view (a plan may reshard the view there). A consumer whose input the plan reshards keeps the resharded copy in its
 own placement (solver.ilp charges it there); parameters are recorded this way too (a gathered copy
 is kept only by an op that saves that parameter: embedding's backward needs only the indices).
 
@@ -121,6 +122,7 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
     kept: dict[int, tuple[str, int] | None] = {}
     extra: dict[str, float] = {}
     hop: dict[int, tuple[str, int]] = {}        # id(view) -> (consumer of its root's producer, argument index)
+    view_of: dict[int, tuple[str, int]] = {}    # id(view) -> (the node, output index) that made the view
     kept_by: dict[tuple[str, int], set[tuple[str | None, int]]] = {}
     cast_bytes: dict[str, dict[int, float]] = {}
     casts = _Casts() if autocast_dtype not in (None, torch.float32) else None
@@ -145,6 +147,10 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
             where = (None, -1) if src[0] == current.name else first_hop(t, r, current, state["args"])
             if where is not None:
                 kept_by.setdefault(src, set()).add(where)
+            for ai, a in enumerate(state["args"]):   # the view the saving op read: its edge into the op too
+                made = view_of.get(id(a)) if isinstance(a, torch.Tensor) and _root(a) is r else None
+                if made is not None and made[0] != current.name and made != src:
+                    kept_by.setdefault(made, set()).add((current.name, ai))
         if id(r) in kept:
             return
         alive.append(r)
@@ -209,10 +215,11 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
                     alive.append(r)
                     owner.setdefault(id(r), (n.name, i))   # a view's root belongs to its producer
                     if r is not t and owner[id(r)][0] != n.name:   # a view: remember where it left the root
+                        view_of[id(t)] = (n.name, i)
+                        alive.append(t)
                         where = first_hop(t, r, n, state["args"])
                         if where is not None:
                             hop[id(t)] = where
-                            alive.append(t)
             if n.target in SDPA and isinstance(out, torch.Tensor) and out.requires_grad:
                 for ai, a in enumerate(n.args[:3]):
                     if not isinstance(a, fx.Node):
@@ -241,7 +248,7 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
     for src in kept.values():
         if src is not None:
             outputs.setdefault(src[0], set()).add(src[1])
-    names = set(outputs) | set(extra) | set(cast_bytes)
+    names = set(outputs) | set(extra) | set(cast_bytes) | {m for m, _ in kept_by}   # views: kept_by alone
     return {n: Saved(frozenset(outputs.get(n, ())), extra.get(n, 0.0),
                      frozenset((i, *w) for (m, i), ws in kept_by.items() if m == n for w in ws),
                      frozenset(cast_bytes.get(n, {}).items())) for n in names}
