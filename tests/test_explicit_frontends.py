@@ -74,6 +74,7 @@ def _rest_replicated(plan: autopar.Plan, dims: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------------------- 2 ranks
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_data_parallel_amp_zero_and_pipeline_on_2(dist2):
     cases = [{"steps": [("dp", None)]},
              {"steps": [("dp", None), ("amp",)], "amp": True},
@@ -107,6 +108,7 @@ def test_data_parallel_amp_zero_and_pipeline_on_2(dist2):
 
 # ----------------------------------------------------------------------------------------- 4 ranks
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_tensor_parallel_1d_2d_and_dp_x_tp_x_zero_on_4(dist4):
     cases = [{"steps": [("tp", "1D", None)]},
              {"steps": [("tp", "2D", None)]},
@@ -223,6 +225,7 @@ def test_bad_device_counts_sizes_and_conflicts():
     assert issubclass(E.ExplicitParallelError, autopar.AutoparError)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_layouts_are_constraints_the_free_ilp_also_has():
     """Each mode only pins placements the strategy space holds: the free ILP given the same mesh could choose
     them (collect_keys keeps a strategy for every pinned key) and a mode's plan is never cheaper than what the
@@ -236,6 +239,7 @@ def test_layouts_are_constraints_the_free_ilp_also_has():
         assert free.solver.objective <= pinned.solver.objective * (1 + 1e-6), (mode, free.solver, pinned.solver)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_cli_plan_compare_lists_every_mode_beside_the_free_plan(tmp_path, capsys):
     from autopar.tools.cli import main
 

@@ -177,6 +177,7 @@ def test_apply_builds_an_inference_module(dist2):
         assert r["q_rows"] == 32
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_llama8b_decode_on_8_h100_gets_heads_and_mlp_sharding():
     """A LLaMA-3-8B-shaped decode step (64 sequences, one token, bf16) with a 32 GiB KV cache on 8 H100s: the
     planner's own choice is Megatron sharding (q/k/v and gate/up by output features, o/down by input features)

@@ -98,6 +98,7 @@ def test_recompute_refused_on_a_pp_only_mesh():
                      pipeline={"schedule": "gpipe", "microbatches": 2}, recompute="selective")
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_gradient_sync_once_per_step_on_gloo(dist4):
     results = dist4.run(count_grad_sync, (2, 4), timeout=240)
     for rank, res in enumerate(results):
@@ -114,6 +115,7 @@ def test_gradient_sync_once_per_step_on_gloo(dist4):
         assert r2["elements"] - 2 * per_mb_elems == r2["reducer_elements"], (rank, res)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_recompute_in_stages_matches_one_device(dist4):
     results = dist4.run(check_pipeline_step, "gpt-4layer", (2, 2), ("pp", "dp"),
                         {"schedule": "1f1b", "microbatches": 2}, 4, 8, 1, {"recompute": "full"}, timeout=240)

@@ -183,6 +183,7 @@ def test_checkpoints_keep_last_and_resume_continue_the_same_curve(tmp_path):
         assert r["lr"] == pytest.approx(lr_at(load_train_config(job(training__steps=6)), r["step"] - 1))
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_zero2_accumulation_matches_one_process(dist2):
     # ZeRO-2: gradients reach param.grad through autopar.runtime.zero's hook (sharded), once per step
     cfg = job(training__steps=4, training__global_batch=32, parallel__zero=2)
@@ -218,6 +219,7 @@ def test_token_file_reads_the_same_samples_as_the_stream_it_holds(tmp_path):
     assert from_file.losses == synthetic.losses
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_a_saved_plan_is_applied_without_planning(tmp_path, dist2):
     plan = tmp_path / "plan.json"
     first = dist2.run(train_on_rank, job(training__steps=2, training__global_batch=32,

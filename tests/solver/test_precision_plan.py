@@ -153,6 +153,7 @@ def test_price_plan_of_a_bf16_plan_is_its_objective_on_the_precision_graph(gpt, 
 RTOL, ATOL = 2e-2, 2e-3   # bf16 has 8 significant bits (as tests/test_pipeline_precision.py)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 @pytest.mark.parametrize("spec", ["gpt-tiny", "llama-tiny"])
 def test_bf16_plan_on_gloo_matches_one_device_and_its_predicted_peak(spec, dist2):
     from precision_plan_check import check_bf16_plan

@@ -47,6 +47,7 @@ def _stages(monkeypatch):
     return seen
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_staged_plan_is_never_slower_than_the_best_without_recompute(gpt, monkeypatch):
     free = _plan(gpt).predicted.peak_memory_bytes
     checked = 0
