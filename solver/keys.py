@@ -22,6 +22,7 @@ from autopar.solver.categories import MemCategory
 from autopar.solver.saved import Saved
 from autopar.solver.strategies import Strategy, strategies_for
 from autopar.solver.strategies.base import in_meta
+from autopar.solver.strategies.norm import splits_hidden, stat_collectives
 
 OUTPUT = "__output__"   # the consumer of an edge into the graph's output
 
@@ -39,6 +40,9 @@ class KeyInfo:
     # output index -> (the producer keeps it itself, {(consumer key, argument)} through which the tensor
     # autograd keeps left it: solver.saved's kept_by); None where not traced
     kept_by: dict[int, tuple[bool, frozenset[tuple[str, int]]]] | None = None
+    # the outputs autograd keeps as they are (solver.saved's Saved.outputs: not a view's or a copy's root);
+    # None where not traced
+    kept_outputs: frozenset[int] | None = None
     remat_extra: C.OpCost = C.OpCost(0.0, 0.0)   # per occurrence: selective (fwd_s) / full (bwd_s) surcharge
     # per strategy: the part of the activation bytes that is autocast's kept copies of float32 arguments
     # (cost.cast_bytes; mixed precision), which selective recompute recomputes; empty: none
@@ -75,6 +79,19 @@ def match_fix(key: str, node: GNode, fix: dict[str, list[str]], used: set[str] |
                 used.add(pat)
             return tuple(sh)
     return None
+
+
+def _with_own_collectives(cost: C.OpCost, node: GNode, s: Strategy, in_metas, mesh: MeshSpec,
+                          profile: ClusterProfile) -> C.OpCost:
+    """An op's compute plus the collectives its sharded form runs itself (a norm over a split hidden dim:
+    its statistics' all-reduces, solver.strategies.norm), on the mesh dims' links."""
+    cols = stat_collectives(node, in_metas[0], s.inputs[0], mesh.shape) if node.kind == "op" and in_metas else []
+    if not cols:
+        return cost
+    links = profile.dim_links(mesh)
+    t = {ph: sum(C.collective_time(k, b, mesh.shape[d], links[d]) for p, k, d, b in cols if p == ph)
+         for ph in ("fwd", "bwd")}
+    return C.OpCost(cost.fwd_s + t["fwd"], cost.bwd_s + t["bwd"])
 
 
 def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
@@ -114,12 +131,20 @@ def collect_keys(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile,
                 target = _on_mesh(parse_sharding(list(soft), field=f"prefer[{key!r}]"), mesh.shape)
                 kept = [s for s in strategies if s.outputs and s.outputs[0] == target]
                 strategies = kept or strategies  # a preference the op cannot take is ignored
+        if want is None and mesh.ndim >= 3 and node.kind == "op":
+            # the hidden-split norm is left to layouts that pin it on meshes of 3+ dims: offered freely there it
+            # more than doubles a norm's strategies, and the ILP of llama3-1b on (2, 2, 2) found no plan in 60 s
+            # (122 s to the optimum without it)
+            strategies = [s for s in strategies if not splits_hidden(node, s.inputs, in_metas[0] if in_metas else None)]
         info = KeyInfo(key=key, node=node, mult=gi.multiplicity(key, members), strategies=strategies,
                        fallback=fallback, in_metas=in_metas, remat_extra=C.checkpoint_overhead(node, profile.device))
         if saved is not None and training:
             info.kept_by = _kept_by(saved.get(node.name), gi)
+            rec = saved.get(node.name)
+            info.kept_outputs = rec.outputs if rec is not None else frozenset()
         for s in strategies:
-            info.compute.append(C.compute_cost(node, s, in_metas, profile, mesh.shape))
+            info.compute.append(_with_own_collectives(C.compute_cost(node, s, in_metas, profile, mesh.shape), node, s,
+                                                      in_metas, mesh, profile))
             if not training:
                 info.memory.append({MemCategory.PARAMS: C.local_bytes(node.outputs[0], s.outputs[0], mesh.shape)}
                                    if node.kind == "param" else {})

@@ -73,6 +73,7 @@ from autopar.solver import cost as C
 from autopar.solver.edges import grad_priced_bucketed
 from autopar.solver.keys import OUTPUT, KeyInfo
 from autopar.solver.strategies import Strategy
+from autopar.solver.strategies.norm import NORMS, stat_collectives
 
 __all__ = ["Collective", "NodePrice", "StepPrice", "collective_counts", "edge_seconds", "planned_collectives",
            "price_collectives", "price_plan"]
@@ -246,6 +247,7 @@ def planned_collectives(plan: Plan, gi: GraphIndex) -> list[Collective]:
 
     ce_in_place: dict[str, bool] = {}
     ce_nodes: list[str] = []
+    norm_cols: list[Collective] = []
     for name, g in gi.nodes.items():
         if g.kind != "op":
             continue
@@ -265,6 +267,13 @@ def planned_collectives(plan: Plan, gi: GraphIndex) -> list[Collective]:
         if g.target == aten.cross_entropy_loss.default and any(
                 p in ("S(0)", "S(1)") for p in pl.input_sharding(name, 0).split()):
             ce_nodes.append(name)
+        if g.target in NORMS:   # a norm over a split hidden dim: parallel_ops.sharded_norm's statistics
+            ref = g.inputs[0]
+            x = gi.nodes[ref.src].outputs[ref.out]
+            grads = (ref.src, ref.out) in requires and name in reached
+            norm_cols += [Collective(phase, kind, d, nbytes, f"norm statistics {g.key}")
+                    for phase, kind, d, nbytes in stat_collectives(g, x, _sh(pl.input_sharding(name, 0)), mesh_shape)
+                    if phase == "fwd" or grads]
     replicated = " ".join("R" for _ in mesh_shape)
     losses = set(_loss_refs(gi, requires))
     users = Counter(r.src for g in gi.nodes.values() for r in g.inputs)
@@ -289,6 +298,7 @@ def planned_collectives(plan: Plan, gi: GraphIndex) -> list[Collective]:
         meta, backward = shared[key]
         out += _reshard(meta, src, dst, grad, backward, mesh_shape, f"reshard {gi.nodes[src_name].key}[{o}] "
                         f"{src} -> {dst}" + (f" (gradient {grad})" if grad else ""))
+    out += norm_cols
     for name in ce_nodes:
         out += _cross_entropy(gi, gi.nodes[name], pl.input_sharding(name, 0), ce_in_place.get(name, False), mesh_shape)
     out += _buckets(gi, deferred, pl, mesh_shape)

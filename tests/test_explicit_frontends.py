@@ -65,11 +65,19 @@ def _placements(plan: autopar.Plan, layer: int = 0) -> dict[str, tuple[str, ...]
                                ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
 
 
-def _rest_replicated(plan: autopar.Plan, dims: tuple[str, ...]) -> None:
-    idx = [plan.mesh.dim_names.index(d) for d in dims]
+def _outer(plan: autopar.Plan, norm: tuple[str, ...], embed: tuple[str, ...], head: tuple[str, ...]) -> None:
+    """The parameters outside the linears of the blocks: every norm's weight, the embedding, the LM head."""
     for fqn, pl in plan.param_placements.items():
-        if not any(f".{n}." in fqn for n in LINEARS):
-            assert all(pl[i] == "R" for i in idx), (fqn, pl)
+        if "norm" in fqn:
+            assert pl == norm, (fqn, pl)
+    assert plan.param_placements["embed.weight"] == embed and plan.param_placements["lm_head.weight"] == head
+
+
+def _norm_stats(plan: autopar.Plan) -> Counter:
+    """(phase, mesh dim name) -> the norms' statistics all-reduces (parallel_ops.sharded_norm) in one step."""
+    names = plan.mesh.dim_names
+    return Counter((c.phase, names[c.mesh_dim]) for c in planned_collectives(plan, _gi())
+                   if c.what.startswith("norm statistics") and c.kind == "all_reduce")
 
 
 # ----------------------------------------------------------------------------------------- 2 ranks
@@ -121,9 +129,14 @@ def test_tensor_parallel_1d_2d_and_dp_x_tp_x_zero_on_4(dist4):
     plan = autopar.Plan.from_json(one[0]["plan"])
     assert plan.mesh.shape == (4,) and plan.mesh.dim_names == ("tp",)
     assert _placements(plan) == {**{n: ("S(0)",) for n in COLUMN}, **{n: ("S(1)",) for n in ROW}}
-    _rest_replicated(plan, ("tp",))
     assert _per_layer(plan) == {("fwd", "all_reduce", "tp", "act"): 2, ("bwd", "all_reduce", "tp", "act"): 2}
     assert plan.node_shardings["blocks.*/attn/scaled_dot_product_attention#0"].inputs[0] == ("S(1)",)  # heads
+    # Megatron's vocab-parallel embedding (partial sums all-reduced into the stream) and LM head (logits split
+    # on the vocabulary into the vocab-parallel cross-entropy); norms replicated on the replicated stream
+    _outer(plan, norm=("R",), embed=("S(0)",), head=("S(0)",))
+    assert plan.node_shardings["embed/embedding#0"].outputs[0] == ("P(sum)",)
+    assert plan.node_shardings["root/cross_entropy_loss#0"].inputs[0] == ("S(1)",)
+    assert not _norm_stats(plan)
     _same_as_runtime(plan, one[0])
     # 2D (SUMMA): weights split input over rows, output over columns; activations batch over rows, hidden over
     # columns; per layer each of the 7 weights gathered over rows (forward) and its gradient reduce-scattered
@@ -131,12 +144,20 @@ def test_tensor_parallel_1d_2d_and_dp_x_tp_x_zero_on_4(dist4):
     plan = autopar.Plan.from_json(two[0]["plan"])
     assert plan.mesh.shape == (2, 2) and plan.mesh.dim_names == ("tp_row", "tp_col")
     assert set(_placements(plan).values()) == {("S(1)", "S(0)")}
-    _rest_replicated(plan, ("tp_row", "tp_col"))
     assert plan.node_shardings["blocks.*/add#0"].outputs[0] == ("S(0)", "S(2)")
+    # norms on the hidden-split stream (statistics all-reduced over columns, once forward, once backward per
+    # norm: 2 per block + the final one), the embedding split on the hidden dim like the stream, the LM head
+    # on the vocabulary over columns into the vocab-parallel cross-entropy
+    _outer(plan, norm=("R", "S(0)"), embed=("R", "S(1)"), head=("R", "S(0)"))
+    for key in ("blocks.*/attn_norm/rms_norm#0", "blocks.*/mlp_norm/rms_norm#0", "norm/rms_norm#0"):
+        assert plan.node_shardings[key].inputs[0] == ("S(0)", "S(2)"), key
+    assert plan.node_shardings["root/cross_entropy_loss#0"].inputs[0] == ("S(0)", "S(1)")
+    assert _norm_stats(plan) == {("fwd", "tp_col"): 2 * N_LAYER + 1, ("bwd", "tp_col"): 2 * N_LAYER + 1}
     per = _per_layer(plan)
     assert per[("fwd", "all_gather", "tp_row", "weight")] == 7 and per[("bwd", "reduce_scatter", "tp_row",
                                                                       "weight")] == 7, per
     assert per[("fwd", "all_gather", "tp_col", "act")] >= 2, per
+    assert per[("fwd", "all_reduce", "tp_col", "act")] == 2 == per[("bwd", "all_reduce", "tp_col", "act")], per
     assert not [k for k in per if k[3] == "act" and k[2] == "tp_row"], per   # rows carry only weights
     assert not [k for k in per if k[3] == "weight" and k[2] == "tp_col"], per
     _same_as_runtime(plan, two[0])
@@ -164,6 +185,8 @@ def test_tensor_parallel_2p5d_and_3d_on_8(dist8):
     assert plan.mesh.shape == (2, 2, 2) and plan.mesh.dim_names == ("tp_dep", "tp_row", "tp_col")
     assert set(_placements(plan).values()) == {("R", "S(1)", "S(0)")}
     assert plan.node_shardings["blocks.*/add#0"].outputs[0] == ("S(0)", "S(0)", "S(2)")
+    _outer(plan, norm=("R", "R", "S(0)"), embed=("R", "R", "S(1)"), head=("R", "R", "S(0)"))
+    assert _norm_stats(plan) == {("fwd", "tp_col"): 2 * N_LAYER + 1, ("bwd", "tp_col"): 2 * N_LAYER + 1}
     per = _per_layer(plan)
     assert per[("fwd", "all_gather", "tp_row", "weight")] == 7, per
     assert per[("bwd", "reduce_scatter", "tp_row", "weight")] == 7, per
@@ -171,8 +194,10 @@ def test_tensor_parallel_2p5d_and_3d_on_8(dist8):
     assert not [k for k in per if k[0] == "fwd" and k[2] == "tp_dep"], per   # depth: no forward traffic
     _same_as_runtime(plan, tess[0])
     # 3D (2 x 2 x 2): column and row weights with the contraction / output roles of tp_x and tp_y turned,
-    # each further split over tp_z; per layer every weight all-gathered over tp_z, the row linears' outputs
-    # reduce-scattered over tp_x and the column linears' partial sums reduced over tp_y
+    # each further split over tp_z. Per linear: its input all-gathered over the gather dim, its weight over tp_z
+    # (the weight gradient reduce-scattered back, never all-reduced), its output reduce-scattered over the
+    # contraction dim into the next layer's layout -- except q/k/v, whose partial sums attention needs over the
+    # whole sequence (all-reduced over tp_y)
     plan = autopar.Plan.from_json(cube[0]["plan"])
     assert plan.mesh.shape == (2, 2, 2) and plan.mesh.dim_names == ("tp_x", "tp_y", "tp_z")
     assert _placements(plan) == {**{n: ("S(0)", "S(1)", "S(0)") for n in COLUMN},
@@ -180,10 +205,18 @@ def test_tensor_parallel_2p5d_and_3d_on_8(dist8):
     assert plan.node_shardings["blocks.*/add#0"].outputs[0] == ("S(1)", "S(2)", "S(0)")
     assert plan.node_shardings["blocks.*/attn.q_proj/linear#0"].outputs[0] == ("S(2)", "P(sum)", "S(0)")
     assert plan.node_shardings["blocks.*/attn.o_proj/linear#0"].outputs[0] == ("P(sum)", "S(2)", "S(0)")
+    assert plan.node_shardings["blocks.*/mlp/mul#0"].outputs[0] == ("S(2)", "S(1)", "S(0)")
+    _outer(plan, norm=("R", "S(0)", "R"), embed=("R", "S(1)", "R"), head=("S(0)", "S(0)", "R"))
+    assert plan.node_shardings["lm_head/linear#0"].outputs[0] == ("S(2)", "S(2)", "S(0)")
+    assert _norm_stats(plan) == {("fwd", "tp_y"): 2 * N_LAYER + 1, ("bwd", "tp_y"): 2 * N_LAYER + 1}
     per = _per_layer(plan)
-    assert per[("fwd", "all_gather", "tp_z", "weight")] == 7, per
+    assert per[("fwd", "all_gather", "tp_z", "weight")] == 7 == per[("bwd", "reduce_scatter", "tp_z", "weight")]
+    assert not [k for k in per if k[3] == "weight" and k[1] == "all_reduce"], per
+    assert per[("fwd", "all_gather", "tp_x", "act")] == 2, per         # the norms' outputs into q/k/v, gate/up
+    assert per[("fwd", "all_gather", "tp_y", "act")] == 1, per         # the MLP activation into down_proj
     assert per[("fwd", "reduce_scatter", "tp_x", "act")] == 2, per     # o_proj, down_proj
-    assert per[("fwd", "all_reduce", "tp_y", "act")] + per[("fwd", "reduce_scatter", "tp_y", "act")] == 5, per
+    assert per[("fwd", "reduce_scatter", "tp_y", "act")] == 2, per     # gate_proj, up_proj
+    assert per[("fwd", "all_reduce", "tp_y", "act")] == 3 + 2, per     # q, k, v; the two norms' statistics
     _same_as_runtime(plan, cube[0])
 
 
@@ -240,7 +273,7 @@ def test_layouts_are_constraints_the_free_ilp_also_has():
 
 
 @pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
-def test_cli_plan_compare_lists_every_mode_beside_the_free_plan(tmp_path, capsys):
+def test_cli_plan_and_show_compare_list_every_mode_beside_the_free_plan(tmp_path, capsys):
     from autopar.tools.cli import main
 
     rc = main(["plan", "--model", "llama-tiny", "--batch", "8", "--seq", "32", "--mesh", "4", "--cluster", "cpu-gloo",
@@ -255,6 +288,13 @@ def test_cli_plan_compare_lists_every_mode_beside_the_free_plan(tmp_path, capsys
     assert rows["1D"].split()[-1] == "n/a" and rows["3D"].split()[-1] == "n/a"
     assert "1D: TensorParallel 1D on 4 devices splits attention heads" in table   # llama-tiny has 2 KV heads
     assert "3D: 3D tensor parallelism needs a cube" in table
+    # the same table from the saved plan: autopar show PLAN --compare --model SPEC (the solver is deterministic)
+    rc = main(["show", str(tmp_path / "p.json"), "--compare", "--model", "llama-tiny"])
+    shown = capsys.readouterr().out
+    assert rc == 0 and shown.split("explicit modes beside the solver's plan", 1)[1] == table
+    assert main(["show", str(tmp_path / "p.json"), "--compare"]) == 1 and "give --model" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "p.json"), "--compare", "--model", "gpt-tiny"]) == 1
+    assert "not the model the plan was made for" in capsys.readouterr().err
 
 
 def test_column_and_row_linears_are_read_from_the_graph():

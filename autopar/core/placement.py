@@ -70,7 +70,8 @@ def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Pla
 
     Phase 1, innermost mesh dim first: shards and partials are undone (``all_gather``,
     ``all_reduce``), or moved directly (``all_to_all`` S(i)->S(j), ``reduce_scatter`` P->S(i)) when
-    no other mesh dim shards the tensor dims involved. Phase 2, outermost first: replicated dims
+    no other mesh dim shards the tensor dims involved (for P->S(i): or only outer mesh dims that keep their
+    S(i), so the piece reduce-scattered is the nested one). Phase 2, outermost first: replicated dims
     become their target locally (``chunk`` for Shard, ``zero`` for Partial: only coordinate 0
     keeps the value). Each step is (mesh dim, kind, placement before, placement after).
     """
@@ -84,6 +85,13 @@ def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Pla
 
     def outer_shards(state, d: int, dim: int) -> list[int]:
         return [i for i in range(d) if state[i] == Shard(dim)]
+
+    def nested_inner(d: int, dim: int) -> bool:
+        # P -> S(dim) on mesh dim d where only outer mesh dims shard ``dim``, each already as it ends (3D tensor
+        # parallelism's weight gradients): reduce-scattering the local piece gives DTensor's outer-first nesting
+        others = {i % ndim for i, p in enumerate(list(cur) + list(dst))
+                  if i % ndim != d and isinstance(p, Shard) and p.dim == dim}
+        return all(i < d and cur[i] == dst[i] == Shard(dim) for i in others)
 
     for d in reversed(range(ndim)):
         s, t = cur[d], dst[d]
@@ -102,7 +110,7 @@ def redistribute_steps(src: Sharding, dst: Sharding) -> list[tuple[int, str, Pla
                 steps.append((d, "all_gather", s, Replicate()))
                 cur[d] = Replicate()
         elif isinstance(s, Partial):
-            if isinstance(t, Shard) and not others_shard(d, {t.dim}):
+            if isinstance(t, Shard) and (not others_shard(d, {t.dim}) or nested_inner(d, t.dim)):
                 steps.append((d, "reduce_scatter", s, t))
                 cur[d] = t
             else:

@@ -1,5 +1,6 @@
 """Runtime ops the rewritten graph calls: resharding by placement strings, and the ops whose
-sharded form is not the plain op on local shards (vocab-parallel embedding, sharded cross-entropy).
+sharded form is not the plain op on local shards (vocab-parallel embedding, sharded cross-entropy,
+norms over a split hidden dim).
 
 All work on LOCAL tensors and are autograd-aware. Placement strings are those of the plan
 (``"S(0) R"``: one placement per mesh dim), so the emitted code reads like the plan.
@@ -136,6 +137,36 @@ class _RowsReduced(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return (grad / ctx.count if ctx.count is not None else grad), None, None, None
+
+
+def sharded_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mesh: DeviceMesh,
+                 x_sharding: str, eps: float | None, rms: bool) -> torch.Tensor:
+    """layer_norm (``rms=False``) or rms_norm over the last dim of ``x`` where that dim is split (placements
+    ``x_sharding``): this rank sums its part of each row (the sum and the sum of squares; rms: the sum of
+    squares), one all-reduce per hidden-splitting mesh dim makes them the row's (its backward all-reduces
+    their gradients), and each rank normalizes its part with its slice of ``weight`` / ``bias``. The
+    statistics are kept in fp32 at least (as ATen's CPU kernels accumulate). Layer norm's variance is
+    E[x^2] - mean^2 of the reduced sums (one all-reduce instead of two)."""
+    sh = placements(x_sharding)
+    last = x.dim() - 1
+    hidden = x.shape[-1] * _product(mesh.size(d) for d, p in enumerate(sh) if p == Shard(last))
+    part = tuple(Partial("sum") if p == Shard(last) else p for p in sh)
+    whole = tuple(Replicate() if p == Shard(last) else p for p in sh)
+    xs = x.to(torch.promote_types(x.dtype, torch.float32))
+    local = (xs * xs).sum(-1, keepdim=True) if rms else torch.cat([xs.sum(-1, keepdim=True),
+                                                                  (xs * xs).sum(-1, keepdim=True)], -1)
+    stats = redistribute(local, part, whole, mesh=mesh, grad_dst=part) / hidden
+    if rms:
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        y = xs * torch.rsqrt(stats + eps)
+    else:
+        mean, sq = stats[..., :1], stats[..., 1:]
+        y = (xs - mean) * torch.rsqrt(sq - mean * mean + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)   # as ATen's norms: the input's dtype (bf16 under autocast on the CPU)
 
 
 def _product(xs) -> int:

@@ -34,16 +34,27 @@ def test_small_model_large_batch_is_pure_data_parallel():
 def test_batch_one_large_hidden_memory_limited_is_megatron_tensor_parallel():
     model = _gpt(12288, 4, 96, vocab=50304, seq=2048)
     idx = torch.zeros(1, 2048, dtype=torch.long)
-    p = plan(model, {"idx": idx, "labels": idx}, mesh_shape=(8,), cluster="h100-sxm", memory_budget="80GB")
-    # column-parallel QKV and MLP-up, row-parallel attention-out and MLP-down
-    assert _block_params(p, "attn.qkv.weight") == {("S(0)",)}
+    inputs = {"idx": idx, "labels": idx}
+    p = plan(model, inputs, mesh_shape=(8,), cluster="h100-sxm", memory_budget="80GB")
+    # tensor parallel: every block weight split over the 8 devices, attention split on heads, row-parallel
+    # attention-out and MLP-down (partial sums), MLP-up column-parallel
+    for w in ("attn.qkv.weight", "mlp.fc.weight", "attn.proj.weight", "mlp.proj.weight"):
+        assert _block_params(p, w) in ({("S(0)",)}, {("S(1)",)}), w
     assert _block_params(p, "mlp.fc.weight") == {("S(0)",)}
     assert _block_params(p, "attn.proj.weight") == {("S(1)",)}
     assert _block_params(p, "mlp.proj.weight") == {("S(1)",)}
-    assert p.node_shardings["blocks.*/attn.qkv/linear#0"].inputs[0] == ("R",)
     assert p.node_shardings["blocks.*/attn.proj/linear#0"].outputs[0] == ("P(sum)",)
     assert p.node_shardings["blocks.*/mlp.proj/linear#0"].outputs[0] == ("P(sum)",)
     assert p.node_shardings["blocks.*/attn/scaled_dot_product_attention#0"].inputs[0] == ("S(1)",)  # heads
+    # at least as fast as Megatron's layout (column-parallel QKV and MLP-up, row-parallel attention-out and
+    # MLP-down) pinned: since norms may run on a hidden-split stream (solver.strategies.norm), the free plan
+    # takes QKV row-parallel from that stream, reduce-scattered onto the heads (the fused 3h-wide QKV output is
+    # not gathered whole), 0.7 % faster in this model
+    megatron = plan(model, inputs, mesh_shape=(8,), cluster="h100-sxm", memory_budget="80GB",
+                    fix={"param:blocks.*.attn.qkv.weight": ["S(0)"], "param:blocks.*.mlp.fc.weight": ["S(0)"],
+                         "param:blocks.*.attn.proj.weight": ["S(1)"], "param:blocks.*.mlp.proj.weight": ["S(1)"]})
+    assert megatron.node_shardings["blocks.*/attn.qkv/linear#0"].inputs[0] == ("R",)
+    assert p.predicted.step_time_s <= megatron.predicted.step_time_s * (1 + 1e-9)
 
 
 def test_dp_tp_mesh_with_large_model_is_dp_times_tp():
