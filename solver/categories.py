@@ -28,6 +28,7 @@ class MemCategory(enum.StrEnum):
     ACTIVATIONS_AFTER = "activations_after"  # kept by ops after the repeated blocks (freed before a recompute)
     BLOCKS = "blocks"                        # kept by repeated blocks under the recompute counts
     BACKWARD_GRAD = "backward_grad"          # the loss's first gradient and its backward collectives
+    MODEL_OUTPUTS = "model_outputs"          # the model's outputs as returned (replicated), held by the caller
     GRADS = "grads"
     GRAD_BUCKETS = "grad_buckets"            # the reducer's copy of its last bucket
     RECOMPUTE = "recompute"                  # one block re-materialized in backward, T_g
@@ -63,6 +64,7 @@ ROWS: dict[MemCategory, tuple[MemRow, ...]] = {
     MemCategory.ACTIVATIONS_AFTER: (MemRow.BACKWARD,),
     MemCategory.BLOCKS: (MemRow.BACKWARD,),
     MemCategory.BACKWARD_GRAD: (MemRow.BACKWARD,),
+    MemCategory.MODEL_OUTPUTS: (MemRow.BACKWARD,),
     MemCategory.GRADS: (MemRow.STEP,),
     MemCategory.GRAD_BUCKETS: (MemRow.STEP,),
     MemCategory.RECOMPUTE: (MemRow.RECOMPUTE,),
@@ -79,4 +81,4 @@ INFERENCE_ROWS: dict[str, tuple[MemCategory, ...]] = {
 }
 # what a plan reports as activations (Plan.predicted.memory_breakdown)
 ACTIVATION_CATEGORIES = (MemCategory.ACTIVATIONS, MemCategory.ACTIVATIONS_AFTER, MemCategory.BLOCKS,
-                         MemCategory.BACKWARD_GRAD, MemCategory.LIVE)
+                         MemCategory.BACKWARD_GRAD, MemCategory.MODEL_OUTPUTS, MemCategory.LIVE)

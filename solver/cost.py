@@ -386,7 +386,8 @@ def autocast_graph(gi, compute_dtype: torch.dtype, device_type: str = "cuda"):
                            for m, d in zip(g.outputs, dtypes[name]))
         nodes[name] = g2
     return type(gi)(nodes=nodes, layer_counts=dict(gi.layer_counts), observed_counts=dict(gi.observed_counts),
-                    shared_lists=set(gi.shared_lists), output_refs=gi.output_refs)
+                    shared_lists=set(gi.shared_lists), output_refs=gi.output_refs, heads=dict(gi.heads),
+                    first_shared=dict(gi.first_shared))
 
 
 def compute_dtype(precision: dict | None) -> torch.dtype:

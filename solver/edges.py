@@ -9,7 +9,8 @@ follower's edge rides on the follower's own x. Each (p, q) carries the reshardin
 copy a consumer keeps for backward (MemCategory.ACTIVATIONS, or solver.remat's block records inside a
 repeated block), the backward collective of the loss's gradient (BACKWARD_GRAD) and what recompute
 needs to know (solver.remat's ``comm`` / ``grad_comm`` / ``kept_copy`` records).
-``add_backward_start_grad``: the loss's first gradient at the backward start. An inference ILP
+``add_backward_start_grad``: the loss's first gradient at the backward start; ``add_model_outputs``: the
+outputs the caller holds. An inference ILP
 (``live``, solver.forward_memory) prices the forward resharding alone, keeps nothing for backward and
 records each resharded copy with its consumer for the live-activation rows. Uses the model's public
 interface only; must not import codegen.
@@ -56,6 +57,43 @@ def add_backward_start_grad(m: ShardingModel) -> None:
                 m.add_mem(MemCategory.BACKWARD_GRAD, [(b, m.x[node.key][j])])
 
 
+
+def add_model_outputs(m: ShardingModel) -> None:
+    """The model's outputs as the caller gets them: replicated (codegen's insert_collectives), and held at
+    least from the end of the forward until the caller takes the loss (``out = model(**batch);
+    out.loss.backward()`` holds them through backward). A bare HF model returns its logits and, with the
+    default ``use_cache``, every layer's keys and values. Per strategy of an output's producer: the whole
+    tensor where the producer's placement is not replicated (the gathered copy), or where it is but autograd
+    does not keep that tensor itself (KeyInfo.kept_outputs; a kept one is charged already, and stays charged
+    where a consumer keeps a resharded copy instead: add_edge_vars; a view, such as a key cache made by a
+    transpose, is charged whole); MemCategory.MODEL_OUTPUTS, backward-start row. A loop that holds the output object
+    through the optimizer step holds these bytes there too: not charged (``use_cache=False`` drops the cache). On
+    top, a constant: what rebuilding the output structure allocates (``m.output_rebuild_bytes``, measured by
+    solver.saved.output_rebuild_bytes: transformers' DynamicCache copies every key and value when it is rebuilt).
+    """
+    if getattr(m, "output_rebuild_bytes", 0.0):
+        m.add_mem(MemCategory.MODEL_OUTPUTS, [(float(m.output_rebuild_bytes), None)])
+    for ref in m.gi.output_refs:
+        node = m.gi.nodes[ref.src]
+        meta = node.outputs[ref.out] if node.outputs else None
+        if meta is None or len(meta.shape) == 0 or node.key not in m.x:
+            continue
+        info = m.keys[node.key]
+        kept = info.kept_outputs is None or ref.out in info.kept_outputs
+        for j, s in enumerate(info.strategies):
+            whole = all(isinstance(p, Replicate) for p in s.outputs[ref.out])
+            if not (whole and kept):
+                m.add_mem(MemCategory.MODEL_OUTPUTS, [(float(meta.nbytes), m.x[node.key][j])])
+
+
+def _returned_fraction(m: ShardingModel) -> dict[tuple[str, int], float]:
+    """(key, output) -> the fraction of the key's occurrences whose output is a model output (a bare HF
+    model returns every layer's keys and values: all of them; its last hidden state: one of N)."""
+    count: dict[tuple[str, int], int] = defaultdict(int)
+    for ref in m.gi.output_refs:
+        count[(m.gi.nodes[ref.src].key, ref.out)] += 1
+    return {(k, o): min(1.0, n / m.keys[k].mult) for (k, o), n in count.items() if k in m.keys and m.keys[k].mult}
+
 def _loss_grad_edges(m: ShardingModel) -> set[tuple[str, int, str, int]]:
     """Edges the loss's first gradient flows back through before it meets an op that computes (the loss's
     floating-point inputs and the free ops, views, before them): a resharding there runs its backward
@@ -99,6 +137,7 @@ def grad_priced_bucketed(gi: GraphIndex, producer: GNode, src: tuple[Placement, 
 def add_edge_vars(m: ShardingModel, remat: Remat, live: ForwardMemory | None = None) -> None:
     """``live``: an inference ILP's forward memory (module docstring); None: a training step."""
     loss_grad = _loss_grad_edges(m) if live is None else set()
+    returned = _returned_fraction(m)
     cost_cache: dict[tuple, C.OpCost] = {}
     for ei, (ku, o, kv, a, mult) in enumerate(_edge_list(m)):
         u = m.keys[ku]
@@ -116,6 +155,7 @@ def add_edge_vars(m: ShardingModel, remat: Remat, live: ForwardMemory | None = N
                 inp = s.inputs[a]  # the split only matters where the input is replicated (Partial gradient)
                 qgroups[(inp, tuple(sp and isinstance(p, Replicate) for p, sp in zip(inp, s.split_dims())))].append(j)
         keeps = kept_copy(u, o, kv, a, m.keys.get(kv)) if live is None else None
+        held = returned.get((ku, o), 0.0)   # the part of the producer's occurrences the caller gets back
         # a copy kept inside a repeated block that recompute may drop is charged through Remat.build
         group = m.block_list(u) if keeps and u.node.kind != "param" else None
         bgroup = m.block_list(m.keys[kv]) if kv in m.keys else None
@@ -133,14 +173,19 @@ def add_edge_vars(m: ShardingModel, remat: Remat, live: ForwardMemory | None = N
             ck = (meta, p, q, is_param)
             c = cost_cache.get(ck)
             if c is None:
-                c = cost_cache[ck] = C.edge_cost(meta, p, q[0], q[1], m.mesh.shape, m.links, param=is_param)
+                c = C.edge_cost(meta, p, q[0], q[1], m.mesh.shape, m.links, param=is_param)
+                if is_param and m.grad_sync_scale != 1.0:   # an unresharded parameter edge: its backward is the sum
+                    c = C.OpCost(c.fwd_s, c.bwd_s * m.grad_sync_scale)
+                cost_cache[ck] = c
             if live is not None:   # inference: the forward resharding alone, nothing kept for backward
                 return mult * c.fwd_s, 0.0, mult * c.fwd_s
             mem = 0.0
             if keeps and p != q[0]:   # the consumer keeps the resharded copy (in its placement)
                 mem = local(q[0])
-                if keeps == "only":   # ... instead of the producer's tensor, which add_node_vars charges
-                    mem -= local(p)
+                if keeps == "only":   # ... instead of the producer's tensor, which add_node_vars charges,
+                    # unless the caller holds that very tensor (a replicated model output: add_model_outputs)
+                    whole = all(isinstance(x, Replicate) for x in p)
+                    mem -= local(p) * (1.0 - held if whole else 1.0)
             return mult * c.total, mult * mem, mult * c.fwd_s
 
         def add(t, mem, var, fwd, p=None, q=None):

@@ -41,7 +41,8 @@ Constraints
        kept), sum_e m_e sum y G_{e,p,q}; inside a repeated block they join kept_g (below);
      G_out: the first gradient of backward (the loss's input, e.g. the logits; cross-entropy holds two)
        and the backward collectives of the reshardings it flows through (edges.add_backward_start_grad,
-       edges.add_edge_vars);
+       edges.add_edge_vars), and the model's outputs as returned (replicated), which the caller holds
+       (edges.add_model_outputs: a bare HF model's logits and key/value cache);
      B: the data-parallel gradients the reducer copies into its last bucket, at most one bucket
        (buckets.GradBuckets);
      O and Grad less the ZeRO-1/2 shares (zero_rows.ZeroRows.build);
@@ -154,7 +155,8 @@ class ShardingILP(ShardingModel):
     def __init__(self, gi: GraphIndex, keys: dict[str, KeyInfo], mesh: MeshSpec, links: tuple[LinkSpec, ...],
                  budget: float | None, remat: bool = False, recompute: str | None = None,
                  zero: int | None = None, host: O.HostLink | None = None, training: bool = True,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, output_rebuild_bytes: float = 0.0,
+                 grad_sync_scale: float = 1.0) -> None:
         if recompute not in (None, "none", "selective", "full", "offload"):
             raise ConfigError(f"recompute={recompute!r}: give 'none', 'selective', 'full' or 'offload' (every repeated "
                               f"block), or None to let the solver decide")
@@ -170,6 +172,8 @@ class ShardingILP(ShardingModel):
         if training and kv_cache_bytes is not None:
             raise ConfigError("kv_cache_bytes is for an inference ILP (training=False)")
         self.training = training
+        self.output_rebuild_bytes = output_rebuild_bytes   # edges.add_model_outputs
+        self.grad_sync_scale = grad_sync_scale             # edges.add_edge_vars: the bucketed gradient sums
         remat = remat and training
         # recompute decisions only where memory is constrained (with memory to spare they cost time only),
         # or where they are told
@@ -199,6 +203,7 @@ class ShardingILP(ShardingModel):
             return
         E.add_edge_vars(self, self.remat_rows)
         E.add_backward_start_grad(self)
+        E.add_model_outputs(self)
         self.buckets.collect()
         if self.remat:
             self.remat_rows.build()
@@ -275,15 +280,21 @@ def solve(gi: GraphIndex, mesh: MeshSpec, profile: ClusterProfile, *, links: tup
           budget: float | None, fix: dict[str, list[str]] | None = None, backend: str = "auto",
           time_limit: float = 60.0, keys: dict[str, KeyInfo] | None = None, remat: bool = True,
           offload: bool = True, recompute: str | None = None, zero: int | None = None, training: bool = True,
-          kv_cache_bytes: int | None = None) -> Solution:
+          kv_cache_bytes: int | None = None, output_rebuild_bytes: float = 0.0,
+          grad_sync_scale: float = 1.0) -> Solution:
     """``offload``: offer activation and optimizer offload (solver.offload; never where the host is the
     device); ``recompute`` / ``zero``: pin those memory decisions (see autopar.plan). ``training=False``:
     the inference ILP (the forward alone, solver.forward_memory; ``kv_cache_bytes`` its declared KV cache),
-    which takes none of those decisions; ``keys`` must then come from collect_keys(training=False)."""
+    which takes none of those decisions; ``keys`` must then come from collect_keys(training=False).
+    ``output_rebuild_bytes``: what handing the outputs back in the model's structure allocates
+    (solver.saved.output_rebuild_bytes; edges.add_model_outputs). ``grad_sync_scale``: the share of the
+    bucketed data-parallel gradient sums one solved step pays (a pipeline's unit solve at one of m
+    micro-batches: 1/m, as the pipeline runtime sums gradients once per step)."""
     t0 = time.perf_counter()
     keys = keys if keys is not None else collect_keys(gi, mesh, profile, fix, training=training)
     host = O.host_link(profile) if offload and training else None
-    mode = {} if training else {"training": False, "kv_cache_bytes": kv_cache_bytes}   # training: as before
+    mode = {"output_rebuild_bytes": output_rebuild_bytes, "grad_sync_scale": grad_sync_scale} if training else \
+        {"training": False, "kv_cache_bytes": kv_cache_bytes}
     ilp = ShardingILP(gi, keys, mesh, links, budget, remat=remat, recompute=recompute, zero=zero, host=host, **mode)
     ilp.build()
     t1 = time.perf_counter()
@@ -349,9 +360,11 @@ def _solve_keeping_blocks(ilp: ShardingILP, backend: str, time_limit: float
     (the products of strategy one-hots and recompute fractions, Remat.build, relax to mixtures of a
     memory-heavy and a light plan, each recomputed as suits it: zoo LLaMA (2, 2) at 40 %: root bound 0.0151 s
     against plans of 0.0182 s, 60 s without proof), this one's is nearly tight (0.01817 against 0.01817:
-    proven optimal in ~4 s). Its plan bounds the full solve from above (_solve_below). Returns (result,
+    proven optimal in ~4 s). Its plan bounds the full solve from above (_solve_below), proven optimal or not (a
+    plan found at the time limit is kept: the full solve may still prove it optimal, "Infeasible" below it, or
+    find nothing in the time left, and then it is the answer rather than no plan at all). Returns (result,
     objective, every variable's value), or None: nothing to stage (recompute told or absent, no HiGHS for
-    the cutoff), or no proven-optimal plan without recompute."""
+    the cutoff), or no plan without recompute."""
     lists = ilp.remat_rows.lists
     if not lists or ilp.recompute is not None or not B.cutoff_supported(backend):
         return None
@@ -365,7 +378,7 @@ def _solve_keeping_blocks(ilp: ShardingILP, backend: str, time_limit: float
             var.lowBound = low
     log.info("stage one (no recompute): %s, %s, %.1f s", res.status, "optimal" if res.optimal else "not proven",
              res.seconds)
-    if not (res.has_plan and res.optimal):
+    if not res.has_plan:
         return None
     return res, float(pulp.value(ilp.prob.objective) or 0.0), {v.name: v.varValue for v in ilp.prob.variables()}
 
@@ -374,7 +387,8 @@ def _solve_below(ilp: ShardingILP, stage0: tuple[B.SolveResult, float, dict[str,
                  time_limit: float, distrust) -> B.SolveResult:
     """The full solve with stage one's objective T0 as a cutoff: a plan below it wins; "Infeasible" proves
     stage one's plan optimal for the full model (restored, optimal); no plan within the time limit restores
-    it, not proven (the same plan in any process: it does not depend on how far the search got). The cutoff
+    it, not proven (the same plan in any process where stage one's was proven optimal: it does not depend on
+    how far the search got). The cutoff
     sits 1e-4 below T0 (HiGHS's relative gap: it may report a plan within that of the bound), and a plan
     it returns that is not below T0 loses to stage one's."""
     res0, t0, values = stage0

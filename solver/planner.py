@@ -15,19 +15,10 @@ from autopar.core.plan import FusedKernel, LayerCost, ModelInfo, NodeSharding, P
 from autopar.solver import cost as C
 from autopar.solver import fusion as F
 from autopar.solver import ilp
-from autopar.solver.saved import saved_tensors
+from autopar.solver.saved import output_rebuild_bytes, saved_tensors
 from autopar.solver.strategies import Strategy
 
 log = logging.getLogger(__name__)
-
-
-def _expand_fqn(fqn: str, gi: GraphIndex) -> list[str]:
-    """``blocks.*.attn.w`` -> ``blocks.0.attn.w`` ... for every block of a shared (possibly folded) list."""
-    for lst in gi.shared_lists:
-        prefix = f"{lst}.*."
-        if fqn.startswith(prefix):
-            return [f"{lst}.{i}.{fqn[len(prefix):]}" for i in range(gi.layer_counts[lst])]
-    return [fqn]
 
 
 def _row_name(key: str) -> str:
@@ -46,7 +37,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
                time_limit: float = 60.0, phase_times: dict[str, float] | None = None,
                force: dict[str, Strategy] | None = None, fusions: list[dict] | None = None,
                offload: bool = True, recompute: str | None = None, zero: int | None = None,
-               precision: dict | None = None, training: bool = True, kv_cache_bytes: int | None = None) -> Plan:
+               precision: dict | None = None, training: bool = True, kv_cache_bytes: int | None = None,
+               grad_sync_scale: float = 1.0) -> Plan:
     """Solve a plan for a captured model. ``force`` pins graph keys to one of their strategies (tests,
     tools); ``fix``/``prefer`` pin placements by glob, ``recompute`` / ``zero`` the memory decisions
     (see autopar.plan). ``fusions``: groups of captured nodes that will run as one fused kernel,
@@ -56,7 +48,8 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
     the device (pipeline stages). ``precision`` (plan.precision): the plan is costed at the dtypes autocast gives
     each op (solver.cost.precision_graph: compute at that dtype's peak, activations and their reshardings at
     their size) and the tensors kept for backward are traced under autocast (solver.saved: lower-precision
-    copies of weights and activations the matmuls keep); parameters, gradients and AdamW states stay float32."""
+    copies of weights and activations the matmuls keep); parameters, gradients and AdamW states stay float32.
+    ``grad_sync_scale``: see ilp.solve (a pipeline stage's plan at one of m micro-batches: 1/m)."""
     t0 = time.perf_counter()
     gi = C.precision_graph(index_graph(cap), precision, profile)
     links = profile.dim_links(mesh, nodes)
@@ -79,9 +72,11 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         if key in unfused:
             unfused[key] = [unfused[key][j]]
     t2 = time.perf_counter()
+    mode = {"output_rebuild_bytes": output_rebuild_bytes(cap.program), "grad_sync_scale": grad_sync_scale} \
+        if training else \
+        {"training": False, "kv_cache_bytes": kv_cache_bytes}   # see ilp.solve
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, fix=fix, backend=backend,
-                    time_limit=time_limit, keys=keys, offload=offload, recompute=recompute, zero=zero,
-                    **({} if training else {"training": False, "kv_cache_bytes": kv_cache_bytes}))  # see ilp.solve
+                    time_limit=time_limit, keys=keys, offload=offload, recompute=recompute, zero=zero, **mode)
 
     param_placements: dict[str, tuple[str, ...]] = {}
     members = gi.by_key()
@@ -136,10 +131,10 @@ def plan_graph(cap: CapturedModel, mesh: MeshSpec, profile: ClusterProfile, *, n
         mb["host"] = int(sol.host_bytes)   # offloaded bytes in host memory (not part of the device peak)
     checkpoint, offload = [], []
     for lst, (full, selective) in sorted(sol.remat.items()):   # the first blocks are recomputed
-        checkpoint += [f"{lst}.{i}:full" for i in range(full)]
-        checkpoint += [f"{lst}.{i}:selective" for i in range(full, full + selective)]
+        checkpoint += [f"{gi.block_name(lst, i)}:full" for i in range(full)]
+        checkpoint += [f"{gi.block_name(lst, i)}:selective" for i in range(full, full + selective)]
         first = full + selective                                 # the next ones offload their activations
-        offload += [f"{lst}.{i}" for i in range(first, first + sol.offload.get(lst, 0))]
+        offload += [gi.block_name(lst, i) for i in range(first, first + sol.offload.get(lst, 0))]
     fused = [FusedKernel(kind=r["kind"], root=r["root"], nodes=tuple(r["nodes"]), count=r["count"],
                          time_saved_s=r["time_saved_s"])
              for r in F.fusion_records(gi, sol.keys, shares, unfused, sol.chosen, profile, mesh.shape)]
@@ -176,10 +171,8 @@ def _numel(shape) -> int:
 def _num_params(cap: CapturedModel, gi: GraphIndex) -> int:
     total = 0
     for fqn, shape in cap.param_shapes.items():
-        m = 1
-        for lst in gi.shared_lists:
-            if fqn.startswith(lst + "."):
-                m = gi.layer_counts[lst] / gi.observed_counts[lst]
+        lst = gi.shared_list_of(fqn)
+        m = gi.layer_counts[lst] / gi.observed_counts[lst] if lst is not None else 1
         total += _numel(shape) * m
     return int(total)
 
@@ -197,10 +190,4 @@ def _param_shapes(cap: CapturedModel, gi: GraphIndex) -> dict[str, tuple[int, ..
 
 def _full_fqns(fqn: str, gi: GraphIndex) -> list[str]:
     """A captured FQN -> the FQNs it stands for in the full model (every block of a shared list)."""
-    for lst in gi.shared_lists:
-        m = re.match(rf"^{re.escape(lst)}\.\d+\.(.*)$", fqn)
-        if m and gi.observed_counts[lst] == gi.layer_counts[lst]:
-            return [fqn]  # every block was captured: the names are the model's (a pipeline stage: blocks 4..7)
-        if m:
-            return _expand_fqn(f"{lst}.*.{m.group(1)}", gi)
-    return [fqn]
+    return gi.full_fqns(fqn)

@@ -47,9 +47,9 @@ def draw_memory(cap: CapturedModel, seed: int) -> tuple[tuple[str, ...], tuple[s
         for i in range(gi.layer_counts[lst]):
             mode = rng.choice(("keep", "selective", "full"))
             if mode != "keep":
-                checkpoint.append(f"{lst}.{i}:{mode}")
+                checkpoint.append(f"{gi.block_name(lst, i)}:{mode}")
             if rng.random() < 0.5:
-                offload.append(f"{lst}.{i}")
+                offload.append(gi.block_name(lst, i))
     return tuple(checkpoint), tuple(offload)
 
 

@@ -40,6 +40,7 @@ outputs' local sizes, each cast copy's bytes divided by the shard factor of its 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopar.core.graph import tensor_inputs
+
+log = logging.getLogger(__name__)
 
 SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
 ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -198,7 +201,24 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
                 return None
             if on_meta:
                 args, kwargs = pytree.tree_map(off_meta, (args, kwargs))
+                try:
+                    return super().call_function(target, args, kwargs)
+                except (RuntimeError, NotImplementedError) as e:
+                    return self._as_captured(e, args, kwargs)
             return super().call_function(target, args, kwargs)
+
+        def _as_captured(self, err: Exception, args, kwargs):
+            """An op of a meta-built graph the CPU has no kernel for (HF Mixtral's ``histc`` on int32, chosen
+            because the capture device was meta, not the CPU): where no input requires grad, autograd keeps
+            nothing of it, and its output is the captured shape (``meta['val']``) on the CPU; otherwise the
+            error stands (what it would keep is unknown)."""
+            n = state["node"]
+            val = n.meta.get("val")
+            grads = any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs)))
+            if grads or val is None:
+                raise err
+            return pytree.tree_map(lambda v: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=cpu)
+                                   if isinstance(v, torch.Tensor) else v, val)
 
         def run_node(self, n):
             state["node"] = n
@@ -252,3 +272,46 @@ def saved_tensors(gm: fx.GraphModule, grad_inputs: set[str] | None = None,
     return {n: Saved(frozenset(outputs.get(n, ())), extra.get(n, 0.0),
                      frozenset((i, *w) for (m, i), ws in kept_by.items() if m == n for w in ws),
                      frozenset(cast_bytes.get(n, {}).items())) for n in names}
+
+
+class _NewBytes(TorchDispatchMode):
+    """Sums the bytes of the tensors ops allocate while it is on (fake tensors: nothing is computed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {id(_root(t)) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(_root(t)) not in seen:
+                self.nbytes += _nbytes(t)
+                seen.add(id(_root(t)))
+        return out
+
+
+def output_rebuild_bytes(program) -> float:
+    """Bytes the runtime allocates when it hands the graph's outputs back in the model's structure
+    (``pytree.tree_unflatten`` with the export's output spec, as autopar.runtime.module does): measured on
+    fake tensors. Most containers hold the tensors they are given (0 bytes); transformers' DynamicCache is
+    rebuilt by ``update``, which concatenates every layer's keys and values onto an empty cache: a copy of
+    the whole cache, live at the end of the forward beside the returned tensors."""
+    spec = program.call_spec.out_spec
+    out_node = next(n for n in program.graph_module.graph.nodes if n.op == "output")
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in pytree.tree_leaves(out_node.args[0])]
+    if spec is None:
+        return 0.0
+    cpu = torch.device("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        leaves = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=cpu)
+                  if isinstance(v, torch.Tensor) else v for v in vals]
+        counter = _NewBytes()
+        try:
+            with counter:
+                pytree.tree_unflatten(leaves, spec)
+        except Exception as e:   # an output structure that cannot be rebuilt from fake leaves
+            log.warning("could not measure the rebuild of the model's outputs (%s: %s); not charged",
+                        type(e).__name__, e)
+            return 0.0
+    return counter.nbytes

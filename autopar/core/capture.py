@@ -115,14 +115,37 @@ def _block_signature(m: nn.Module) -> tuple:
                               list(m.named_parameters()) + list(m.named_buffers()))
 
 
+# How many leading blocks of a ModuleList may differ from the identical blocks after them for the list still to be
+# folded (T5: block 0 alone holds the relative-position bias; DeepSeek-V3: three dense blocks before the MoE ones).
+# A list whose differing block comes later is captured whole: folding is exact or absent.
+MAX_HEAD_BLOCKS = 3
+
+
 def _foldable_lists(model: nn.Module, min_len: int) -> dict[str, nn.ModuleList]:
     """ModuleLists of at least ``min_len`` blocks of one class with identical parameter shapes."""
+    return {n: m for n, (m, head) in fold_candidates(model, min_len, max_head=0).items()}
+
+
+def list_head(blocks: list[nn.Module]) -> int:
+    """The number of leading blocks that differ from the run of identical blocks the list ends with (0: all
+    blocks alike; ``len - 1``: the last block differs from the one before it)."""
+    sigs = [_block_signature(b) for b in blocks]
+    head = len(sigs) - 1
+    while head > 0 and sigs[head - 1] == sigs[-1]:
+        head -= 1
+    return head
+
+
+def fold_candidates(model: nn.Module, min_len: int, *, max_head: int = MAX_HEAD_BLOCKS
+                    ) -> dict[str, tuple[nn.ModuleList, int]]:
+    """ModuleLists of at least ``min_len`` blocks whose blocks after the first ``head <= max_head`` ones (the
+    list's head) are of one class with identical parameter shapes, at least two of them: name -> (list, head)."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) >= min_len and name:
-            sig = _block_signature(mod[0])
-            if all(_block_signature(b) == sig for b in mod):
-                out[name] = mod
+            head = list_head(list(mod))
+            if head <= max_head and len(mod) - head >= 2:
+                out[name] = (mod, head)
     # keep the outermost lists only
     return {n: m for n, m in out.items() if not any(n.startswith(o + ".") for o in out if o != n)}
 
@@ -131,24 +154,26 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: boo
             fold_min_layers: int = 4, fold_blocks: int = 2) -> CapturedModel:
     """Export ``model`` on ``example_inputs`` (tuple = positional, dict = keyword) without running it.
 
-    With ``fold_layers`` a ModuleList of >= ``fold_min_layers`` identical blocks is captured with
-    ``fold_blocks`` (two) of them (export time grows with depth); the planner scales their costs back to the true
-    count, recorded in ``folded_layers``. If the folded model does not export, the full one is.
+    With ``fold_layers`` a ModuleList of >= ``fold_min_layers`` blocks that are identical after a head of at most
+    ``MAX_HEAD_BLOCKS`` differing ones (``fold_candidates``) is captured with its head and ``fold_blocks`` (two) of
+    the identical blocks (export time grows with depth); the planner scales their costs back to the true count,
+    the list's length recorded in ``folded_layers``. If the folded model does not export, the full one is.
     """
     full_params = tuple((n, tuple(int(x) for x in p.shape))
                         for n, p in model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module) else ()
     if fold_layers and isinstance(model, nn.Module):
-        lists = _foldable_lists(model, fold_min_layers)
+        lists = {n: (m, head) for n, (m, head) in fold_candidates(model, fold_min_layers).items()
+                 if head + fold_blocks < len(m)}   # folding that drops no block is no folding
         if lists:
             saved = {}
             try:
-                for name, mod in lists.items():
+                for name, (mod, head) in lists.items():
                     parent_name, _, attr = name.rpartition(".")
                     parent = model.get_submodule(parent_name) if parent_name else model
                     saved[name] = (parent, attr, mod)
-                    setattr(parent, attr, nn.ModuleList(list(mod)[:fold_blocks]))
+                    setattr(parent, attr, nn.ModuleList(list(mod)[:head + fold_blocks]))
                 cap = _capture(model, example_inputs)
-                return dataclasses.replace(cap, folded_layers={n: len(m) for n, m in lists.items()},
+                return dataclasses.replace(cap, folded_layers={n: len(m) for n, (m, _) in lists.items()},
                                            model_params=full_params)
             except CaptureError as e:
                 if "could not capture" in str(e) and not _folding_related(e):

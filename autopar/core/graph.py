@@ -10,7 +10,11 @@ full graph:
   when the block is structurally the same as the list's other blocks (they then share solver
   variables), ``blocks.3/...`` when it differs.
 
-Parameter FQNs of shared layers are keyed with ``*`` for the layer index. This module imports only
+A list's shared blocks are the run of identical blocks it ends with (at least two, or every block); up to
+``MAX_HEAD_BLOCKS`` blocks before them may differ (T5's block 0 holds the relative-position bias): that head
+is keyed by index (``blocks.0/...``), stands for itself alone, and its nodes have no ``layer`` (they are
+planned as the ops outside the lists are). A capture with folded blocks holds the head and two of the shared
+blocks. Parameter FQNs of shared layers are keyed with ``*`` for the layer index. This module imports only
 autopar's core and must not decide anything: it describes the graph.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from autopar.core.capture import CapturedModel
+from autopar.core.capture import MAX_HEAD_BLOCKS, CapturedModel
 
 _LAYER = re.compile(r"^(?P<list>.+?)\.(?P<idx>\d+)(?:\.|$)")
 
@@ -63,17 +67,41 @@ class GNode:
     inputs: tuple[InputRef, ...]
     fqns: tuple[str, ...] = ()                 # parameter/buffer FQNs
     module_path: str = ""
-    layer: tuple[str, int] | None = None       # (list fqn, index) for nodes inside a repeated block
+    layer: tuple[str, int] | None = None       # (list fqn, index) for nodes inside a repeated block (not a head)
     fx_node: fx.Node | None = None
 
 
 @dataclass(kw_only=True)
 class GraphIndex:
     nodes: dict[str, GNode]                    # by fx node name, graph order
-    layer_counts: dict[str, int]               # list fqn -> true number of blocks (folded or not)
-    observed_counts: dict[str, int]            # list fqn -> blocks present in this graph
+    layer_counts: dict[str, int]               # list fqn -> true number of (shared) blocks (folded or not)
+    observed_counts: dict[str, int]            # list fqn -> (shared) blocks present in this graph
     shared_lists: set[str] = field(default_factory=set)
     output_refs: tuple[InputRef, ...] = ()
+    heads: dict[str, int] = field(default_factory=dict)         # shared list -> leading captured blocks that differ
+    first_shared: dict[str, int] = field(default_factory=dict)  # shared list -> index of its first shared block
+
+    def block_name(self, lst: str, i: int) -> str:
+        """The module FQN of the i-th shared block of ``lst`` (counted from the first block this graph holds,
+        after the list's head)."""
+        return f"{lst}.{self.heads.get(lst, 0) + i}"
+
+    def shared_list_of(self, fqn: str) -> str | None:
+        """The shared list whose shared blocks hold ``fqn`` (a parameter or module FQN); None outside them,
+        a list's head included."""
+        lay = _layer_of_path(fqn)
+        if lay is None or lay[0] not in self.shared_lists:
+            return None
+        return lay[0] if lay[1] >= self.first_shared.get(lay[0], 0) else None
+
+    def full_fqns(self, fqn: str) -> list[str]:
+        """A captured FQN -> the FQNs it stands for in the full model (every shared block of a folded list)."""
+        lst = self.shared_list_of(fqn)
+        if lst is None or self.observed_counts[lst] == self.layer_counts[lst]:
+            return [fqn]   # every block was captured: the names are the model's (a pipeline stage: blocks 4..7)
+        rest = _layer_of_path(fqn)[2].lstrip(".")
+        return [f"{self.block_name(lst, i)}.{rest}" if rest else self.block_name(lst, i)
+                for i in range(self.layer_counts[lst])]
 
     def by_key(self) -> dict[str, list[GNode]]:
         out: dict[str, list[GNode]] = defaultdict(list)
@@ -190,11 +218,6 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
     for g in nodes.values():
         g.inputs = tuple(r for r in g.inputs if r.src in nodes)
 
-    observed: dict[str, int] = defaultdict(int)
-    for lst, _ in layer_members:
-        observed[lst] += 1
-    true_counts = {lst: cap.folded_layers.get(lst, c) for lst, c in observed.items()}
-
     # relative keys within a block, then signatures to decide sharing
     rel: dict[str, str] = {}
     for (lst, idx), members in layer_members.items():
@@ -221,25 +244,37 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
         return tuple((rel[g.name], g.outputs, tuple(rel[r.src] if r.src in names else "ext" for r in g.inputs))
                      for g in members)
 
-    shared: dict[tuple[str, int], bool] = {}
-    first_sig: dict[str, tuple] = {}
+    # a list's shared blocks: the run of identical blocks it ends with, when that is every block or at least two
+    # after a head of at most MAX_HEAD_BLOCKS differing ones
+    sigs: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
     for (lst, idx), members in sorted(layer_members.items(), key=lambda kv: kv[0][1]):
-        sig = signature(members)
-        first_sig.setdefault(lst, sig)
-        shared[(lst, idx)] = sig == first_sig[lst]
-    shared_lists = {lst for lst in observed if all(shared[(l2, i)] for (l2, i) in shared if l2 == lst)}
+        sigs[lst].append((idx, signature(members)))
+    heads: dict[str, int] = {}
+    for lst, seq in sigs.items():
+        j = len(seq) - 1
+        while j > 0 and seq[j - 1][1] == seq[-1][1]:
+            j -= 1
+        if j == 0 or (len(seq) - j >= 2 and j <= MAX_HEAD_BLOCKS):
+            heads[lst] = j
+    shared_lists = set(heads)
+    head_blocks = {(lst, sigs[lst][i][0]) for lst, j in heads.items() for i in range(j)}
+    first_shared = {lst: sigs[lst][j][0] for lst, j in heads.items()}
+    observed = {lst: len(seq) - heads.get(lst, 0) for lst, seq in sigs.items()}
+    true_counts = {lst: cap.folded_layers.get(lst, len(seq)) - heads.get(lst, 0) for lst, seq in sigs.items()}
 
     ordinal_outside: dict[str, int] = defaultdict(int)
     for g in nodes.values():
         if g.layer is not None:
             lst, idx = g.layer
-            tag = "*" if lst in shared_lists else str(idx)
+            tag = "*" if lst in shared_lists and (lst, idx) not in head_blocks else str(idx)
             r = rel[g.name]
             if g.kind == "op":
                 g.key = f"{lst}.{tag}/{r}"
             else:
                 kind, sub = r.split(":", 1)
                 g.key = f"{kind}:{lst}.{tag}.{sub}"
+            if (lst, idx) in head_blocks:   # a head block stands for itself: planned as ops outside the lists are
+                g.layer = None
         elif g.kind == "op":
             base = f"{g.module_path or 'root'}/{op_name(g.target)}"
             g.key = f"{base}#{ordinal_outside[base]}"
@@ -257,15 +292,16 @@ def index_graph(cap: CapturedModel) -> GraphIndex:
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_refs = tuple(InputRef(src=a.name, out=0) for a in pytree.tree_leaves(out_node.args)
                      if isinstance(a, fx.Node) and a.name in nodes)
-    return GraphIndex(nodes=nodes, layer_counts=true_counts, observed_counts=dict(observed),
-                      shared_lists=shared_lists, output_refs=out_refs)
+    return GraphIndex(nodes=nodes, layer_counts=true_counts, observed_counts=observed, shared_lists=shared_lists,
+                      output_refs=out_refs, heads={k: v for k, v in heads.items() if v},
+                      first_shared={k: v for k, v in first_shared.items() if heads[k]})
 
 
 def folding_problem(cap: CapturedModel, gi: GraphIndex) -> str | None:
     """Why a capture with folded blocks does not stand for the whole model (None: it does). Folding is
-    exact only when the captured blocks of each folded list are the same graph (they share keys, which
-    the plan expands to every block) and no output of the model comes from inside a block (per-layer
-    outputs, such as a key/value cache or hidden states of every layer, would be missing)."""
+    exact only when the captured blocks of each folded list after its head are the same graph (they share keys,
+    which the plan expands to every block after the head) and no output of the model comes from inside a shared
+    block (per-layer outputs, such as a key/value cache or hidden states of every layer, would be missing)."""
     for lst in cap.folded_layers:
         if lst not in gi.shared_lists:
             return f"the captured blocks of {lst!r} are not the same graph"

@@ -92,8 +92,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, mesh_shape: tuple[i
 def capture_exact(model: nn.Module, example_inputs: ExampleInputs, *, fold_layers: bool = True) -> CapturedModel:
     """``capture``, with repeated blocks folded only where folding stands for the whole model; otherwise the
     model is captured again with every block. Folding must pass ``graph.folding_problem`` on the capture with
-    two blocks, and the graph outside the blocks must be the same with three (a model whose code outside its
-    layer list loops over the layers, e.g. building one mask per layer, fails this)."""
+    two blocks (after a list's head, see ``graph``), and with three the graph outside the blocks and the lists'
+    heads must be the same (a model whose code outside its layer list loops over the layers, e.g. building one
+    mask per layer, fails this)."""
     cap = capture(model, example_inputs, fold_layers=fold_layers)
     if not cap.folded_layers:
         return cap
@@ -104,6 +105,8 @@ def capture_exact(model: nn.Module, example_inputs: ExampleInputs, *, fold_layer
         outside = lambda g: {n.key for n in g.nodes.values() if n.layer is None}   # noqa: E731
         if outside(three) != outside(gi):
             problem = "the graph outside the repeated blocks changes with the number of blocks"
+        elif any(lst not in three.shared_lists or three.heads.get(lst) != gi.heads.get(lst) for lst in cap.folded_layers):
+            problem = "a third captured block differs from the two before it"
     if problem is not None:
         log.info("planning every block (no folding): %s", problem)
         cap = capture(model, example_inputs, fold_layers=False)
