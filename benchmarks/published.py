@@ -215,16 +215,22 @@ def planner(rs: list[Row], cluster: ClusterProfile) -> list[dict]:
     return out
 
 
-def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...], time_limit: float = 60.0
+def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...], time_limit: float = 60.0,
+                 variants: tuple[str, ...] = ("free", "published_microbatches"), plans: dict | None = None
                  ) -> list[dict]:
     """autopar's own pipeline planner (autopar.frontend.pipeline.plan_pipeline: the inter-op DP over the intra-op
     ILP's unit costs) on the row's model (autopar's example GPT at the row's size, dropout 0.1, tied head, on the
     meta device), mesh pp x dp x tp and 80 GB per GPU, with bf16 autocast: free choice of schedule and micro-batches,
     and 1F1B forced to the published micro-batch count; stages recompute their blocks where keeping the activations
     does not fit (the partition decides). Its prices are autopar's runtime's, not Megatron-LM's: data-parallel
-    gradients summed once per step after the schedule (not overlapped), and every rank of a stage sends the whole
-    micro-batch's boundary activation (gathered over dp and tp) to its peer, where Megatron-LM sends its dp
-    replica's share (and with scatter/gather a 1/t slice of it): ``comm_s`` in the time breakdown."""
+    gradients summed once per step after the schedule (not overlapped); stage boundaries sent per rank in the
+    placements the stage plans give them (each rank its own piece of its dp replica's share, cut further over tp
+    where scatter/gather pays: ``solver.pipeline.send_placement``), at the captured dtype (float32: the residual
+    stream autocast keeps in float32); ``comm_s`` in the time breakdown is those sends on the critical pp rank
+    (the last stage sends nothing on, so it is 0 where that rank is critical). ``speedup``: the published
+    configuration's predicted step time over autopar's plan's, ``as_fast``: autopar's plan is predicted at least as
+    fast, with at most the device's memory (both are checked against the same 80 GB). ``variants``: which of the
+    two to plan; ``plans``: filled with the Plan objects by (row, variant)."""
     import time
 
     import torch
@@ -249,6 +255,8 @@ def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...],
                "published_predicted_step_s": round(predict(c, cluster, gpus=r.gpus).step_time_s, 4)}
         for label, pipe in (("free", "auto"), ("published_microbatches",
                                                {"schedule": "1f1b", "microbatches": c.micro_batches})):
+            if label not in variants:
+                continue
             t0 = time.perf_counter()
             try:
                 plan = plan_pipeline(model, {"idx": idx, "labels": idx}, mesh, cluster,
@@ -257,6 +265,8 @@ def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...],
             except Exception as e:  # noqa: BLE001  (a benchmark row records why it has no plan)
                 row[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 continue
+            if plans is not None:   # the plans themselves, for a caller that inspects them
+                plans[(r.name, label)] = plan
             row[label] = {"predicted_step_s": round(plan.predicted.step_time_s, 4),
                           "schedule": plan.pipeline["schedule"], "microbatches": plan.pipeline["microbatches"],
                           "virtual_stages": plan.pipeline["virtual_stages"],
@@ -265,7 +275,10 @@ def autopar_plan(rs: list[Row], cluster: ClusterProfile, names: tuple[str, ...],
                                                     if st["plan"] is not None and st["plan"].get("checkpoint")),
                           "memory_gib": round(plan.predicted.peak_memory_bytes / 2**30, 2),
                           "bubble_fraction": round(plan.pipeline["predicted_bubble_fraction"], 4),
-                          "planning_s": round(time.perf_counter() - t0, 1)}
+                          "planning_s": round(time.perf_counter() - t0, 1),
+                          "speedup": round(row["published_predicted_step_s"] / plan.predicted.step_time_s, 4),
+                          "as_fast": bool(plan.predicted.step_time_s <= row["published_predicted_step_s"]
+                                          and plan.predicted.peak_memory_bytes <= cluster.device.memory_capacity)}
         out.append(row)
     return out
 

@@ -27,12 +27,16 @@ MEMORY_PASSES = (checkpoint_regions, offload_activations)
 
 
 def build_parallel_graph(cap: CapturedModel, plan: Plan, *, defer_param_grads: bool = True,
-                         fuse: bool | None = None) -> tuple[fx.GraphModule, ShardingContext]:
+                         fuse: bool | None = None, output_shardings: list[list[str]] | None = None
+                         ) -> tuple[fx.GraphModule, ShardingContext]:
     """The rewritten graph (inputs: local params, buffers, user inputs; outputs replicated). With
     ``defer_param_grads=False`` data-parallel gradient sums happen inline (no bucketed reducer needed).
     ``fuse``: substitute runtime_kernels' fused ops (None: when CUDA is available, where they run as
-    Triton kernels; on the CPU they run their torch references)."""
+    Triton kernels; on the CPU they run their torch references). ``output_shardings``: per flattened output,
+    the placements to return it in (a pipeline stage's send placements) instead of replicated."""
     ctx = ShardingContext.build(cap, plan)
+    if output_shardings is not None:
+        ctx.output_targets = tuple(" ".join(sh) for sh in output_shardings)
     gm = copy_graph_module(cap.program.graph_module)
     for p in PASSES:
         gm = p(gm, ctx, defer_param_grads=defer_param_grads) if p is insert_collectives else p(gm, ctx)

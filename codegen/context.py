@@ -18,6 +18,9 @@ class ShardingContext:
     gi: GraphIndex
     shardings: dict[str, NodeSharding]     # fx node name -> placements from the plan
     mesh_shape: tuple[int, ...]
+    # per graph output (flattened, in order): the placements it is returned in; None: replicated (a pipeline
+    # stage returns the values it sends on in its send placements, autopar.frontend.applying.apply_pipeline)
+    output_targets: tuple[str, ...] | None = None
 
     @staticmethod
     def build(cap: CapturedModel, plan: Plan) -> "ShardingContext":

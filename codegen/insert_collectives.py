@@ -1,4 +1,5 @@
-"""Pass: make every op read its inputs in the plan's placements, and return replicated outputs.
+"""Pass: make every op read its inputs in the plan's placements, and return replicated outputs (a pipeline
+stage's outputs in the placements it sends them in: ``ShardingContext.output_targets``).
 
 For each tensor argument of each op, when the producer's planned output placement differs from
 the placement the op's strategy needs (or the gradient must be reduced on the way back), insert
@@ -49,7 +50,8 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
                        ) -> fx.GraphModule:
     """Requires: ctx has placements for every tensor node. Ensures: each op's inputs are resharded to its
     strategy's placements (with reduced gradients where the strategy splits work; identical reshards of one
-    value are shared, so their gradients are summed before one reduction); graph outputs are replicated.
+    value are shared, so their gradients are summed before one reduction); graph outputs are replicated (or
+    placed as ``ctx.output_targets`` says, one per flattened output).
     With ``defer_param_grads`` the data-parallel gradient sums of parameters are not inlined but listed in
     ``gm.meta["autopar_deferred_grads"]`` (placeholder -> mesh dims) for the bucketed reducer."""
     g = gm.graph
@@ -97,19 +99,22 @@ def insert_collectives(gm: fx.GraphModule, ctx: ShardingContext, *, defer_param_
         node.kwargs = fx.node.map_aggregate(node.kwargs, remap)
     out = g.output_node() if hasattr(g, "output_node") else next(n for n in g.nodes if n.op == "output")
     replicated = " ".join("R" for _ in ctx.mesh_shape)
+    slot = iter(range(1 << 30))
 
-    def to_replicated(a):
+    def to_target(a):
+        i = next(slot)
         if not is_tensor_input(a):
             return a
         src = ctx.output_sharding(after_getitem.get(a.name, a.name))
-        if src == replicated:
+        dst = ctx.output_targets[i] if ctx.output_targets is not None else replicated
+        if src == dst:
             return a
-        if _replicate_loss_in_place(a, src):
+        if dst == replicated and _replicate_loss_in_place(a, src):
             return a
         with g.inserting_before(out):
-            return g.call_function(parallel_ops.reshard, (a, mesh, src, replicated))
+            return g.call_function(parallel_ops.reshard, (a, mesh, src, dst))
 
-    out.args = fx.node.map_aggregate(out.args, to_replicated)
+    out.args = fx.node.map_aggregate(out.args, to_target)
     gm.recompile()
     return gm
 

@@ -8,14 +8,20 @@ resharding, one micro-batch), ``w_u`` parameter + gradient + optimizer bytes per
 activation bytes saved per micro-batch. Stage ``s`` holding blocks ``[j, i)`` (the prefix joins
 the first stage, the suffix the last) has
 
-    T_s = sum_{u in s} t_u + c_s                c_s = 2 (alpha + beta * bytes of the boundary
+    T_s = sum_{u in s} t_u + c_s                c_s = 2 (alpha + beta * this rank's bytes of the boundary
                                                       activation) + g when s is not the last stage
     M_s = sum_{u in s} w_u + f_s * sum_{u in s} a_u
 
-with ``g`` the boundary's gathers on the sub-mesh: a stage's output is made whole (replicated) before it is
-sent, and the next stage's input gradient is gathered whole in backward (``ops.collectives.to_local_input``),
-each a reshard from the boundary's placement in the unit solve to replicated (``cost.transition_time``);
-and ``f_s`` the micro-batches in flight on that stage: GPipe ``m``; 1F1B ``min(m, p - s)``;
+Stage boundaries are sent per rank (``send_placement``): every rank of a stage sends its own piece of the
+boundary value, in the placements the producing op has on the sub-mesh, to the rank with the same sub-mesh
+coordinates in the next stage, which takes it in those placements (no gather). A partial sum cannot be sent
+per rank: it is summed over its mesh dim first (``P -> R``). Where the value is whole on a mesh dim it may be
+cut over that dim before the send and gathered again on the receiving side (Megatron-LM's scatter/gather,
+Narayanan et al. SC'21 sec. 4.1), when that is cheaper. ``g`` is that resharding, forward and backward,
+on the sub-mesh (``boundary_seconds``, ``cost.transition_time``); the plan records each stage's send placements
+(``pipeline.stages[i].send_placements``, written by ``autopar.frontend.pipeline``, run by
+``autopar.frontend.applying.apply_pipeline``). ``f_s`` is the micro-batches in flight on that stage: GPipe ``m``;
+1F1B ``min(m, p - s)``;
 interleaved 1F1B (``v`` chunks per rank, stage ``s`` on rank ``s mod p``) the Megatron warm-up
 count ``min(m v, (v - 1) p + 2 (p - r - 1) + 1)`` divided over the rank's ``v`` chunks.
 
@@ -77,7 +83,7 @@ from autopar.core.errors import ConfigError, InfeasiblePlanError
 from autopar.core.graph import index_graph
 from autopar.core.mesh import MeshSpec
 from autopar.core.options import PIPELINE_SCHEDULES, PipelineOptions
-from autopar.core.placement import Replicate
+from autopar.core.placement import Partial, Replicate, Shard
 from autopar.solver import cost as C
 from autopar.solver import ilp
 from autopar.solver.categories import MemCategory
@@ -110,8 +116,8 @@ class UnitCosts:
     block: UnitCost
     suffix: UnitCost
     num_blocks: int
-    boundary_bytes: float    # one block's output (what a stage sends), per micro-batch
-    boundary_gather_s: float = 0.0   # gathering it whole before the send, and its gradient in backward
+    boundary_bytes: float    # a rank's piece of one block's output (what each rank sends), per micro-batch
+    boundary_reshard_s: float = 0.0  # resharding it to its send placements and back, forward and backward
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +171,8 @@ def matching_patterns(gi, fix: dict | None, prefer: dict | None) -> tuple[dict, 
 def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: ClusterProfile,
                links: tuple[LinkSpec, ...], *, budget: float | None = None, backend: str = "auto",
                time_limit: float = 60.0, fix: dict | None = None, prefer: dict | None = None,
-               compute_dtype: torch.dtype = torch.float32) -> UnitCosts:
+               compute_dtype: torch.dtype = torch.float32, pp_link: LinkSpec | None = None,
+               microbatches: int = 1) -> UnitCosts:
     """Solve the intra-op ILP for ``cap`` (captured at one micro-batch) on the sub-mesh and split its
     chosen costs into prefix / one block / suffix. ``budget`` bounds the whole model's memory on one
     sub-mesh (the caller passes p x the device budget: each of p stages gets one device's); the DP
@@ -173,7 +180,11 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     ``prefer`` (sub-mesh placements) pin what they match in this graph (see matching_patterns).
     ``compute_dtype``: the plan's autocast dtype (plan.precision): ops are costed at the dtypes autocast gives
     them (solver.cost.autocast_graph); stage boundaries are sent at their captured dtype, as the pipeline
-    runtime casts them back to it."""
+    runtime casts them back to it, in ``send_placement`` (``pp_link``: the link between stages, which decides
+    whether a boundary is cut further before the send; None: never). ``microbatches``: how many micro-batches of
+    this capture make a step; the solve charges each its 1/m share of the data-parallel gradient sums, which the
+    runtime runs once per step (ilp.solve's ``grad_sync_scale``), so the choice of placements is not biased
+    towards avoiding a sum it pays m times over."""
     gi32 = index_graph(cap)
     gi = autocast_graph(gi32, compute_dtype, "cpu" if profile.host_is_device else "cuda")
     if layer_list not in gi.layer_counts:
@@ -184,14 +195,15 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
     keys = ilp.collect_keys(gi, mesh, profile, fix or None, prefer or None)
     # as the stage plans (autopar.frontend.pipeline): no offload (the stage DP does not account host memory) and
     # no ZeRO in pipeline stages yet
+    share = 1.0 / max(1, microbatches)   # of each data-parallel gradient sum, in the solve's edge times
     sol = ilp.solve(gi, mesh, profile, links=links, budget=budget, backend=backend, time_limit=time_limit, keys=keys,
-                    offload=False, zero=0)
+                    offload=False, zero=0, grad_sync_scale=share)
     order = {name: i for i, name in enumerate(gi.nodes)}
     in_block = [order[g.name] for g in gi.nodes.values() if g.layer is not None and g.layer[0] == layer_list]
     first_block = min(in_block)
     acc = {u: {"t": 0.0, "w": 0.0, "a": 0.0, "g": 0.0, "y": 0.0, "r": 0.0, "k": 0.0}
            for u in ("prefix", "block", "suffix")}
-    boundary = gather = 0.0
+    boundary = reshard = 0.0
     sync, fwd_edges = step_edge_seconds(gi, sol.keys, sol.chosen, mesh, links)
     for key, strat in sol.chosen.items():
         info = sol.keys[key]
@@ -200,7 +212,7 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
         unit = _unit_of(node, gi, layer_list, order, first_block)
         mem = info.memory[j]
         # the data-parallel gradient sums the edges into this key carry run once per step, not per micro-batch
-        acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0) - sync.get(key, 0.0)
+        acc[unit]["t"] += info.mult * info.compute[j].total + sol.edge_time.get(key, 0.0) - share * sync.get(key, 0.0)
         acc[unit]["y"] += sync.get(key, 0.0)
         acc[unit]["r"] += info.mult * (info.compute[j].fwd_s + info.remat_extra.bwd_s) + fwd_edges.get(key, 0.0)
         acc[unit]["w"] += info.mult * sum(v for k, v in mem.items() if k != MemCategory.ACTIVATIONS)
@@ -212,10 +224,10 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
             users = [u for u in g.fx_node.users] if g.fx_node is not None else []
             if any(layer_of_gnode(gi, u.name, layer_list) != g.layer for u in users):
                 meta = gi32.nodes[g.name].outputs[0]
-                boundary = max(boundary, float(meta.nbytes))
-                gather = max(gather, 2 * C.transition_time(meta, sol.chosen[g.key].outputs[0],
-                                                           tuple(Replicate() for _ in mesh.shape), tuple(mesh.shape),
-                                                           links))
+                src = tuple(sol.chosen[g.key].outputs[0])
+                send = send_placement(meta, src, tuple(mesh.shape), links, pp_link)
+                boundary = max(boundary, C.local_bytes(meta, send, tuple(mesh.shape)))
+                reshard = max(reshard, boundary_seconds(meta, src, send, tuple(mesh.shape), links))
                 # what a checkpointed block keeps: its input, the previous block's output, as placed
                 acc["block"]["k"] = max(acc["block"]["k"], n * C.local_bytes(
                     meta, sol.chosen[g.key].outputs[0], tuple(mesh.shape)))
@@ -226,7 +238,54 @@ def unit_costs(cap: CapturedModel, layer_list: str, mesh: MeshSpec, profile: Clu
                        kept_bytes=min(v["k"], v["a"]) / n if u == "block" else v["a"])
            for u, v in acc.items()}
     return UnitCosts(prefix=per["prefix"], block=per["block"], suffix=per["suffix"], num_blocks=n,
-                     boundary_bytes=boundary, boundary_gather_s=gather)
+                     boundary_bytes=boundary, boundary_reshard_s=reshard)
+
+
+def grad_placements(sh: tuple) -> tuple:
+    """The placements of a value's gradient (ops.collectives' default): a shard's gradient is sharded alike, a
+    replicated value's is replicated, and a partial sum's is replicated (every rank's part needs all of it)."""
+    return tuple(Replicate() if isinstance(x, Partial) else x for x in sh)
+
+
+def boundary_seconds(meta, src: tuple, send: tuple, mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...]) -> float:
+    """Resharding a boundary value from its producer's placements ``src`` to the placements it is sent in, and
+    back to ``src`` on the receiving stage (whose unit plan reads it as ``src``), forward and backward: the
+    sub-mesh part of a stage boundary's price (the send itself is the pp link's)."""
+    g_src, g_send = grad_placements(src), grad_placements(send)
+    back = tuple(Replicate() if isinstance(x, Partial) else x for x in src)   # a partial sum arrives summed
+    return (C.transition_time(meta, src, send, mesh_shape, links)
+            + C.transition_time(meta, send, back, mesh_shape, links)
+            + C.transition_time(meta, g_send, g_src, mesh_shape, links)
+            + C.transition_time(meta, grad_placements(back), g_send, mesh_shape, links))
+
+
+def send_placement(meta, src: tuple, mesh_shape: tuple[int, ...], links: tuple[LinkSpec, ...],
+                   pp_link: LinkSpec | None) -> tuple:
+    """The placements a stage sends a boundary value in, from the placements ``src`` its producer gives it on the
+    sub-mesh (module docstring; the one rule the pricing here and the plan's ``send_placements`` follow): partial
+    sums summed (``P -> R``), then, mesh dim by mesh dim, a dim on which the value is whole is cut along the
+    largest tensor dim it splits evenly (not already split) when the smaller send saves more than gathering it
+    back costs on the receiving side (Megatron-LM's scatter/gather)."""
+    send = tuple(Replicate() if isinstance(x, Partial) else x for x in src)
+    if pp_link is None or meta is None or not meta.shape:
+        return send
+
+    def price(sh):
+        ab = pp_link.collectives["send_recv"]
+        return 2 * ab.beta * C.local_bytes(meta, sh, mesh_shape) + boundary_seconds(meta, src, sh, mesh_shape, links)
+
+    for d, n in enumerate(mesh_shape):
+        if n <= 1 or not isinstance(send[d], Replicate):
+            continue
+        used = {x.dim for x in send if isinstance(x, Shard)}
+        dims = [k for k in range(len(meta.shape)) if k not in used and meta.shape[k] % n == 0]
+        if not dims:
+            continue
+        k = max(dims, key=lambda k: (meta.shape[k], k))
+        cut = send[:d] + (Shard(k),) + send[d + 1:]
+        if price(cut) < price(send):
+            send = cut
+    return send
 
 
 def step_edge_seconds(gi, keys: dict, chosen: dict, mesh: MeshSpec, links: tuple[LinkSpec, ...]
@@ -299,7 +358,7 @@ def _stage_costs(u: UnitCosts, j: int, i: int, link: LinkSpec | None, last: bool
     comm = 0.0
     if not last and link is not None:
         ab = link.collectives["send_recv"]
-        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes) + u.boundary_gather_s
+        comm = 2 * (ab.alpha + link.sync_s + ab.beta * u.boundary_bytes) + u.boundary_reshard_s
     return t + comm, w, a
 
 

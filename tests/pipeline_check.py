@@ -91,6 +91,7 @@ def check_pipeline_step(rank: int, world: int, spec: str, mesh_shape: tuple[int,
     # the blocks each stage runs under torch.utils.checkpoint (stage plans with recompute)
     out["checkpointed"] = sorted(m.fqn for st in pm.stage_modules.values() if hasattr(st, "graph_module")
                                  for m in st.graph_module.modules() if type(m).__name__ == "CheckpointedRegion")
+    out["reducer_calls"] = pm.reducer.calls()   # the once-per-step data-parallel sums (0: no replicated weight)
     out["stage_checkpoint"] = sorted(e for r in pm.plan.pipeline["stages"] if r["plan"] is not None
                                      for e in r["plan"].get("checkpoint", []))
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)

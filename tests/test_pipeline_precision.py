@@ -44,6 +44,7 @@ def test_fp16_pipeline_is_refused():
         def __init__(self) -> None:
             self.plan = None
             self.stage_io = {0: ([], [([2], torch.float32)])}
+            self.received = {}
             self.mesh = type("M", (), {"device_type": "cpu"})()
 
     pm = PM()

@@ -69,3 +69,58 @@ def test_each_rows_command_is_the_cli_prediction(capsys):
         assert main(P.command(r).split()[1:] + ["--json"]) == 0
         got = json.loads(capsys.readouterr().out)["step_time_s"]
         assert got == pytest.approx(P.predict(r.plan, A100, gpus=r.gpus).step_time_s, rel=1e-12)
+
+
+def test_show_compare_prints_a_pipeline_plan_beside_a_priced_configuration(tmp_path, capsys):
+    """``autopar show PLAN --compare PREDICTION``: a pipelined plan beside ``autopar predict --json``'s pricing of
+    a Megatron-style configuration on the same devices (both step times, their ratio, both peak memories); a
+    prediction on other devices or a file that is not one is a ConfigError (the CLI prints it and fails)."""
+    import json
+
+    import autopar
+    from autopar.core.errors import ConfigError
+    from autopar.models import build_model
+    from autopar.tools.cli import main, show_compare
+    from autopar.tools.report import fmt_bytes, fmt_time
+
+    model, inputs = build_model("gpt-tiny", batch=4, seq=8, device="meta")
+    plan = autopar.plan(model, inputs, mesh_shape=(2, 2), mesh_dim_names=("pp", "dp"), cluster="h100-sxm",
+                        pipeline={"schedule": "1f1b", "microbatches": 2})
+    plan.to_json(tmp_path / "plan.json")
+    flags = ("predict --layers 2 --hidden 64 --heads 4 --seq 8 --vocab 256 --global-batch 4 --micro-batch 1 "
+             "--tp 1 --pp 2 --dp 2 --cluster h100-sxm --json")
+    for name, gpus in (("same.json", 4), ("other.json", 8)):
+        assert main(flags.split() + ["--gpus", str(gpus)] + (["--dp", "4"] if gpus == 8 else [])) == 0
+        (tmp_path / name).write_text(capsys.readouterr().out)
+    pred = json.loads((tmp_path / "same.json").read_text())
+    assert main(["show", str(tmp_path / "plan.json"), "--compare", str(tmp_path / "same.json")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("beside "):]
+    mine, other = (line for line in table.splitlines() if line.startswith(("this plan", "compared")))
+    assert fmt_time(plan.predicted.step_time_s) in mine and fmt_bytes(plan.predicted.peak_memory_bytes) in mine
+    assert "pp=2 x dp=2" in mine and "1f1b, 2 micro-batches" in mine
+    assert fmt_time(pred["step_time_s"]) in other and fmt_bytes(pred["peak_memory_bytes"]) in other
+    assert other.rstrip().endswith(f"{pred['step_time_s'] / plan.predicted.step_time_s:.2f}x")
+    for bad, msg in (("other.json", "on the same devices"), ("plan.json", "autopar predict ... --json")):
+        assert main(["show", str(tmp_path / "plan.json"), "--compare", str(tmp_path / bad)]) != 0
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="same devices"):
+        show_compare(plan, str(tmp_path / "other.json"))
+
+
+@pytest.mark.slow
+def test_autopar_plans_39b_at_least_as_fast_as_the_published_configuration():
+    """Issue 21, the planner at scale: autopar's own pipeline plan for Table 1's 39.1B row (512 A100s, mesh
+    pp 2 x dp 32 x tp 8, 1F1B at the published 48 micro-batches) is predicted at least as fast as the published
+    configuration priced by the same cost model, within 80 GB; its stage boundary is sent split over dp (each rank its
+    piece: the price depends on it)."""
+    plans = {}
+    (row,) = P.autopar_plan([r for r in P.rows() if r.name == "39.1B"], A100, ("39.1B",),
+                            variants=("published_microbatches",), plans=plans)
+    got = row["published_microbatches"]
+    assert "error" not in got, got
+    assert got["predicted_step_s"] <= row["published_predicted_step_s"], row
+    assert got["as_fast"] and got["memory_gib"] * 2**30 <= A100.device.memory_capacity
+    plan = plans[("39.1B", "published_microbatches")]
+    send = plan.pipeline["stages"][0]["send_placements"][0]    # (dp, tp) placements of the residual stream
+    assert send[0] == "S(0)", send

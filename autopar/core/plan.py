@@ -364,12 +364,32 @@ def _pipeline(p: Any, mesh: MeshSpec) -> dict | None:
                 raise PlanFormatError(f"{ws}.{k}: expected a list of strings")
         if "plan" not in st:
             raise PlanFormatError(f"{ws}.plan: missing field")
+        if "send_placements" in st:
+            _send_placements(st, ws, mesh, pp_dim, i == len(stages) - 1)
         if st["plan"] is not None:
             try:
                 Plan.from_dict(st["plan"])
             except PlanFormatError as e:
                 raise PlanFormatError(f"{ws}.plan: {e}") from None
     return p
+
+
+def _send_placements(st: dict, ws: str, mesh: MeshSpec, pp_dim: str, last: bool) -> None:
+    """A stage's ``send_placements``: per output, one placement per non-pp mesh dim, shards or replicated."""
+    sends = st["send_placements"]
+    w = f"{ws}.send_placements"
+    if last:
+        raise PlanFormatError(f"{w}: the last stage sends nothing on; drop the field")
+    if not isinstance(sends, list) or ("outputs" in st and len(sends) != len(st["outputs"])):
+        raise PlanFormatError(f"{w}: expected one list of placements per output")
+    for j, sh in enumerate(sends):
+        if not isinstance(sh, list) or len(sh) != mesh.ndim - 1:
+            raise PlanFormatError(f"{w}[{j}]: expected {mesh.ndim - 1} placements (the mesh dims besides "
+                                  f"{pp_dim!r}), got {sh!r:.60}")
+        parse_sharding(sh, field=f"{w}[{j}]")
+        for x in sh:
+            if x.startswith("P("):
+                raise PlanFormatError(f"{w}[{j}]: a partial sum cannot be sent per rank; use 'R' (summed first)")
 
 
 def _field(d: dict, key: str, typ, where: str):

@@ -25,6 +25,7 @@ from autopar.core.mesh import PP_DIM
 from autopar.core.options import ApplyOptions, PlanOptions
 from autopar.core.plan import Plan
 from autopar.frontend.planning import plan as autopar_plan
+from autopar.ops.parallel_ops import local_shape
 from autopar.runtime.faults import check_same_plan
 from autopar.runtime.module import ParallelModule
 from autopar.runtime.pipeline import PipelineModule, stage_io
@@ -44,7 +45,7 @@ def _example_inputs_for(model: nn.Module, plan: Plan) -> dict:
 
 
 def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
-          defer_param_grads: bool = True) -> nn.Module:
+          defer_param_grads: bool = True, output_shardings: list[list[str]] | None = None) -> nn.Module:
     """Rewrite ``model`` for ``plan`` on ``mesh`` (a torch DeviceMesh); needs an initialized process group.
 
     Returns a ParallelModule with the original parameter FQNs, every parameter a DTensor with the
@@ -53,7 +54,9 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
     with ``autopar.forward_backward``). ``defer_param_grads=False`` reduces data-parallel gradients
     inside each backward instead of in overlapped buckets. An inference plan (``plan.mode == "inference"``,
     ``autopar.plan(training=False)``) gives a module for inference: its parameters do not require grad and no
-    gradient is synchronized (no reducer, no hooks).
+    gradient is synchronized (no reducer, no hooks). ``output_shardings`` (per flattened output, placements on
+    ``mesh``; used for pipeline stages, which return what they send on in its send placements): outputs are
+    returned as local tensors under those placements instead of replicated.
     """
     ApplyOptions(input_mode=input_mode, defer_param_grads=defer_param_grads)   # validated before any work
     if not isinstance(plan, Plan):
@@ -75,7 +78,7 @@ def apply(model: nn.Module, plan: Plan, mesh, *, input_mode: str = "global",
                                 "made for; re-plan it with autopar.plan")
     # fused Triton kernels where the module runs on CUDA; the torch reference path elsewhere
     gm, ctx = build_parallel_graph(cap, plan, defer_param_grads=defer_param_grads and plan.training,
-                                   fuse=mesh_device(mesh).type == "cuda")
+                                   fuse=mesh_device(mesh).type == "cuda", output_shardings=output_shardings)
     place_factories(gm, str(mesh_device(mesh)))  # a meta-captured graph creates its tensors on the mesh's device
     inputs = {i.name: ctx.output_sharding(i.name) for i in cap.user_inputs}
     buffers = {fqn: ctx.output_sharding(name) for name, fqn in (*cap.buffer_fqns.items(), *cap.constant_fqns.items())}
@@ -164,19 +167,35 @@ def apply_pipeline(model: nn.Module, plan: Plan, mesh) -> PipelineModule:
     stages = split_stages(cap, pipe["layer_list"], [[int(x.rsplit(".", 1)[1]) for x in r["layers"]] for r in rows])
     mine: dict[int, nn.Module] = {}
     io = {}
+    received = {}
     for st, row in zip(stages, rows):
         if st.index % p != pp_rank:
             continue
-        io[st.index] = stage_io(st.module)
+        # boundaries sent per rank: each rank sends its piece in the placements the plan gives them
+        # (send_placements) to its peer in the next stage, which takes it so; without them, whole (replicated)
+        sends = row.get("send_placements") if row["plan"] is not None else None
+        recv = rows[st.index - 1].get("send_placements") if st.index > 0 and row["plan"] is not None else None
+        ins, outs = stage_io(st.module)
         if row["plan"] is not None:
+            splan = Plan.from_dict(row["plan"])
             # the bucketed reducer's gradients: summed once per step after the schedule
             # (autopar.runtime.pipeline.StepReducer takes the reducer over), not in each micro-batch's backward
-            mine[st.index] = apply(st.module, Plan.from_dict(row["plan"]), submesh)
+            mine[st.index] = apply(st.module, splan, submesh, input_mode="local" if recv is not None else "global",
+                                   output_shardings=sends)
+            if recv is not None:
+                takes = [" ".join(splan.node_shardings[f"input:{name}"].outputs[0]) for name in st.inputs]
+                received[st.index] = list(zip((" ".join(sh) for sh in recv), takes))
+                ins = [(local_shape(shape, " ".join(sh), tuple(submesh.shape)), dt) for (shape, dt), sh in
+                       zip(ins, recv)]
+            if sends is not None:
+                outs = [(local_shape(shape, " ".join(sh), tuple(submesh.shape)), dt) for (shape, dt), sh in
+                        zip(outs, sends)]
         else:
             mine[st.index] = st.module
+        io[st.index] = (ins, outs)
     holders: dict[str, set[int]] = {}
     for st in stages:
         for fqn in st.param_fqns:
             holders.setdefault(fqn, set()).add(st.index % p)
     tied = {fqn: sorted(r) for fqn, r in holders.items() if len(r) > 1}
-    return PipelineModule(plan, mesh, submesh, mine, io, mesh.get_group(PP_DIM), tied)
+    return PipelineModule(plan, mesh, submesh, mine, io, mesh.get_group(PP_DIM), tied, received)

@@ -24,11 +24,11 @@ from autopar.core.errors import ConfigError, MeshError, ShardingError
 from autopar.core.graph import index_graph
 from autopar.core.mesh import PP_DIM, MeshSpec
 from autopar.core.options import PipelineOptions
-from autopar.core.placement import Replicate, parse_sharding
+from autopar.core.placement import Replicate, format_sharding, parse_sharding
 from autopar.core.plan import ModelInfo, Plan, Predicted, SolverStats, check_precision
 from autopar.runtime.pipeline import batch_size
 from autopar.solver import plan_graph
-from autopar.solver.pipeline import TIGHTEN_FACTOR, matching_patterns, search, unit_costs
+from autopar.solver.pipeline import TIGHTEN_FACTOR, matching_patterns, search, send_placement, unit_costs
 
 __all__ = ["choose_partition", "layer_list_of", "microbatch_inputs", "plan_pipeline", "split_mesh"]
 
@@ -160,7 +160,8 @@ def choose_partition(model: nn.Module, example_inputs: ExampleInputs, mesh: Mesh
                                              backend=backend, time_limit=time_limit,
                                              fix=fix if sub is not None else None,
                                              prefer=prefer if sub is not None else None,
-                                             compute_dtype=_compute_dtype(precision))
+                                             compute_dtype=_compute_dtype(precision),
+                                             pp_link=pp_link if sub is not None else None, microbatches=m)
         return cache[(m, tighten)]
 
     part = search(costs_for, batch=batch, p=p, dp=dp, config=cfg, budget=budget, link=pp_link, recompute=recompute)
@@ -188,7 +189,7 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
                                            backend=backend, time_limit=time_limit, fold_layers=fold_layers,
                                            fix=fix, prefer=prefer, precision=precision, recompute=recompute)
     t1 = time.perf_counter()
-    _, sub, sub_profile, _ = split_mesh(mesh, profile, nodes)
+    _, sub, sub_profile, pp_link = split_mesh(mesh, profile, nodes)
     a, k = microbatch_inputs(example_inputs, part.microbatches)
     cap = capture(model, _as_inputs(a, k), fold_layers=False)
     stages = split_stages(cap, layer_list, [list(s) for s in part.stages])
@@ -205,10 +206,15 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
                           f"'param:blocks.0.attn.qkv.weight', 'blocks.*/attn.qkv/linear#0' (see the stages' "
                           f"node_shardings; a later stage's inputs are named in pipeline.stages[i].inputs)")
     stage_plans: list[Plan | None] = []
+    sends: list[list[list[str]] | None] = []
     for st, scap, (sfix, sprefer) in zip(stages, scaps, patterns):
         if sub is None:
             stage_plans.append(None)
+            sends.append(None)
             continue
+        if st.index > 0:   # a stage takes its inputs in the placements the previous stage sends them in
+            sfix = {**sfix, **{f"input:{name}": sh for name, sh in zip(st.inputs, sends[-1]) if f"input:{name}"
+                               not in sfix}}
         # the stage ILP sees one micro-batch's activations: leave room for the others in flight
         room = budget - part.stage_extra_inflight_bytes[st.index] if budget is not None else None
         # zero=0: pipeline stages step their parameters with a plain optimizer (no ZeRO shards at run time yet);
@@ -218,15 +224,32 @@ def plan_pipeline(model: nn.Module, example_inputs: ExampleInputs, mesh: MeshSpe
         stage_plans.append(plan_graph(scap, sub, sub_profile, budget=room if room is None or room > 0 else budget,
                                       fix=sfix or None, prefer=sprefer or None, backend=backend,
                                       time_limit=time_limit, offload=False, zero=0, recompute=srecompute,
-                                      precision=precision))   # priced at autocast's dtypes, its copies kept
+                                      precision=precision,   # priced at autocast's dtypes, its copies kept
+                                      grad_sync_scale=1.0 / part.microbatches))   # summed once per step
         if stage_plans[-1].checkpoint:   # the solver counts a stage's blocks from 0: name the stage's own blocks
             stage_plans[-1] = dataclasses.replace(stage_plans[-1], checkpoint=tuple(
                 _stage_block(entry, layer_list, st.layers) for entry in stage_plans[-1].checkpoint))
+        last = st.index == len(stages) - 1
+        sends.append(None if last else send_placements(scap, stage_plans[-1], sub, sub_profile, pp_link))
     t2 = time.perf_counter()
     phases = dict(phase_times or {})
     phases.update({"pipeline_partition": t1 - t0, "stage_plans": t2 - t1})
-    out = _assemble(cap, mesh, profile, part, layer_list, stages, stage_plans, phases, example_inputs)
+    out = _assemble(cap, mesh, profile, part, layer_list, stages, stage_plans, phases, example_inputs, sends)
     return out if precision is None else dataclasses.replace(out, precision=dict(precision))
+
+
+def send_placements(scap, splan: Plan, sub: MeshSpec, sub_profile: ClusterProfile, pp_link) -> list[list[str]]:
+    """Per output of a stage (in order), the sub-mesh placements each rank sends it in: the placements the stage's
+    plan gives the value, as ``solver.pipeline.send_placement`` turns them (partial sums summed; maybe cut for
+    scatter/gather) -- the rule the partition priced the boundary by."""
+    gi = index_graph(scap)
+    links = sub_profile.dim_links(sub)
+    out = []
+    for ref in gi.output_refs:
+        g = gi.nodes[ref.src]
+        src = parse_sharding(list(splan.node_shardings[g.key].outputs[ref.out]), field=f"{g.key} output")
+        out.append(format_sharding(send_placement(g.outputs[ref.out], tuple(src), tuple(sub.shape), links, pp_link)))
+    return out
 
 
 def _stage_block(entry: str, layer_list: str, layers: tuple[int, ...]) -> str:
@@ -261,14 +284,14 @@ def stage_example_inputs(st) -> tuple:
 
 
 def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: str, stages, stage_plans, phases,
-              example_inputs) -> Plan:
+              example_inputs, sends) -> Plan:
     k = mesh.dim_names.index(PP_DIM)
     full = {i.name: i for i in cap.user_inputs}
     inputs = tuple({"name": i.name, "shape": [part.microbatches * i.shape[0], *i.shape[1:]], "dtype": i.dtype,
                     "arg": i.arg} for i in full.values())
     params: dict[str, tuple[str, ...]] = {}
     rows = []
-    for st, sp in zip(stages, stage_plans):
+    for st, sp, send in zip(stages, stage_plans, sends):
         for fqn in st.param_fqns:
             sub = list(sp.param_placements[fqn]) if sp is not None else []
             params[fqn] = tuple(sub[:k] + ["R"] + sub[k:])
@@ -277,6 +300,8 @@ def _assemble(cap, mesh: MeshSpec, profile: ClusterProfile, part, layer_list: st
                      "inputs": list(st.inputs), "outputs": list(st.outputs),
                      "time_s": part.stage_time_s[st.index], "memory_bytes": int(part.stage_memory_bytes[st.index]),
                      "plan": json.loads(sp.to_json()) if sp is not None else None})   # plain JSON values
+        if send is not None:   # the placements each rank sends its outputs in (the next stage takes them so)
+            rows[-1]["send_placements"] = send
     field = {"pp_dim": PP_DIM, "layer_list": layer_list, "num_layers": sum(len(s.layers) for s in stages),
              "schedule": part.schedule, "microbatches": part.microbatches, "virtual_stages": part.virtual_stages,
              "predicted_bubble_fraction": part.bubble_fraction, "predicted_accum_s": part.accum_s, "stages": rows}

@@ -6,6 +6,11 @@ ParallelModule, the plan's schedule (torch's ``ScheduleGPipe`` / ``Schedule1F1B`
 used by stages on several pp ranks (tied embedding and LM head) get their gradients summed over the pp
 group. Stages are built by ``autopar.frontend.applying.apply_pipeline``; this module never plans.
 
+Stage boundaries are sent per rank: a stage returns each value it sends on as this rank's local piece in the
+plan's ``send_placements`` (codegen reshards it there), torch's stages send it to the rank with the same
+coordinates on the other pp dims, and the next stage takes it as its local input (``input_mode="local"``), with
+the local shapes as static metadata. A plan without ``send_placements`` sends whole, replicated values.
+
 Data-parallel gradients are summed once per step, not once per micro-batch: every stage is applied with
 the bucketed reducer (``defer_param_grads=True``: no gradient all-reduce inside the stage graphs), and
 ``StepReducer`` takes that reducer's buckets (``autopar.core.runtime_rules.grad_buckets``, as the flat
@@ -25,7 +30,9 @@ from autopar.core.capture import ExampleInputs, normalize_inputs
 from autopar.core.errors import ConfigError, PlanMismatchError
 from autopar.core.mesh import PP_DIM
 from autopar.core.plan import Plan
-from autopar.ops.parallel_ops import local_chunk
+from autopar.ops.collectives import redistribute
+from autopar.ops.parallel_ops import local_chunk, placements
+from autopar.runtime.module import _adopt_grad
 from autopar.runtime.precision import check_precision, compute_dtype, precision_context
 
 __all__ = ["PipelineModule", "StepReducer", "batch_size", "forward_backward", "stage_io"]
@@ -41,9 +48,11 @@ class PipelineModule(nn.Module):
     whole batch through every rank at once)."""
 
     def __init__(self, plan: Plan, mesh, submesh, stage_modules: dict[int, nn.Module], stage_io: dict,
-                 pp_group, tied: dict[str, list[int]]):
+                 pp_group, tied: dict[str, list[int]], received: dict[int, list[tuple[str, str]]] | None = None):
         super().__init__()
         self.__dict__["stage_io"] = stage_io
+        # per stage taking its inputs per rank: (placements sent in, placements its plan reads them in) per input
+        self.__dict__["received"] = dict(received or {})
         self.__dict__["plan"] = plan
         self.__dict__["mesh"] = mesh
         self.__dict__["submesh"] = submesh
@@ -112,8 +121,27 @@ def _cast(t, dtype):
     return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
 
 
+class _ReceivingStage(nn.Module):
+    """A stage whose plan reads an input in other placements than the previous stage sends it in (a partial sum
+    the sender summed first: ``R -> P``, no communication; or a stage told to read it otherwise): each input is
+    redistributed (autograd-aware, ``ops.collectives.redistribute``) before the stage runs."""
+
+    def __init__(self, stage: nn.Module, mesh, conversions: list[tuple[str, str]]):
+        super().__init__()
+        self.stage, self.mesh = stage, mesh
+        self.conversions = [(placements(a), placements(b)) for a, b in conversions]
+
+    def forward(self, *args):
+        return self.stage(*(redistribute(x, a, b, mesh=self.mesh) if a != b else x
+                            for x, (a, b) in zip(args, self.conversions)))
+
+
 def _stage_module(pm: PipelineModule, s: int, mod: nn.Module) -> nn.Module:
-    """The module torch's PipelineStage runs for stage ``s``: ``mod``, under autocast for a lower-precision plan."""
+    """The module torch's PipelineStage runs for stage ``s``: ``mod`` (taking inputs sent per rank in the
+    placements its plan reads them in), under autocast for a lower-precision plan."""
+    conv = pm.received.get(s)
+    if conv is not None and any(a != b for a, b in conv):
+        mod = _ReceivingStage(mod, pm.submesh, conv)
     if compute_dtype(pm.plan) == torch.float32:
         return mod
     if check_precision(pm.plan.precision)["loss_scaling"] == "dynamic":
@@ -285,12 +313,17 @@ class StepReducer:
         return sum(len(dims) for _, _, buckets in self.stages for _, dims in buckets)
 
     def held(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Before a step: the (already summed) gradients the bucketed parameters hold (accumulation over steps)."""
+        """Before a step: the (already summed) gradients the bucketed parameters hold (accumulation over steps).
+        Each local leaf first takes its parameter's ``.grad`` as the stage's forward would (``_adopt_grad``): a
+        gradient the optimizer cleared (``zero_grad(set_to_none=True)`` sets the parameter's to None, not the
+        leaf's) holds nothing, rather than last step's sum, which ``reduce`` would subtract from this step's."""
         out = {}
         for i, (mod, _, buckets) in enumerate(self.stages):
             for fqns, _ in buckets:
                 for fqn in fqns:
-                    g = mod._leaf(fqn).grad
+                    leaf = mod._leaf(fqn)
+                    _adopt_grad(mod._leaves[fqn][0], leaf)
+                    g = leaf.grad
                     if g is not None:
                         out[(i, fqn)] = g.detach().clone()
         return out

@@ -121,11 +121,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace, model, inputs, free: Plan, profile, opts: PlanOptions) -> None:
-    """``plan --compare``: each explicit mode (DataParallel, TensorParallel 1D/2D/2.5D/3D) on the same devices
-    beside the solver's plan (autopar.frontend.explicit.compare_modes)."""
+    """``plan --compare`` / ``show --compare``: each explicit mode (DataParallel, TensorParallel 1D/2D/2.5D/3D)
+    on the same devices beside the solver's plan (autopar.frontend.explicit.compare_modes)."""
     keep = ("memory_budget", "backend", "time_limit", "nodes", "fold_layers", "fuse", "offload", "recompute")
     with _Phase("explicit modes"):
-        rows = compare_modes(model, inputs, MeshSpec.make(args.mesh).size, cluster=profile, free=free,
+        rows = compare_modes(model, inputs, free.mesh.size, cluster=profile, free=free,
                              **{k: getattr(opts, k) for k in keep})
     base = free.predicted.step_time_s
     table = [[r["mode"], r["mesh"] or "-", fmt_time(r["step_time_s"]), fmt_time(r["comm_s"] or 0.0),
@@ -178,9 +178,33 @@ def _check_sweep_args(args: argparse.Namespace) -> None:
             raise ConfigError("--sweep-out needs matplotlib: pip install 'autopar[plot]' (or matplotlib>=3.7)") from None
 
 
+COMPARE_MODES = "<explicit modes>"   # `show --compare` without a file: the explicit modes beside the plan
+
+
+def _model_of(plan: Plan, spec: str):
+    """The built-in model ``spec`` on meta at the plan's input shapes; PlanMismatchError if it is not the
+    model the plan was made for."""
+    shapes = {i["name"]: i["shape"] for i in plan.model.inputs}
+    batch, seq = (list(next(iter(shapes.values()), [1, 1])) + [1, 1])[:2]
+    model, inputs = build_model(spec, batch=batch, seq=seq, device="meta")
+    if capture(model, inputs, fold_layers=bool(plan.model.folded_layers)).fingerprint() != plan.model.fingerprint:
+        raise PlanMismatchError(f"{spec} with inputs {shapes} is not the model the plan was made for; give the "
+                                f"--model the plan was made with")
+    return model, inputs
+
+
 def cmd_show(args: argparse.Namespace) -> int:
 
     plan = Plan.from_json(args.plan)
+    if args.compare == COMPARE_MODES:
+        if args.explain or not args.model:
+            raise ConfigError("show --compare re-plans the model under each explicit mode beside this plan: give "
+                              "--model, the spec the plan was made with (e.g. --model llama-tiny), and no --explain")
+        model, inputs = _model_of(plan, args.model)
+        print(render(plan))
+        opts = PlanOptions(fold_layers=bool(plan.model.folded_layers), nodes=args.nodes, time_limit=args.time_limit)
+        _compare(args, model, inputs, plan, plan.cluster, opts)
+        return 0
     if args.explain:
 
         if not args.model:
@@ -189,7 +213,42 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(summary(plan) + "\n\n" + render_explanation(explain(plan, args.model, top=args.alternatives)))
         return 0
     print(render(plan))
+    if args.compare:
+        print("\n" + show_compare(plan, args.compare))
     return 0
+
+
+def show_compare(plan: Plan, path: str) -> str:
+    """``show --compare PREDICTION``: the plan beside a configuration priced by ``autopar predict --json`` (e.g. a
+    published Megatron-LM configuration of the same model on the same devices): step time, its parts, peak memory."""
+    try:
+        pred = json.loads(Path(path).read_text())
+        other_time, parts = float(pred["step_time_s"]), dict(pred["breakdown"]["time"])
+        other_mem, other_mesh = int(pred["peak_memory_bytes"]), dict(pred["mesh"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"show --compare reads the JSON `autopar predict --json` prints (e.g. `autopar predict "
+                          f"... --json > published.json`); {path!r} is not one: {e}") from None
+    devices = 1
+    for v in other_mesh.values():
+        devices *= int(v)
+    if devices != plan.mesh.size:
+        raise ConfigError(f"show --compare compares configurations on the same devices: the plan's mesh has "
+                          f"{plan.mesh.size}, the prediction's {other_mesh} has {devices}")
+    mine = plan.predicted.time_breakdown
+    keys = [k for k in dict.fromkeys([*mine, *parts]) if mine.get(k) or parts.get(k)]
+    pipe = plan.pipeline
+    how = (f"{pipe['schedule']}, {pipe['microbatches']} micro-batches" if pipe else "no pipeline")
+    other_how = (f"{(pred.get('plan') or {}).get('schedule', '?')}, {pred.get('micro_batches', '?')} micro-batches "
+                 f"per dp rank")
+    mesh = " x ".join(f"{n}={s}" for n, s in zip(plan.mesh.dim_names, plan.mesh.shape))
+    rows = [["this plan", mesh, how, fmt_time(plan.predicted.step_time_s)]
+            + [fmt_time(mine[k]) if k in mine else "-" for k in keys]
+            + [fmt_bytes(plan.predicted.peak_memory_bytes), "1.00x"],
+            ["compared", " x ".join(f"{k}={v}" for k, v in other_mesh.items()), other_how, fmt_time(other_time)]
+            + [fmt_time(parts[k]) if k in parts else "-" for k in keys]
+            + [fmt_bytes(other_mem), f"{other_time / plan.predicted.step_time_s:.2f}x"]]
+    head = ["", "mesh", "schedule", "step time", *(k.removesuffix("_s") for k in keys), "peak memory", "time vs plan"]
+    return (f"beside {path} (predicted; `time vs plan` > 1: this plan is faster)\n" + _table(head, rows))
 
 
 def _progress(what: str, done: int, total: int) -> None:
@@ -396,8 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--explain", action="store_true",
                     help="per node: chosen sharding, its compute/comm/memory, and the next-best alternatives "
                          "(recaptures --model)")
-    sh.add_argument("--model", default=None, help="with --explain: the model spec the plan was made for")
+    sh.add_argument("--model", default=None, help="with --explain or --compare: the model spec the plan was made for")
+    sh.add_argument("--nodes", type=int, default=None, help="with --compare: nodes the devices span")
+    sh.add_argument("--time-limit", type=float, default=60.0, help="with --compare: ILP time limit per mode (s)")
     sh.add_argument("--alternatives", type=int, default=2, help="with --explain: alternatives per node (default 2)")
+    sh.add_argument("--compare", nargs="?", const=COMPARE_MODES, default=None, metavar="PREDICTION_JSON",
+                    help="also print a configuration priced by `autopar predict ... --json` (e.g. a published "
+                         "Megatron-LM configuration on the same devices) beside this plan: step time and its parts, "
+                         "peak memory. Without a file (needs --model): plan the explicit modes (DataParallel, "
+                         "TensorParallel 1D/2D/2.5D/3D) on the plan's devices and cluster and print their predicted "
+                         "step time and peak memory beside this plan's")
     sh.set_defaults(func=cmd_show)
 
     pr = sub.add_parser("profile", help="measure this cluster (collectives per mesh dim, matmul, memory) into a "
@@ -464,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(func=cmd_emit)
 
     tr = sub.add_parser("train", help="train a model from a TOML job file (one process, or under torchrun)",
-                        epilog="Sections and every key's default: autopar/train/config.py. " + EPILOG)
+                        epilog="Sections and every key's default: autopar/train/config.py. A mesh dim named pp "
+                               "runs pipeline stages (--set 'parallel.dim_names=[\"pp\",\"dp\"]'). " + EPILOG)
     tr.add_argument("--config", required=True, help="the job's TOML file (e.g. examples/llama/tiny.toml)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one key (repeatable), e.g. --set training.steps=10 --set parallel.mesh=[2,2]")
