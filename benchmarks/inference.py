@@ -96,6 +96,7 @@ def run_engine(model, prompts, outs, batch, args):
         "kv_used_over_allocated_aggregate": 1 - st.waste_aggregate,
         "kv_waste_mean_over_steps": st.waste_mean,
         "kv_waste_max_over_steps": st.waste_max,
+        "runner_path": eng.runner.path,
         "steps": eng.steps, "preemptions": sum(eng.output(i).num_preemptions for i in ids),
         "num_blocks": eng.blocks.num_blocks}
 

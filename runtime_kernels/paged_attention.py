@@ -214,3 +214,32 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             out[sl] = paged_attention_reference(query[sl], k_cache, v_cache, block_tables[i:i + 1],
                                                 seq_lens[i:i + 1], query_lens[i:i + 1], scale)
     return out
+
+
+# --- the graph op -------------------------------------------------------------------------------
+# The op a model's attention becomes on the captured graph (autopar.codegen.paged_attention_pass): it takes q/k/v in
+# SDPA's layout ``[1, heads, N, D]`` (the step's packed tokens), writes the new K/V into this layer's cache blocks
+# and attends over the cache. ``key``/``value`` may carry the query's head count (a model that repeats its kv heads
+# before SDPA, h -> h // G): then every G-th head is the kv head, and only those are written. A custom op (not a
+# Python call in the graph) so the graph stays printable, exportable and fake-tensor traceable (fake impl below).
+@torch.library.custom_op("autopar::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, query_lens: torch.Tensor, scale: float, num_splits: int = 1
+                       ) -> torch.Tensor:
+    kv_heads = k_cache.shape[1]
+    if query.shape[0] != 1 or key.shape[1] % kv_heads:
+        raise ValueError(f"paged_attention takes the packed step [1, heads, N, D] with key heads a multiple of the "
+                         f"cache's {kv_heads} kv heads; got query {tuple(query.shape)}, key {tuple(key.shape)}")
+    group = key.shape[1] // kv_heads           # > 1: K/V were repeated per query head; keep the kv heads
+    k = key[0, ::group].transpose(0, 1)        # [N, kv_heads, D]
+    v = value[0, ::group].transpose(0, 1)
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, block_tables, seq_lens, query_lens, scale,
+                          num_splits)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+@paged_attention_op.register_fake
+def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_lens, scale, num_splits=1):
+    return torch.empty_like(query)

@@ -1,4 +1,5 @@
-"""autopar's built-in GPT and Llama on the paged engine (autopar.inference.builtin): greedy outputs equal a
+"""autopar's built-in GPT and Llama on the paged engine (the captured graph with the paged-attention pass, and
+the module-by-module path of autopar.inference.builtin that tensor-parallel decoding uses): greedy outputs equal a
 plain greedy loop that reruns the whole model on the whole sequence every step (the model's own forward,
 its own positions and attention), for prompts of different lengths with chunked prefill and a cache small
 enough to preempt; other modules are refused."""
@@ -33,9 +34,13 @@ def test_builtin_greedy_equals_the_plain_model(spec):
     # 6 blocks of 8 slots: fewer than the four requests need at once, so some wait or are preempted
     eng = Engine(model, EngineConfig(block_size=8, num_blocks=6, max_num_seqs=4, max_tokens_per_step=16,
                                      prefill_chunk=8))
+    assert eng.runner.path == "graph"
     got = eng.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     assert [o.token_ids for o in got] == want
     assert sum(o.num_preemptions for o in got) > 0, "the cache was meant to be too small for all four at once"
+    mod = Engine(model, EngineConfig(block_size=8, num_blocks=6, max_num_seqs=4, max_tokens_per_step=16,
+                                     prefill_chunk=8, runner_path="modules"))
+    assert [o.token_ids for o in mod.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=True))] == want
 
 
 def test_other_modules_are_refused():

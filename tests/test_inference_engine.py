@@ -1,5 +1,5 @@
 """The engine end to end on random tiny HF models built from config (no downloads): greedy outputs equal HF
-``generate`` token for token (LLaMA with GQA, GPT-2; prompts of different lengths, chunked prefill),
+``generate`` token for token on the engine's graph path (LLaMA with GQA, GPT-2, Mistral, Qwen2 with MQA; prompts of different lengths, chunked prefill),
 a flood of more requests than the cache holds (all complete, FCFS admission, preemption by recompute,
 outputs equal running alone), prefix sharing, stopping, streaming and bad input."""
 from __future__ import annotations
@@ -68,6 +68,7 @@ def test_greedy_equals_hf_generate(make):
     prompts = prompts_of([3, 11, 26, 1, 40])
     ref = hf_greedy(model, prompts, 24)
     eng = Engine(model, EngineConfig(block_size=4, num_blocks=80, prefill_chunk=8, max_tokens_per_step=24))
+    assert eng.runner.path == "graph"                   # the captured graph, attention swapped by the codegen pass
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
     assert [o.token_ids for o in outs] == ref
     assert all(o.finish_reason == "length" for o in outs)

@@ -1,7 +1,8 @@
 """autopar.inference: serving HF causal LMs on a paged KV cache with continuous batching.
 
 Rooms, one job each: ``kv_cache`` (block manager and block pools), ``scheduler`` (who runs each step),
-``runner`` (one step of the model on the paged cache), ``sampling`` (parameters and sampler), ``engine``
+``runner`` (one step of the model on the paged cache), ``step_graph`` (the model's step captured and rewritten
+by the codegen passes: paged attention, tensor-parallel sharding), ``sampling`` (parameters and sampler), ``engine``
 (the loop), ``api`` (:class:`LLM`), ``server`` (OpenAI-compatible HTTP, optional FastAPI + uvicorn).
 """
 from autopar.inference.api import LLM, Completion

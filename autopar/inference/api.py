@@ -6,18 +6,23 @@ with the plan's placements (:mod:`autopar.inference.tensor_parallel`).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from autopar.core.errors import ConfigError, MeshError
+from autopar.core.errors import CaptureError, ConfigError, MeshError
 from autopar.core.plan import Plan
+from autopar.inference.builtin import is_builtin
 from autopar.inference.engine import Engine, EngineConfig, RequestOutput
 from autopar.inference.errors import RequestError
 from autopar.inference.sampling import SamplingParams
-from autopar.inference.tensor_parallel import shard_for_decoding
+from autopar.inference.step_graph import StepGraph
+from autopar.inference.tensor_parallel import decode_layouts, shard_for_decoding
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +45,10 @@ def load_local(path: str | Path, *, dtype: torch.dtype | None = None):
 
 
 class LLM:
-    def __init__(self, model_or_name, mesh=None, *, tokenizer=None, plan: Plan | None = None, **config) -> None:
+    def __init__(self, model_or_name, mesh=None, *, tokenizer=None, plan: Plan | None = None,
+                 prefill_plan: Plan | None = None, **config) -> None:
+        """``plan``: the inference plan of a decode step (tensor-parallel with ``mesh``); ``prefill_plan``: optionally
+        a second plan, made for a prefill-sized step, that steps carrying prompt tokens run (graph path only)."""
         if mesh is not None and plan is None:
             raise MeshError("tensor-parallel decoding needs the plan to run: plan = autopar.plan(model, "
                             "{'input_ids': ids}, mesh_shape=(n,)), then LLM(model, mesh, plan=plan)")
@@ -54,10 +62,37 @@ class LLM:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         self.model, self.tokenizer = model, tokenizer
         eos = getattr(tokenizer, "eos_token_id", None)
-        kv_heads = None
+        kv_heads, graph = None, None
         if mesh is not None:
-            kv_heads = shard_for_decoding(model, plan, mesh).kv_heads
-        self.engine = Engine(model, EngineConfig(**config), eos_token_id=eos, kv_heads=kv_heads)
+            kv_heads, graph = self._shard(model, plan, mesh, config, prefill_plan)
+        elif prefill_plan is not None:
+            raise MeshError("prefill_plan is a tensor-parallel plan: give the mesh (and plan=) too")
+        self.engine = Engine(model, EngineConfig(**config), eos_token_id=eos, kv_heads=kv_heads, step_graph=graph)
+
+    @staticmethod
+    def _shard(model, plan, mesh, config, prefill_plan=None):
+        """Tensor-parallel decoding: the captured step graph sharded by the codegen pass (the model stays whole), or,
+        with runner_path "interface"/"modules" or where the model cannot be captured, the model sharded in place
+        by torch's TP styles (module hooks, run module by module)."""
+        path = config.get("runner_path", "auto")
+        layouts = decode_layouts(model, plan, mesh.size()) if mesh.ndim == 1 else None
+        prefill = decode_layouts(model, prefill_plan, mesh.size()) if prefill_plan is not None and layouts else None
+        if path in ("auto", "graph") and layouts is not None:
+            try:
+                graph = StepGraph(model, num_splits=config.get("num_splits", 1), layouts=layouts, mesh=mesh,
+                                  prefill_layouts=prefill)
+                config["runner_path"] = "graph"
+                return layouts.kv_heads, graph
+            except CaptureError as e:
+                if path == "graph":
+                    raise
+                log.warning("tensor-parallel decoding of %s by torch TP styles: %s", type(model).__name__, e)
+        if prefill_plan is not None:
+            raise ConfigError("a separate prefill plan runs on the captured step graph only (runner_path 'auto' or "
+                              "'graph'); torch's TP styles shard the model one way")
+        kv_heads = shard_for_decoding(model, plan, mesh).kv_heads
+        config["runner_path"] = "modules" if is_builtin(model) else "interface"
+        return kv_heads, None
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

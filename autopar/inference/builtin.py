@@ -1,7 +1,9 @@
-"""autopar's built-in models (``autopar.models``: GPT, Llama) on the paged KV cache.
+"""autopar's built-in models (``autopar.models``: GPT, Llama) on the paged KV cache, module by module.
 
-HF models attend over the cache through transformers' attention registry (``runner``); the built-in models
-have no such hook and rotate or embed positions by the token's index in its (unpacked) sequence. Their
+The engine's path for every model is the captured graph rewritten by the paged-attention pass
+(``step_graph``); this module path serves the built-in Llama when it is sharded for tensor-parallel decoding
+(torch TP styles run as module hooks, which a capture would not keep), and answers ``builtin_dims``.
+The built-in models rotate or embed positions by the token's index in its (unpacked) sequence. Their
 forward is therefore run here, module by module with the model's own submodules and weights (embedding,
 norms, projections, rotary tables, MLPs, LM head), on the step's packed tokens ``[N]`` with each token's
 position in its sequence; attention is the paged one (``runtime_kernels.paged_attention``), which applies
@@ -46,9 +48,9 @@ def _llama(model: Llama, ids: torch.Tensor, pos: torch.Tensor, ctx) -> torch.Ten
         a = block.attn
         h = block.attn_norm(x)
         n = h.shape[0]
-        q = a.q_proj(h).view(n, a.n_head, a.head_dim)
-        k = a.k_proj(h).view(n, a.n_kv_head, a.head_dim)
-        v = a.v_proj(h).view(n, a.n_kv_head, a.head_dim)
+        q = a.q_proj(h).view(n, -1, a.head_dim)     # -1: the heads this rank holds
+        k = a.k_proj(h).view(n, -1, a.head_dim)
+        v = a.v_proj(h).view(n, -1, a.head_dim)
         cos, sin = a.rope.cos[pos].unsqueeze(1), a.rope.sin[pos].unsqueeze(1)   # [N, 1, D]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         x = x + a.o_proj(_attend(ctx, i, q, k, v))

@@ -34,7 +34,10 @@ class EngineConfig:
     max_num_seqs: most sequences in one step (the batch). max_tokens_per_step: most tokens computed in one
     step (decode rows plus prefill chunks). prefill_chunk: most prompt tokens of one sequence per step.
     prefix_sharing: share cached blocks of identical prompt prefixes. num_splits: split-KV programs per
-    sequence in the GPU decode kernel.
+    sequence in the GPU decode kernel. runner_path: how the model attends over the cache
+    (:class:`~autopar.inference.runner.ModelRunner`): "auto" (the captured graph rewritten by the paged-attention
+    pass; HF models it cannot capture fall back to transformers' attention interface), "graph", "interface",
+    "modules".
     """
     block_size: int = 16
     num_blocks: int | None = None
@@ -45,6 +48,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     prefix_sharing: bool = True
     num_splits: int = 1
+    runner_path: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_tokens_per_step", "prefill_chunk", "num_splits"):
@@ -102,9 +106,11 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None, *,
-                 eos_token_id: int | Seq[int] | None = None, kv_heads: int | None = None) -> None:
+                 eos_token_id: int | Seq[int] | None = None, kv_heads: int | None = None,
+                 step_graph=None) -> None:
         """``kv_heads``: kv heads this process holds when the model runs sharded by heads (tensor-parallel
-        decoding, :func:`autopar.inference.tensor_parallel.shard_for_decoding`); default the model's."""
+        decoding, :mod:`autopar.inference.tensor_parallel`); default the model's. ``step_graph``: a
+        :class:`~autopar.inference.step_graph.StepGraph` captured (and sharded) by the caller."""
         self.config = cfg = config or EngineConfig()
         self.shape = shape = model_shape(model)
         if kv_heads is not None:
@@ -123,7 +129,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_sharing=cfg.prefix_sharing)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=cfg.max_num_seqs,
                                    max_tokens_per_step=cfg.max_tokens_per_step, prefill_chunk=cfg.prefill_chunk)
-        self.runner = ModelRunner(model, self.cache, num_splits=cfg.num_splits)
+        self.runner = ModelRunner(model, self.cache, num_splits=cfg.num_splits, path=cfg.runner_path,
+                                  graph=step_graph)
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))

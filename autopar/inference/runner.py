@@ -1,33 +1,40 @@
-"""Runs one scheduled step of a HF causal LM on the paged KV cache.
+"""Runs one scheduled step of a causal LM on the paged KV cache.
 
-How the model attends over the paged cache, with no edit to the model's code: the runner registers
-autopar's paged attention under transformers' ``AttentionInterface`` (and a mask function that builds no
-mask, since the paged attention applies causality and lengths itself) and switches the model's attention
-implementation to it for the duration of each step (then back). Every HF model whose attention goes through that interface (LLaMA, Mistral, Qwen2,
-GPT-2, ...) then writes its new K/V into the cache and attends over its blocks, with RoPE and everything
-else of the model untouched. The tokens of all scheduled sequences are packed into one ``[1, N]`` batch
-(positions per sequence), so decode rows and prefill chunks of any lengths share one forward.
+The tokens of all scheduled sequences are packed into one ``[1, N]`` batch (positions per sequence), so decode
+rows and prefill chunks of any lengths share one forward. The model attends over the paged cache without any
+edit to its code, by one of three paths (``ModelRunner.path``):
 
-Why this and not swapping ``aten.scaled_dot_product_attention`` on a ``torch.export`` graph: the exported
-graph is specialised to one token count per step (a continuous batch changes it every step) and HF's
-exported attention carries its mask construction and DynamicCache handling, which a pass would have to
-undo; the attention interface is the model family's own, stable hook at exactly the point where q, k, v
-are ready. autopar's built-in models, which have no such interface, run module by module on the same
-paged attention (autopar.inference.builtin); other models are refused with a clear error.
+* ``"graph"`` (the default, every model it can capture): the model's forward over a packed step is captured
+  once by ``torch.export`` with the token count symbolic, and the codegen pass
+  :func:`autopar.codegen.paged_attention_pass.swap_paged_attention` turns each of its SDPA nodes into the paged
+  attention op (:mod:`autopar.inference.step_graph`). HF LLaMA / Mistral / Qwen2 / GPT-2-style models and
+  autopar's built-in GPT and Llama run this way.
+* ``"interface"`` (fallback for HF models the graph path cannot capture, and the path of tensor-parallel HF
+  decoding, whose torch TP styles run as module hooks that a capture would not keep): autopar's paged
+  attention registered under transformers' ``AttentionInterface`` (with a mask function that builds no mask,
+  since the paged attention applies causality and lengths itself), switched on for each step only.
+* ``"modules"`` (autopar's built-in models when sharded for tensor-parallel decoding): the model's forward
+  run module by module on the paged attention (:mod:`autopar.inference.builtin`).
+Other models are refused with a clear error.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from autopar.core.errors import AutoparError, ConfigError
+from autopar.core.errors import AutoparError, CaptureError, ConfigError
 from autopar.inference.builtin import builtin_dims, builtin_forward, is_builtin
 from autopar.inference.kv_cache import KVCache
 from autopar.inference.scheduler import Scheduled
+from autopar.inference.step_graph import StepGraph
 from autopar.runtime_kernels.paged_attention import paged_attention, write_kv
 
 PAGED = "autopar_paged"
+PATHS = ("auto", "graph", "interface", "modules")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,15 +104,51 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
                       vocab_size=cfg.vocab_size, max_model_len=max_len)
 
 
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_graph(model: torch.nn.Module, num_splits: int) -> StepGraph:
+    """The model's step graph, captured once per model object (engines on one model share it; the graph reads
+    the model's parameter tensors, so in-place weight updates show; a parameter *replaced* by a new tensor does
+    not: build a new model object, or call ``autopar.inference.runner.forget(model)``)."""
+    graphs = _GRAPHS.setdefault(model, {})
+    if num_splits not in graphs:
+        graphs[num_splits] = StepGraph(model, num_splits=num_splits)
+    return graphs[num_splits]
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop the step graphs captured for ``model`` (the next engine captures it again)."""
+    _GRAPHS.pop(model, None)
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, *, num_splits: int = 1) -> None:
-        self.builtin = is_builtin(model)   # autopar.models: run module by module (inference.builtin)
-        if not self.builtin:
-            register_paged_attention()
+    """``path``: "auto" (the captured graph, falling back to the attention interface for an HF model that cannot
+    be captured, with a warning), or one of "graph", "interface" (HF only), "modules" (built-in only)."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, *, num_splits: int = 1, path: str = "auto",
+                 graph: StepGraph | None = None) -> None:
+        if path not in PATHS:
+            raise ConfigError(f"runner path {path!r} is not one of {PATHS}")
+        self.builtin = is_builtin(model)   # autopar.models
+        if path in ("interface", "modules") and (path == "modules") != self.builtin:
+            raise ConfigError(f"the {path!r} path runs {'autopar built-in' if path == 'modules' else 'HF'} models; "
+                              f"{type(model).__name__} is {'built-in' if self.builtin else 'not built-in'}")
         self.model = model.eval()
         self.cache = cache
         self.num_splits = num_splits
         self.device = next(model.parameters()).device
+        self.graph: StepGraph | None = graph      # given: captured (and sharded) by the caller; bound at each step
+        if graph is None and path in ("auto", "graph"):
+            try:
+                self.graph = _step_graph(self.model, num_splits)
+            except CaptureError as e:
+                if path == "graph" or self.builtin:
+                    raise
+                log.warning("serving %s through transformers' attention interface: %s", type(model).__name__, e)
+        self.path = "graph" if self.graph is not None else ("modules" if self.builtin else "interface")
+        if self.path == "interface":
+            register_paged_attention()
 
     @torch.inference_mode()
     def execute(self, items: list[Scheduled], tables: dict[int, list[int]], block_size: int) -> torch.Tensor:
@@ -124,20 +167,25 @@ class ModelRunner:
             qlens.append(it.num_tokens)
             rows.append(table)
         width = max(len(r) for r in rows)
-        bt = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=self.device)
         dev = self.device
+        bt = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev)
+        ids_t, pos_t, keep_t = (torch.tensor(x, device=dev) for x in (ids, pos, keep))
         ctx = PagedContext(cache=self.cache, slot_mapping=torch.tensor(slots, device=dev), block_tables=bt,
                            seq_lens=torch.tensor(lens, device=dev), query_lens=torch.tensor(qlens, device=dev),
                            num_splits=self.num_splits)
+        if self.graph is not None:
+            if self.graph.bound is not self.cache:     # a graph shared by engines on one model: this one's cache
+                self.graph.bind(self.cache.k, self.cache.v)
+                self.graph.bound = self.cache
+            return self.graph(ids_t, pos_t, keep_t, ctx.slot_mapping, bt, ctx.seq_lens, ctx.query_lens).float()
         if self.builtin:
-            return builtin_forward(self.model, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
-                                   torch.tensor(keep, device=dev)).float()
+            return builtin_forward(self.model, ids_t, pos_t, ctx, keep_t).float()
         # the model attends over the paged cache for this call only (it stays usable on its own; ~0.1 ms)
         before = self.model.config._attn_implementation
         self.model.set_attn_implementation(PAGED)
         try:
-            out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
-                             use_cache=False, paged_ctx=ctx, logits_to_keep=torch.tensor(keep, device=dev))
+            out = self.model(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, paged_ctx=ctx,
+                             logits_to_keep=keep_t)
         finally:
             self.model.set_attn_implementation(before)
         return out.logits[0].float()
