@@ -54,7 +54,9 @@ def test_set_overrides_parse_toml_values(tmp_path):
     ("[data]\nkind = 'text'\npaths = ['missing.txt']\n", [], (r"job\.toml:3: data\.paths: .*missing\.txt' does not "
                                                              r"exist")),
     ("[model]\nsource = './no/such/dir'\n", [], r"job\.toml:2: model\.source .* does not exist"),
-    ("[parallel]\npipeline = true\n", [], r"job\.toml:2: parallel\.pipeline = true is not supported"),
+    ("[parallel]\npipeline_schedule = '1fb1'\n", [], (r"job\.toml:2: parallel\.pipeline_schedule = '1fb1' is not "
+                                                     r"one of .*did you mean '1f1b'")),
+    ("[parallel]\npipeline = 'yes'\n", [], r"job\.toml:2: parallel\.pipeline = 'yes' is not one of"),
 ])
 def test_bad_configs_name_key_file_and_line(tmp_path, text, sets, expect):
     with pytest.raises(ConfigError, match=expect):

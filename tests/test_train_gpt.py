@@ -11,9 +11,9 @@ import json
 import sys
 
 import pytest
+from launch import REPO, describe, run_command, torchrun
 
 from autopar.core.plan import Plan
-from launch import REPO, describe, run_command, torchrun
 
 SCRIPT = str(REPO / "examples" / "train_gpt.py")
 # Small, yet big enough that the solver shards weights over tp (a d_model 32 model is planned fully

@@ -91,3 +91,28 @@ def test_hf_llama_in_a_2x2_plan_one_step_export_reload(tmp_path, dist4):
         want = ref.logits[lo:lo + 4] if local.shape[0] == 4 else ref.logits
         torch.testing.assert_close(local, want, rtol=1e-4, atol=1e-5)
         assert abs(r["loss"] - float(ref.loss)) <= 1e-5 + 1e-4 * abs(float(ref.loss)), (r["loss"], float(ref.loss))
+
+
+def test_hf_model_with_weights_is_built_without_parameter_storage(tmp_path):
+    # parameters on the meta device (no storage, no random init), buffers real (the rotary tables no checkpoint
+    # holds); load_hf_weights allocates and fills every parameter, and refuses to leave one unread
+    from autopar.core.errors import PlanMismatchError
+    from autopar.train.hf_io import load_hf_weights
+    from autopar.train.model import build_model
+
+    ref = tiny_llama(tmp_path / "src")
+    cfg = load_train_config({"model": {"source": str(tmp_path / "src")}, "data": {"seq_len": 16}})
+    model, adapter = build_model(cfg)
+    assert adapter.hf_dir is not None and all(p.is_meta for p in model.parameters())
+    ref_buffers = dict(ref.named_buffers())
+    for n, b in model.named_buffers():
+        assert not b.is_meta and torch.equal(b, ref_buffers[n]), n
+    read = load_hf_weights(model, tmp_path / "src")
+    assert set(read) == {n for n, _ in ref.named_parameters()}
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        assert not p.is_meta and torch.equal(p, ref_params[n]), n
+    again, _ = build_model(cfg)
+    again.model.norm.weight2 = torch.nn.Parameter(torch.ones(4, device="meta"))   # a parameter no file holds
+    with pytest.raises(PlanMismatchError, match="weight2"):
+        load_hf_weights(again, tmp_path / "src", strict=False)

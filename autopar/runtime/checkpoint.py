@@ -9,7 +9,9 @@ A checkpoint is a directory:
 Parameters of an applied module are DTensors, so DCP reshards on load: a checkpoint saved under one
 plan or world size loads into another (DPxTP on 4 ranks -> TP on 2 ranks, or another sharding on the
 same ranks). RNG states are restored only when the world size is the one saved (a rank's stream has
-no meaning under another layout).
+no meaning under another layout). A pipelined module (each rank holds its stages) records every rank's
+parameters, and keys its optimizer's state and param groups by parameter FQN (DCP's
+``flatten_optimizer_state_dict``; ``optimizer_flat`` in ``autopar.json``), as its ranks' param groups differ.
 
 Loading never executes code: autopar's files are JSON; DCP's ``.metadata`` (a pickle) is read with an
 unpickler that resolves only DCP's metadata classes, torch dtypes/sizes and paths; tensors and
@@ -35,6 +37,7 @@ from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, filesystem, metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -138,7 +141,15 @@ def _barrier() -> None:
 
 
 def _param_shapes(module: nn.Module) -> dict[str, list[int]]:
-    return {n: list(p.shape) for n, p in module.named_parameters()}  # a DTensor's shape is the global one
+    shapes = {n: list(p.shape) for n, p in module.named_parameters()}  # a DTensor's shape is the global one
+    plan = getattr(module, "plan", None)
+    if plan is not None and plan.pipeline is not None and dist.is_available() and dist.is_initialized():
+        # a pipelined module holds this rank's stages only: the model's parameters are every rank's (a collective,
+        # as save and load are)
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, shapes)
+        shapes = {n: s for part in parts for n, s in part.items()}
+    return shapes
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -168,7 +179,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # a reader never sees half a file
 
 
-def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _pipelined(module: nn.Module) -> bool:
+    plan = getattr(module, "plan", None)
+    return plan is not None and plan.pipeline is not None
+
+
+def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None, flat: bool = False) -> dict[str, Any]:
+    """``flat``: the optimizer's state and param groups keyed by parameter FQN (DCP's
+    ``flatten_optimizer_state_dict``). A pipelined module's ranks hold different parameters, so their param groups
+    differ; unflattened, DCP keeps one rank's list of groups under one key and the other ranks load foreign groups."""
 
     if optimizer is None:
         return {"model": get_model_state_dict(module)}
@@ -178,7 +197,7 @@ def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
                           f"{type(optimizer).__name__} (optimizer offload) is not supported there yet: pass "
                           f"optimizer=None and keep optimizer.state_dict() per rank with torch.save, or plan "
                           f"without optimizer offload")
-    msd, osd = get_state_dict(module, optimizer)
+    msd, osd = get_state_dict(module, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=flat))
     return {"model": msd, "optim": osd}
 
 
@@ -234,6 +253,9 @@ def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
     meta = {"format": FORMAT, "version": VERSION, "world_size": world,
             "plan": plan.to_dict() if plan is not None else None,
             "param_shapes": _param_shapes(module), "optimizer": optimizer is not None, "extra": extra_json}
+    flat = _pipelined(module)
+    if flat and optimizer is not None:
+        meta["optimizer_flat"] = True
     rng = _rng_state()
 
     def finish() -> None:
@@ -245,10 +267,10 @@ def save(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
 
     if asynchronous:
         group = _checkpoint_group()
-        future = dcp.async_save(_state_dicts(module, optimizer), checkpoint_id=path, process_group=group,
+        future = dcp.async_save(_state_dicts(module, optimizer, flat), checkpoint_id=path, process_group=group,
                                 no_dist=group is None)
         return PendingSave(path, getattr(future, "upload_completion", future), finish)
-    dcp.save(_state_dicts(module, optimizer), checkpoint_id=path)
+    dcp.save(_state_dicts(module, optimizer, flat), checkpoint_id=path)
     finish()
     return None
 
@@ -303,7 +325,12 @@ def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
         raise ConfigError(f"checkpoint {str(path)!r} has no optimizer state; call load without the optimizer")
 
     _reader(path).read_metadata()  # refuses a tampered .metadata with a ConfigError before DCP reads it
-    state = _state_dicts(module, optimizer)
+    flat = bool(meta.get("optimizer_flat", False))
+    if optimizer is not None and _pipelined(module) and not flat:
+        raise ConfigError(f"checkpoint {str(path)!r} keeps its optimizer's param groups unflattened (it was not saved "
+                          f"from a pipelined module), which a pipelined module's optimizer cannot take: load it with "
+                          f"optimizer=None (the model only), or resume from a checkpoint of the pipelined run")
+    state = _state_dicts(module, optimizer, flat)
     try:
         dcp.load(state, storage_reader=_reader(path), planner=_planner())
     except dcp.api.CheckpointException as e:
@@ -311,7 +338,8 @@ def load(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Opti
     if optimizer is None:
         set_model_state_dict(module, state["model"])
     else:
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(flatten_optimizer_state_dict=flat))
     rank, world = _rank_world()
     rng = path / "rng" / f"rank{rank}.json"
     if world == meta["world_size"] and rng.is_file():

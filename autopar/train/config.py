@@ -111,8 +111,15 @@ class ParallelConfig:
     """Apply this plan (JSON from ``autopar plan``) instead of planning."""
     plan_out: str = ""
     """Rank 0 writes the plan it applied to this JSON file."""
-    pipeline: bool = False
-    """Pipeline stages over a ``pp`` dim are not run by ``autopar train`` yet: only ``false`` is accepted."""
+    pipeline: bool | str = "auto"
+    """Pipeline stages over the mesh dim named ``pp``: ``auto`` (stages exactly when ``dim_names`` has ``pp``),
+    ``true`` (a ``pp`` dim is required) or ``false`` (a ``pp`` dim is then planned as an ordinary dim). A
+    pipelined step is one ``autopar.forward_backward`` over the global batch (every rank reads it whole), run
+    by the plan's schedule over ``training.grad_accum`` micro-batches."""
+    pipeline_schedule: str = "auto"
+    """``auto`` (the planner's choice), ``gpipe``, ``1f1b`` or ``interleaved``."""
+    pipeline_stages: int = 0
+    """Pipeline stages in all (a multiple of the ``pp`` size; more than it interleaves); 0: the planner's choice."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,11 +222,13 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in data
 CHOICES: dict[str, tuple] = {
     "model.dtype": DTYPES, "data.kind": ("synthetic", "text", "tokens"), "data.tokens_dtype": ("uint16", "uint32"),
     "parallel.precision": PRECISIONS, "parallel.recompute": ("auto", "none", "selective", "full", "offload"),
+    "parallel.pipeline": ("auto", True, False), "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
     "optimizer.impl": ("auto", "foreach", "fused", "for-loop"), "schedule.decay": ("cosine", "linear", "constant"),
 }
 POSITIVE = {"data.seq_len", "data.num_sequences", "training.steps", "logging.every", "parallel.time_limit"}
 NON_NEGATIVE = {"data.vocab_size", "training.global_batch", "training.global_batch_tokens", "training.micro_batch",
-                "training.grad_accum", "checkpoint.interval", "checkpoint.keep_last", "schedule.warmup_steps",
+                "training.grad_accum", "parallel.pipeline_stages", "checkpoint.interval", "checkpoint.keep_last",
+                "schedule.warmup_steps",
                 "optimizer.lr", "optimizer.eps", "optimizer.weight_decay", "optimizer.clip_grad_norm",
                 "schedule.min_lr_ratio", "logging.peak_flops"}
 
@@ -257,7 +266,7 @@ class _Where:
 
 
 def _closest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -378,9 +387,6 @@ def _check_value(dotted: str, value: Any, at: str) -> None:
         raise ConfigError(f"{at}: parallel.zero = {value!r} is not 0, 1, 2 or \"auto\"")
     if dotted == "parallel.offload" and value not in (True, False, "auto"):
         raise ConfigError(f"{at}: parallel.offload = {value!r} is not true, false or \"auto\"")
-    if dotted == "parallel.pipeline" and value:
-        raise ConfigError(f"{at}: parallel.pipeline = true is not supported by autopar train yet (it runs one "
-                          f"forward/backward per micro-batch); plan without a pp dim")
     if dotted == "optimizer.betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
         raise ConfigError(f"{at}: optimizer.betas = {value!r}: expected two numbers in [0, 1)")
 

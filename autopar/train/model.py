@@ -6,10 +6,15 @@ forward's keyword arguments, ``loss(output)`` finds the loss in what the forward
 ``.loss`` attribute, a ``"loss"`` key or the first element), ``vocab_size`` bounds synthetic token ids.
 Token batches (``{"tokens": [b, seq_len + 1]}``) become ``idx`` / ``labels`` (next tokens) for autopar's
 built-in models and a ``module:callable`` model, and ``input_ids`` / ``labels`` (the model shifts them) for
-HF models. Must not: plan, shard or train.
+HF models. An HF model whose weights are loaded from its directory is built with its parameters on the meta
+device (:func:`parameters_on_meta`: no storage, no random initialization; buffers real); ``load_hf_weights``
+allocates and fills them. A parallel run still allocates the whole model (uninitialized) before planning
+(``autopar.train.loop``: graphs captured from meta parameters are not run on CPU yet). Must not: plan, shard or
+train.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from autopar.core.errors import ConfigError
 from autopar.models import BUILTIN_MODELS
 from autopar.models import build_model as build_builtin
 
-__all__ = ["Adapter", "build_model", "loss_of"]
+__all__ = ["Adapter", "build_model", "loss_of", "parameters_on_meta", "to_device"]
 
 
 def loss_of(out) -> torch.Tensor:
@@ -60,6 +65,43 @@ class Adapter:
         return loss_of(out)
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside keep their parameters on the meta device: each is moved there as it is registered
+    (one parameter's storage exists for a moment, never the model's), while buffers stay real. torch's own meta
+    flow (``with torch.device("meta")`` then ``to_empty``) would leave buffers computed at construction (HF's
+    rotary ``inv_freq``, which no checkpoint holds) uninitialized. A Parameter registered twice under two names
+    before it is first registered would become two; HF ties weights after registration, so they stay one."""
+    real = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        real(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = real
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``, leaving parameters on the meta device there (they are allocated when sharded or
+    loaded)."""
+    if not any(p.is_meta for p in model.parameters()):
+        return model.to(device)
+    for mod in model.modules():
+        for name, b in mod._buffers.items():
+            if b is not None and not b.is_meta:
+                mod._buffers[name] = b.to(device)
+        for name, p in mod._parameters.items():
+            if p is not None and not p.is_meta and p.device != device:
+                raise ConfigError(f"parameter {name!r} of {type(mod).__name__} is on {p.device} while others are on "
+                                  f"the meta device; build the model with all parameters on one device")
+    return model
+
+
 def _hf_model(cfg_path: Path, model_dir: Path | None) -> tuple[nn.Module, Adapter]:
     try:
         import transformers
@@ -68,9 +110,10 @@ def _hf_model(cfg_path: Path, model_dir: Path | None) -> tuple[nn.Module, Adapte
     config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent if cfg_path.name == "config.json"
                                                          else cfg_path))
     config.use_cache = False                       # training: no KV cache in the outputs
-    model = transformers.AutoModelForCausalLM.from_config(config)
     has_weights = model_dir is not None and any((model_dir / f).is_file() for f in (
         "model.safetensors", "model.safetensors.index.json"))
+    with parameters_on_meta() if has_weights else contextlib.nullcontext():   # the weights come from the files
+        model = transformers.AutoModelForCausalLM.from_config(config)
     return model, Adapter("hf", vocab_size=int(config.vocab_size), hf_dir=model_dir if has_weights else None,
                           hf_config=config)
 
