@@ -59,6 +59,7 @@ def test_another_sharding_on_the_same_ranks(dist2, tmp_path):
     assert saved[0]["placements"] != loaded[0]["placements"]
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_resume_after_a_kill_repeats_the_losses(dist2, tmp_path):
     """Train 4 steps; separately train, save after step 2, die (SIGKILL) mid-step 3, resume in fresh
     processes: steps 3-4 give the same losses (data come from the restored RNG)."""

@@ -93,6 +93,7 @@ def test_user_errors_exit_1_with_one_line(capsys, argv, expected):
     assert expected in _error_line(capsys, argv)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_infeasible_memory_names_smallest_feasible(capsys, tmp_path):
     out = tmp_path / "plan.json"
     line = _error_line(capsys, ["plan", *TINY, "--memory", "1KiB", "--out", str(out)])

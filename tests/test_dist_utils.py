@@ -61,6 +61,7 @@ def test_pool_survives_symmetric_failures(dist2):
     assert dist2.run(_sleep, 0.0) == [0, 1]
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_pool_recovers_from_hangs_deaths_and_timeouts():
     with DistPool(2, error_grace=1.0) as pool:
         assert pool.run(_sleep, 0.0) == [0, 1]

@@ -121,6 +121,7 @@ def test_a_rank_that_dies_mid_step_is_named(tmp_path):
     assert rep["seconds"] < 3 + 2 + 2, f"took {rep['seconds']:.1f} s: more than timeout + grace"
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_a_rank_that_hangs_is_named_after_the_timeout(tmp_path):
     rep = _launch("hang", tmp_path)
     assert rep.get("type") == "RankFailureError" and rep["lost_ranks"] == [1], rep

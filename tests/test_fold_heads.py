@@ -71,6 +71,7 @@ def test_list_head():
     assert list_head(blocks([8, 8, 8, 16])) == 3
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_t5_folds_its_repeated_blocks_after_block_0():
     model, inputs = build("t5", "kwargs")
     assert {n: h for n, (_, h) in fold_candidates(model, 4).items()} == {ENC: 1, DEC: 1}

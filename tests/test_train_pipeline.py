@@ -65,6 +65,7 @@ def _check_against_one_process(par: list[dict], single, steps: int, param_atol: 
     assert seen_grads == set(single.first_grads), "the stages together hold every parameter"
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_pp2_matches_one_process(dist2):
     # 8 sequences in 4 micro-batches; lr high and clip 0.5 so clipping acts (the norm is > 0.5 at every step)
     cfg = job(training__steps=3, training__global_batch=8, training__grad_accum=4, optimizer__clip_grad_norm=0.5)

@@ -57,6 +57,7 @@ def test_batch_one_large_hidden_memory_limited_is_megatron_tensor_parallel():
     assert p.predicted.step_time_s <= megatron.predicted.step_time_s * (1 + 1e-9)
 
 
+@pytest.mark.slow   # the quick loop (-m "not slow") stays under 5 minutes; CI runs it
 def test_dp_tp_mesh_with_large_model_is_dp_times_tp():
     model, inputs = build_model("llama3-8b", batch=64, seq=2048)
     p = plan(model, inputs, mesh_shape=(8, 8), mesh_dim_names=("dp", "tp"), cluster="h100-sxm")
