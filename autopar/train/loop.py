@@ -341,11 +341,7 @@ def train(cfg: TrainConfig, *, parallelize: Callable | None = None, apply: Calla
                 total += loss.detach().float()
             gnorm = _grad_norm(module, cfg.optimizer.clip_grad_norm)
             opt.step()
-            # A pipelined module's gradients are zeroed in place, not set to None: StepReducer.held() reads the
-            # stage leaves' local gradients before the stages' forward re-syncs them with param.grad, so after
-            # set_to_none it would take the previous step's reduced gradient as "held" and subtract it from this
-            # step's (wrong gradients from the second step on with dp > 1; tests/test_train_pipeline.py).
-            opt.zero_grad(set_to_none=not pipelined)
+            opt.zero_grad(set_to_none=True)   # pipelined too: StepReducer.held() adopts the cleared gradients
             loss_val = float(total)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
