@@ -57,7 +57,6 @@ def add_backward_start_grad(m: ShardingModel) -> None:
                 m.add_mem(MemCategory.BACKWARD_GRAD, [(b, m.x[node.key][j])])
 
 
-
 def add_model_outputs(m: ShardingModel) -> None:
     """The model's outputs as the caller gets them: replicated (codegen's insert_collectives), and held at
     least from the end of the forward until the caller takes the loss (``out = model(**batch);
@@ -93,6 +92,7 @@ def _returned_fraction(m: ShardingModel) -> dict[tuple[str, int], float]:
     for ref in m.gi.output_refs:
         count[(m.gi.nodes[ref.src].key, ref.out)] += 1
     return {(k, o): min(1.0, n / m.keys[k].mult) for (k, o), n in count.items() if k in m.keys and m.keys[k].mult}
+
 
 def _loss_grad_edges(m: ShardingModel) -> set[tuple[str, int, str, int]]:
     """Edges the loss's first gradient flows back through before it meets an op that computes (the loss's
