@@ -79,26 +79,33 @@ def test_kwargs_wrapper_on_a_dp_mesh(dist2):
         assert r["loss_ok"] and not r["missing_grads"] and not r["bad_grads"], r
 
 
-def test_kept_tensor_trace_runs_on_a_meta_built_hf_model():
-    """HF LLaMA built on the meta device moves tensors with ``.to(x.device)`` and makes aranges on meta; the
-    kept-tensor trace (fake tensors on the CPU) used to fail ('Tensor device mismatch') and the planner fell
-    back to "every op keeps its outputs" (+21 % predicted peak)."""
+def _meta_trace(family: str, **extra):
+    """A 2-layer HF ``<family>ForCausalLM`` built on the meta device, captured without folding, and the
+    kept-tensor trace of its graph: (graph module, solver.saved's result)."""
     import torch
     import transformers as tf
 
     from autopar.solver.saved import saved_tensors
 
-    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, vocab_size=128, use_cache=False)
+    cfg = getattr(tf, f"{family}Config")(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         vocab_size=128, use_cache=False, **extra)
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(cfg).train()
+        model = getattr(tf, f"{family}ForCausalLM")(cfg).train()
     ids = torch.randint(0, 128, (2, 16))
     cap = capture(model, {"input_ids": ids, "labels": ids}, fold_layers=False)
-    saved = saved_tensors(cap.program.graph_module, set(cap.program.graph_signature.inputs_to_parameters))
+    gm = cap.program.graph_module
+    return gm, saved_tensors(gm, set(cap.program.graph_signature.inputs_to_parameters))
+
+
+def test_kept_tensor_trace_runs_on_a_meta_built_hf_model():
+    """HF LLaMA built on the meta device moves tensors with ``.to(x.device)`` and makes aranges on meta; the
+    kept-tensor trace (fake tensors on the CPU) used to fail ('Tensor device mismatch') and the planner fell
+    back to "every op keeps its outputs" (+21 % predicted peak)."""
+    _, saved = _meta_trace("Llama")
     proj = [n for n in saved if n.startswith("p_model_layers_") and n.endswith("_proj_weight")]
     assert len(proj) == 14           # the 7 linears of each block keep their weights for backward
     assert {"scaled_dot_product_attention", "scaled_dot_product_attention_1", "silu", "silu_1"} <= set(saved)
-
 
 
 def test_kept_tensor_trace_runs_on_a_meta_built_moe_model():
@@ -106,24 +113,12 @@ def test_kept_tensor_trace_runs_on_a_meta_built_moe_model():
     non-CPU device): the fake CPU run of the kept-tensor trace has no int histc kernel, and the planner fell back
     to "every op keeps its outputs" at the Mixtral-8x7B shape. An op without a CPU kernel whose inputs need no
     gradient keeps nothing for backward: it now takes its captured shape, and the trace completes."""
-    import torch
-    import transformers as tf
-
-    from autopar.solver.saved import saved_tensors
-
-    cfg = tf.MixtralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64, vocab_size=128, use_cache=False,
-                           output_router_logits=True, router_aux_loss_coef=0.01)
-    with torch.device("meta"):
-        model = tf.MixtralForCausalLM(cfg).train()
-    ids = torch.randint(0, 128, (2, 16))
-    cap = capture(model, {"input_ids": ids, "labels": ids}, fold_layers=False)
-    gm = cap.program.graph_module
+    gm, saved = _meta_trace("Mixtral", num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                            router_aux_loss_coef=0.01)
     assert any("histc" in str(n.target) for n in gm.graph.nodes)   # the op the CPU cannot run on int32
-    saved = saved_tensors(gm, set(cap.program.graph_signature.inputs_to_parameters))
     assert {"scaled_dot_product_attention", "scaled_dot_product_attention_1"} <= set(saved)
     assert not any("histc" in n for n in saved)   # it keeps nothing
+
 
 def test_folding_falls_back_when_the_graph_outside_the_blocks_depends_on_their_number():
     """HF Mistral (4 layers, in a **kwargs wrapper) makes per-layer tensors outside its layer list: captured

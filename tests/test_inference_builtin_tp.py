@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from inference_checks import record_steps
 
 import autopar
 from autopar.core.errors import ConfigError
@@ -27,23 +28,11 @@ def _plan(budget):
                         options=decode_plan_options(kv_cache_bytes="4MiB", memory_budget=budget))
 
 
-def _recording(engine) -> list:
-    """Every step's logits, as the engine's runner returns them."""
-    steps, execute = [], engine.runner.execute
-
-    def run(*a):
-        out = execute(*a)
-        steps.append(out.clone())
-        return out
-    engine.runner.execute = run
-    return steps
-
-
 def one_device(max_new):
     from autopar.inference import Engine, EngineConfig, SamplingParams
     eng = Engine(builtin(), EngineConfig(block_size=4, num_blocks=48))
     assert eng.runner.path == "graph"
-    steps = _recording(eng)
+    steps = record_steps(eng)
     tokens = [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))]
     return tokens, torch.cat(steps)
 
@@ -54,7 +43,7 @@ def tp_decode(rank: int, world: int, plan_json: str, max_new: int, path: str) ->
     from autopar.inference import LLM, SamplingParams
     llm = LLM(builtin(), init_device_mesh("cpu", (world,)), plan=autopar.Plan.from_json(plan_json),
               block_size=4, num_blocks=48, runner_path=path)
-    steps = _recording(llm.engine)
+    steps = record_steps(llm.engine)
     outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     if llm.engine.runner.path == "graph":     # the step graph sharded by the codegen pass (the model stays whole)
         w = llm.engine.runner.graph.multi.tp_blocks_0_attn_q_proj_weight

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from inference_checks import record_steps
 
 import autopar
 from autopar.core.errors import ConfigError
@@ -42,22 +43,10 @@ def _layer(plan, i=1):
     return {k.split(".")[-2]: v[0] for k, v in plan.param_placements.items() if f"layers.{i}." in k}
 
 
-def _recording(engine) -> list:
-    """Every step's logits, as the engine's runner returns them."""
-    steps, execute = [], engine.runner.execute
-
-    def run(*a):
-        out = execute(*a)
-        steps.append(out.clone())
-        return out
-    engine.runner.execute = run
-    return steps
-
-
 def one_device(max_new, logits=False):
     from autopar.inference import Engine, EngineConfig, SamplingParams
     eng = Engine(tiny_llama(), EngineConfig(block_size=4, num_blocks=48))
-    steps = _recording(eng)
+    steps = record_steps(eng)
     tokens = [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))]
     return (tokens, torch.cat(steps)) if logits else tokens
 
@@ -68,7 +57,7 @@ def tp_decode(rank: int, world: int, plan_json: str, max_new: int, path: str = "
     from autopar.inference import LLM, SamplingParams
     llm = LLM(tiny_llama(), init_device_mesh("cpu", (world,)), plan=autopar.Plan.from_json(plan_json),
               block_size=4, num_blocks=48, runner_path=path)
-    steps = _recording(llm.engine)
+    steps = record_steps(llm.engine)
     outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     runner = llm.engine.runner
     if runner.path == "graph":       # the codegen pass sharded the captured step graph: its local weight slices
@@ -194,7 +183,7 @@ def tp_decode_biased(rank: int, world: int, plan_json: str, max_new: int) -> dic
     llm = LLM(biased_llama(), init_device_mesh("cpu", (world,)), plan=autopar.Plan.from_json(plan_json),
               block_size=4, num_blocks=48)
     assert llm.engine.runner.path == "graph"
-    steps = _recording(llm.engine)
+    steps = record_steps(llm.engine)
     outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     return {"tokens": [o.token_ids for o in outs], "logits": torch.cat(steps)}
 
@@ -206,7 +195,7 @@ def test_biased_projections_megatron_on_the_graph_path(dist2):
     plan = autopar.plan(biased_llama(), decode_inputs(4), mesh_shape=(2,), cluster="cpu-gloo",
                         options=decode_plan_options(kv_cache_bytes=KV_CACHE, fix=MEGATRON))
     eng = Engine(biased_llama(), EngineConfig(block_size=4, num_blocks=48))
-    steps = _recording(eng)
+    steps = record_steps(eng)
     ref = [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True))]
     for got in dist2.run(tp_decode_biased, plan.to_json(), 10, timeout=180):
         assert got["tokens"] == ref
